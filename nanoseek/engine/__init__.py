@@ -1,0 +1,1 @@
+"""Inference engine: caches, sampling, the batched decode loop."""

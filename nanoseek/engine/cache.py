@@ -1,0 +1,70 @@
+"""Preallocated per-layer caches: full K/V for GQA models, the compressed latent for MLA.
+
+A cache holds `batch` rows of `max_len` positions. Row b holds one sequence; position p is the token at
+absolute position p. Rows can be narrowed (`rows`) so one sequence prefills into its row of a batch cache
+without copying. Stale entries past a row's length are never read: attention masks keys by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVLayer:
+    """Keys and values [B, H_kv, L, D] for one attention layer."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, T, H, D] at positions pos [B, T]."""
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self.k[rows, :, pos] = k
+        self.v[rows, :, pos] = v
+
+    def rows(self, start: int, n: int) -> KVLayer:
+        return KVLayer(self.k[start:start + n], self.v[start:start + n])
+
+
+@dataclass
+class LatentLayer:
+    """MLA's cache (DeepSeek-V2 §2.1.2): per token, the normed latent c_KV followed by the shared rotated
+    rope key, in one tensor [B, L, kv_lora + rope] — 576 numbers per token per layer for V3 instead of
+    40,960 for full K/V. One tensor, so absorbed decode reads it as a single 576-wide MQA key."""
+
+    kv: torch.Tensor
+    kv_lora: int
+
+    def write(self, pos: torch.Tensor, latent_and_rope: torch.Tensor) -> None:
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self.kv[rows, pos] = latent_and_rope
+
+    def rows(self, start: int, n: int) -> LatentLayer:
+        return LatentLayer(self.kv[start:start + n], self.kv_lora)
+
+
+@dataclass
+class Cache:
+    layers: list
+    max_len: int
+
+    @property
+    def batch(self) -> int:
+        first = self.layers[0]
+        return (first.k if isinstance(first, KVLayer) else first.kv).shape[0]
+
+    def rows(self, start: int, n: int = 1) -> Cache:
+        return Cache([layer.rows(start, n) for layer in self.layers], self.max_len)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   for t in vars(layer).values() if isinstance(t, torch.Tensor))
+
+
+def key_mask(pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean mask [B, 1, T, length]: query at position pos[b, t] sees keys at positions <= it."""
+    keys = torch.arange(length, device=pos.device)
+    return (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)

@@ -1,0 +1,224 @@
+"""Typed model configs, one per family, built from a transformers `config.json` dict and back.
+
+`config_from_hf` is the only place that knows transformers' key names (both the 4.x `rope_theta` +
+`rope_scaling` spelling and the 5.x `rope_parameters` one); models only see these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoseek.errors import BadInputError, UnsupportedError
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding parameters. `rope_type` is one of default, linear, llama3, yarn."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type in ("linear", "llama3", "yarn"):
+            out["factor"] = self.factor
+        if self.rope_type == "llama3":
+            out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                       original_max_position_embeddings=self.original_max_position_embeddings)
+        if self.rope_type == "yarn":
+            out.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate)
+            for k in ("mscale", "mscale_all_dim", "attention_factor", "original_max_position_embeddings"):
+                if getattr(self, k) is not None:
+                    out[k] = getattr(self, k)
+        return out
+
+
+@dataclass
+class DenseConfig:
+    """Llama / Qwen2 decoder: GQA attention, SwiGLU MLP, RMSNorm, optional qkv bias and tied head."""
+
+    arch: str = "llama"  # "llama" or "qwen2"
+    vocab_size: int = 32000
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    attention_bias: bool = False  # q/k/v bias (always on for qwen2)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise BadInputError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                f"num_key_value_heads={self.num_key_value_heads}")
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim
+
+
+@dataclass
+class DeepseekConfig:
+    """DeepSeek-V3 decoder: MLA attention, DeepSeekMoE (after `first_k_dense_replace` dense layers), MTP."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    # MLA (DeepSeek-V2 §2.1)
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True
+    # DeepSeekMoE (V3 §2.1.2)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"  # V3 sigmoid; V2 softmax
+    first_k_dense_replace: int = 3
+    # training knobs (V3 §2.1.2, §2.2); not part of transformers' config
+    bias_update_speed: float = 0.001  # γ
+    seq_aux_alpha: float = 0.0001  # α
+    mtp_loss_weight: float = 0.3  # λ
+    num_nextn_predict_layers: int = 0  # MTP depth D
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+
+    def __post_init__(self) -> None:
+        e, g = self.n_routed_experts, self.n_group
+        if e % g or e // g < 2:
+            raise BadInputError(f"n_routed_experts={e} must split into n_group={g} groups of at least 2")
+        if self.topk_group * (e // g) < self.num_experts_per_tok:
+            raise BadInputError(f"topk_group={self.topk_group} groups of {e // g} experts cannot hold "
+                                f"num_experts_per_tok={self.num_experts_per_tok}")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise UnsupportedError(f"scoring_func {self.scoring_func!r} (expected sigmoid or softmax)")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim
+
+
+ModelConfig = DenseConfig | DeepseekConfig
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
+
+
+def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
+    params = dict(d.get("rope_parameters") or {})
+    legacy = d.get("rope_scaling") or {}
+    if legacy:
+        params = {**legacy, **params}
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise UnsupportedError(f"rope type {rope_type!r} (supported: default, linear, llama3, yarn)")
+    known = {f.name for f in dataclasses.fields(RopeConfig)}
+    kw = {k: v for k, v in params.items() if k in known and v is not None}
+    kw.update(theta=float(theta), rope_type=rope_type)
+    if rope_type == "yarn" and kw.get("original_max_position_embeddings") is None:
+        kw["original_max_position_embeddings"] = d.get("max_position_embeddings")
+    return RopeConfig(**kw)
+
+
+def _pick(d: dict[str, Any], cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"rope", "arch"}
+    return {k: d[k] for k in names if k in d and d[k] is not None}
+
+
+def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """Build a nanoseek config from a transformers config.json dict."""
+    archs = d.get("architectures") or []
+    model_type = d.get("model_type")
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None and model_type in ("llama", "qwen2", "deepseek_v3"):
+        arch = model_type
+    if arch is None:
+        raise UnsupportedError(f"architecture {archs or model_type!r} "
+                               f"(supported: {', '.join(ARCHITECTURES)})")
+    rope = _rope_from_hf(d)
+    try:
+        if arch == "deepseek_v3":
+            kw = _pick(d, DeepseekConfig)
+            for k in ("q_lora_rank",):  # null is meaningful here: a single q_proj
+                if k in d:
+                    kw[k] = d[k]
+            kw.setdefault("n_group", 1)
+            kw.setdefault("topk_group", 1)
+            return DeepseekConfig(rope=rope, **kw)
+        kw = _pick(d, DenseConfig)
+        if arch == "qwen2":
+            kw["attention_bias"] = True
+            if d.get("use_sliding_window"):
+                raise UnsupportedError("Qwen2 sliding-window attention (use_sliding_window=true)")
+        else:  # Llama puts the same bias switch on o_proj; Qwen2 never biases o_proj
+            kw["o_bias"] = bool(d.get("attention_bias", False))
+        return DenseConfig(arch=arch, rope=rope, **kw)
+    except TypeError as e:  # a field with the wrong type, e.g. a string where an int belongs
+        raise BadInputError(f"config.json: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The transformers config.json dict for `cfg` (5.x spelling)."""
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("rope", "arch")}
+    base["rope_parameters"] = cfg.rope.to_hf()
+    if isinstance(cfg, DeepseekConfig):
+        for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "scoring_func"):
+            base.pop(k)
+        base.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
+                    num_key_value_heads=cfg.num_attention_heads, head_dim=cfg.qk_rope_head_dim,
+                    attention_bias=False)
+    else:
+        name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.arch]
+        base.update(architectures=[name], model_type=cfg.arch, hidden_act="silu")
+        if cfg.arch == "qwen2":
+            for k in ("attention_bias", "o_bias", "mlp_bias"):
+                base.pop(k)
+        else:
+            base.pop("o_bias")
+    base["torch_dtype"] = "float32"
+    return base

@@ -1,0 +1,74 @@
+"""Dense decoder of the Llama / Qwen2 family: GQA attention with RoPE, SwiGLU MLP, pre-norm residual blocks.
+
+Parameter names match transformers' LlamaForCausalLM / Qwen2ForCausalLM, so a state dict moves across
+without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.engine.cache import KVLayer, key_mask
+from nanoseek.models.base import CausalLM, DecoderStack
+from nanoseek.models.config import DenseConfig
+from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.o_bias)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVLayer:
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        return KVLayer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVLayer | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = rotary.apply(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), cos, sin)
+        k = rotary.apply(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q = q.transpose(1, 2)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1,
+                                                 enable_gqa=self.n_kv != self.n_heads)
+        else:
+            cache.write(pos, k, v)
+            length = int(pos.max()) + 1
+            out = F.scaled_dot_product_attention(q, cache.k[:, :, :length], cache.v[:, :, :length],
+                                                 attn_mask=key_mask(pos, length),
+                                                 enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        self.self_attn = GQAttention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, pos, rotary, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), pos, rotary, cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DenseForCausalLM(CausalLM):
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        self.config = cfg
+        rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, interleaved=False)
+        self.model = DecoderStack(cfg, [DenseBlock(cfg) for _ in range(cfg.num_hidden_layers)], rotary)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()

@@ -1,0 +1,101 @@
+"""Multi-head latent attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+Keys and values are generated from a low-rank latent c_KV (kv_lora_rank wide); positions enter only
+through a separate, decoupled rope key shared by all heads. Two equivalent ways to attend:
+
+- naive: expand c_KV through kv_b_proj into per-head keys/values, then ordinary attention. Cheapest for
+  long prefills and what training uses.
+- absorbed: fold W_UK into the query and W_UV into the output (V2 §2.1.2's "absorb" trick), so attention
+  runs directly against the cached latent — MQA with one (kv_lora + rope)-wide key and a kv_lora-wide value.
+  This is what makes the small latent cache pay off at decode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.engine.cache import LatentLayer, key_mask
+from nanoseek.models.config import DeepseekConfig
+from nanoseek.models.layers import RMSNorm, Rotary, yarn_mscale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: DeepseekConfig):
+        super().__init__()
+        self.n_heads, self.kv_lora = cfg.num_attention_heads, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        d, h, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        self.q_lora = cfg.q_lora_rank
+        if self.q_lora is None:  # V2-Lite / Moonlight: one full-rank query projection
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora)
+            self.q_b_proj = nn.Linear(self.q_lora, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora)
+        self.kv_b_proj = nn.Linear(self.kv_lora, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+        self.scale = qk ** -0.5
+        r = cfg.rope
+        if r.rope_type == "yarn" and r.mscale_all_dim:
+            # V2 appendix: YaRN's temperature enters the softmax scale squared (once for q, once for k).
+            self.scale *= yarn_mscale(r.factor, r.mscale_all_dim) ** 2
+        self.mode = "auto"  # "naive" | "absorb" | "auto" (absorb for short query chunks, i.e. decode)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentLayer:
+        return LatentLayer(torch.zeros(batch, max_len, self.kv_lora + self.rope, dtype=dtype, device=device),
+                           self.kv_lora)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentLayer | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._query(x).view(b, t, self.n_heads, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        q_rope = rotary.apply(q_rope, cos, sin)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # the norm covers the latent only, never the rope part
+        k_rope = rotary.apply(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        if cache is None:
+            kv, mask = torch.cat([latent, k_rope], dim=-1), None
+        else:
+            cache.write(pos, torch.cat([latent, k_rope], dim=-1))
+            length = int(pos.max()) + 1
+            kv, mask = cache.kv[:, :length], key_mask(pos, length)
+        absorb = self.mode == "absorb" or (self.mode == "auto" and cache is not None and t <= 8)
+        if absorb:
+            out = self._absorbed(q_nope, q_rope, kv, mask)
+        else:
+            out = self._naive(q_nope, q_rope, kv, mask)
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_rope, kv, mask):
+        b, length, _ = kv.shape
+        latent, k_rope = kv.split([self.kv_lora, self.rope], dim=-1)
+        kvh = self.kv_b_proj(latent).view(b, length, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kvh.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None and q.shape[1] > 1,
+                                             scale=self.scale)
+        return out.transpose(1, 2)  # [B, T, H, v]
+
+    def _absorbed(self, q_nope, q_rope, kv, mask):
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]
+        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk.to(q_nope.dtype))
+        q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # [B, H, T, kv_lora + rope]
+        k = kv.unsqueeze(1)  # [B, 1, L, kv_lora + rope]: one key head shared by all query heads
+        v = kv[..., :self.kv_lora].unsqueeze(1)
+        if mask is None and q.shape[2] > 1:
+            mask = torch.ones(q.shape[2], kv.shape[1], dtype=torch.bool, device=kv.device).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return torch.einsum("bhtc,hvc->bthv", out, w_uv.to(out.dtype))

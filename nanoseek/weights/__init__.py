@@ -1,0 +1,1 @@
+"""Weight file formats: safetensors/HF directories, GGUF, built-in model names."""

@@ -1,0 +1,267 @@
+"""Hugging Face checkpoints in and out: safetensors directories (sharded or not) + config.json.
+
+Loading builds the model on the meta device and assigns tensors one at a time as they are read, so peak
+RAM stays near the model's size. Names are transformers'; the only translations are the expert layout
+(per-expert files ↔ packed [E, …] parameters), MTP modules (model.layers.{N+k} ↔ mtp.{k}) and FP8
+block-quantized weights (dequantized with their `weight_scale_inv`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nanoseek.errors import BadInputError, NotFoundError
+from nanoseek.models import build_model
+from nanoseek.models.config import DeepseekConfig, ModelConfig, config_from_hf, config_to_hf
+from nanoseek.progress import progress_bar
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.embed_tokens\.weight$|shared_head\.head\.weight$)")
+FP8_BLOCK = 128
+
+
+def read_config(path: Path) -> tuple[dict, ModelConfig]:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise NotFoundError(f"{cfg_file}: no config.json in the checkpoint directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{cfg_file}: not valid JSON ({e})") from None
+    return raw, config_from_hf(raw)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise BadInputError(f"{index}: malformed shard index ({e})") from None
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise NotFoundError(f"{index}: lists shards that are missing: {', '.join(missing[:3])}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NotFoundError(f"{path}: no *.safetensors files")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+                scales = {k[: -len("_scale_inv")] for k in keys if k.endswith("weight_scale_inv")}
+                for k in keys:
+                    if k.endswith("_scale_inv"):
+                        continue
+                    t = st.get_tensor(k)
+                    if k in scales:
+                        t = dequantize_fp8_blocks(t, st.get_tensor(k + "_scale_inv"))
+                    yield k, t, f
+        except SafetensorError as e:
+            raise BadInputError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+        except OSError as e:
+            raise BadInputError(f"{f}: cannot read ({e})") from None
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's FP8 weights carry one fp32 scale per 128x128 block (V3 §3.3.1)."""
+    s = scale_inv.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return w.float() * s[: w.shape[0], : w.shape[1]]
+
+
+def to_nanoseek_names(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor, object]]
+                      ) -> Iterator[tuple[str, torch.Tensor, object]]:
+    """Translate transformers names (either expert layout) to ours, packing per-expert tensors."""
+    n_layers = cfg.num_hidden_layers
+    pending: dict[str, dict] = {}
+    n_experts = cfg.n_routed_experts if isinstance(cfg, DeepseekConfig) else 0
+    for name, t, src in named:
+        if _IGNORED.search(name) and not name.startswith("model.embed_tokens"):
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            prefix, j, kind = m.group(1), int(m.group(2)), m.group(3)
+            slot = pending.setdefault(prefix, {})
+            slot[(j, kind)] = t
+            if len(slot) == 3 * n_experts:
+                gate_up = torch.stack([torch.cat([slot[(e, "gate")], slot[(e, "up")]]) for e in range(n_experts)])
+                down = torch.stack([slot[(e, "down")] for e in range(n_experts)])
+                del pending[prefix]
+                yield from (_rename(f"{prefix}.gate_up_proj", n_layers, gate_up, src),
+                            _rename(f"{prefix}.down_proj", n_layers, down, src))
+            continue
+        yield _rename(name, n_layers, t, src)
+    if pending:
+        prefix = next(iter(pending))
+        raise BadInputError(f"{prefix}: only {len(pending[prefix])} of {3 * n_experts} expert tensors present")
+
+
+def _rename(name: str, n_layers: int, t: torch.Tensor, src) -> tuple[str, torch.Tensor, object]:
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= n_layers:
+        return f"mtp.{int(m.group(1)) - n_layers}.{m.group(2)}", t, src
+    return name, t, src
+
+
+def assemble(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor, object]], *, dtype=torch.float32,
+             device="cpu", total: int | None = None, desc: str = "loading") -> torch.nn.Module:
+    """Build a model for `cfg` and fill it from (nanoseek name, tensor, source) triples.
+
+    Every parameter must arrive exactly once with the shape the config implies; otherwise a BadInputError
+    names the source file and the tensor."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = dict(model.state_dict(keep_vars=True))
+    if getattr(cfg, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    seen: set[str] = set()
+    with progress_bar(desc, total) as advance:
+        for name, t, src in named:
+            advance()
+            if name not in expected:
+                if isinstance(cfg, DeepseekConfig) and name.startswith("mtp.") and not cfg.num_nextn_predict_layers:
+                    continue  # MTP weights present but the config does not ask for MTP: inference skips them
+                raise BadInputError(f"{src}: unexpected tensor {name!r} for this {type(cfg).__name__}")
+            want = expected[name]
+            if tuple(t.shape) != tuple(want.shape):
+                raise BadInputError(f"{src}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
+                                    f"{tuple(want.shape)}")
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            t = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            _assign(model, name, t)
+            seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise BadInputError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    model.tie_weights()
+    _rebuild_rotary(model, device)
+    return model.eval()
+
+
+def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[attr] = t
+
+
+def _rebuild_rotary(model: torch.nn.Module, device) -> None:
+    """Non-persistent rotary tables were created on meta; compute them for real."""
+    rot = model.model.rotary
+    with torch.device(device):
+        rot._build(rot.max_positions)
+
+
+def load_hf(path: str | os.PathLike, dtype=torch.float32, device="cpu") -> tuple[torch.nn.Module, ModelConfig]:
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such file or directory")
+    _, cfg = read_config(path)
+    files = safetensors_files(path)
+    total = _count_tensors(files)
+    model = assemble(cfg, to_nanoseek_names(cfg, iter_safetensors(files)), dtype=dtype, device=device,
+                     total=total, desc=f"loading {path.name}")
+    return model, cfg
+
+
+def _count_tensors(files: list[Path]) -> int | None:
+    try:
+        n = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                n += sum(1 for k in st.keys() if not k.endswith("_scale_inv"))
+        return n
+    except SafetensorError as e:
+        raise BadInputError(f"corrupt or truncated safetensors file among {[str(f) for f in files]} ({e})") from None
+
+
+def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our state dict in the per-expert layout transformers' save_pretrained writes (and the hub uses)."""
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.startswith("mtp."):
+            k, rest = name[4:].split(".", 1)
+            name = f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest}"
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len(".gate_up_proj")]
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)
+                # clones: safetensors refuses tensors that share storage
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.clone()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.clone()
+            continue
+        if name.endswith("experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e, w in enumerate(t):
+                out[f"{prefix}.{e}.down_proj.weight"] = w.clone()
+            continue
+        out[name] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_hf(model: torch.nn.Module, path: str | os.PathLike, tokenizer=None,
+            max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write config.json + safetensors (sharded past `max_shard_bytes`) atomically: a temp dir, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = to_hf_state(model)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in state.items():
+            n = v.numel() * v.element_size()
+            if size and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += n
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf = config_to_hf(model.config)
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        hf["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
