@@ -176,19 +176,25 @@ def load_hf(path: str | os.PathLike, dtype=torch.float32, device="cpu") -> tuple
         raise NotFoundError(f"{path}: no such file or directory")
     _, cfg = read_config(path)
     files = safetensors_files(path)
-    total = _count_tensors(files)
+    total, names = _scan(files)
+    if isinstance(cfg, DeepseekConfig) and cfg.num_nextn_predict_layers:
+        # transformers writes the MTP depth into config.json but no MTP weights: keep only what exists.
+        cfg.num_nextn_predict_layers = sum(
+            1 for k in range(cfg.num_nextn_predict_layers)
+            if f"model.layers.{cfg.num_hidden_layers + k}.eh_proj.weight" in names)
     model = assemble(cfg, to_nanoseek_names(cfg, iter_safetensors(files)), dtype=dtype, device=device,
                      total=total, desc=f"loading {path.name}")
     return model, cfg
 
 
-def _count_tensors(files: list[Path]) -> int | None:
+def _scan(files: list[Path]) -> tuple[int, set[str]]:
+    """Tensor count (for the progress bar) and names, reading headers only."""
     try:
-        n = 0
+        names: set[str] = set()
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                n += sum(1 for k in st.keys() if not k.endswith("_scale_inv"))
-        return n
+                names.update(k for k in st.keys() if not k.endswith("_scale_inv"))
+        return len(names), names
     except SafetensorError as e:
         raise BadInputError(f"corrupt or truncated safetensors file among {[str(f) for f in files]} ({e})") from None
 

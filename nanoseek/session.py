@@ -1,0 +1,94 @@
+"""A loaded model ready to talk: model + tokenizer + engine, and chat turns streamed as reasoning/content.
+
+This is the one place that strings together loading (weights/), prompt rendering and the reasoning split
+(chat.py) and generation (engine/). The CLI's `chat` and `generate` use it; the server will too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.chat import Prompt, ReasoningSplitter, render_prompt, split_reasoning
+from nanoseek.engine.generate import Completion, Delta, Engine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.errors import BadInputError, UnsupportedError
+
+
+@dataclass
+class LoadOptions:
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    quant: str = "auto"  # none | int8 | int4 | auto (int8 for CPU decode: bandwidth bound, see benchmarks)
+    threads: int | None = None
+
+
+@dataclass
+class ChatTurn:
+    reasoning: str | None
+    content: str
+    completion: Completion
+    prompt: Prompt
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise BadInputError(f"unknown dtype {name!r} (choose from {', '.join(table)})")
+    return table[name]
+
+
+class Session:
+    def __init__(self, opts: LoadOptions):
+        from nanoseek.weights.registry import load_model
+
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        if opts.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UnsupportedError(f"device {opts.device!r}: this torch build sees no CUDA device")
+        t0 = time.perf_counter()
+        loaded = load_model(opts.model, dtype=_dtype(opts.dtype, opts.device), device=opts.device)
+        self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
+        self.quant = opts.quant
+        if opts.quant == "auto":
+            self.quant = "int8" if opts.device == "cpu" else "none"
+        if self.quant != "none":
+            from nanoseek.models.quant import quantize_model
+
+            quantize_model(self.model, self.quant)
+        if self.tokenizer is None:
+            raise BadInputError(f"{loaded.source}: no tokenizer files next to the weights; chat needs one")
+        self.engine = Engine(self.model, self.tokenizer)
+        self.load_s = time.perf_counter() - t0
+
+    def complete(self, prompts: Sequence[str], params: SamplingParams,
+                 on_delta: Callable[[Delta], None] | None = None) -> list[Completion]:
+        """Raw text completion (no chat template)."""
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        return self.engine.generate(ids, params, on_delta=on_delta)
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams, *, thinking: bool | None = None,
+             on_text: Callable[[str, str], None] | None = None,
+             cancelled: Callable[[int], bool] | None = None) -> ChatTurn:
+        """One assistant turn. on_text(reasoning_delta, content_delta) streams as tokens arrive."""
+        prompt = render_prompt(self.tokenizer, messages, thinking=thinking)
+        splitter = ReasoningSplitter(start_in_reasoning=prompt.starts_in_reasoning)
+
+        def on_delta(d: Delta) -> None:
+            r, c = splitter.feed(d.text) if d.text else ("", "")
+            if d.finish_reason is not None:
+                r2, c2 = splitter.flush()
+                r, c = r + r2, c + c2
+            if on_text is not None and (r or c):
+                on_text(r, c)
+
+        out = self.engine.generate([prompt.ids], params, on_delta=on_delta, cancelled=cancelled)[0]
+        reasoning, content = split_reasoning(out.text, prompt.starts_in_reasoning)
+        return ChatTurn(reasoning, content, out, prompt)
