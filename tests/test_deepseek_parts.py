@@ -134,8 +134,7 @@ def test_mtp_logits_equal_direct_computation():
     # position t combines h_t with the embedding of token t+1 (embedding first) and predicts token t+2
     x = mod.eh_proj(torch.cat([mod.enorm(m.model.embed_tokens(ids[:, 1:])), mod.hnorm(h[:, :-1])], -1))
     pos = torch.arange(8).expand(2, -1)
-    cos, sin = m.model.rotary.tables(pos, torch.float32)
-    x = x + mod.self_attn(mod.input_layernorm(x), pos, m.model.rotary, cos, sin)
+    x = x + mod.self_attn(mod.input_layernorm(x), m.model.rotary.positions(pos, torch.float32, cached=False))
     x = x + mod.mlp(mod.post_attention_layernorm(x))
     want = m.lm_head(mod.shared_head.norm(x))
     assert logits.shape == (2, 8, 64)

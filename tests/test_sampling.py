@@ -165,13 +165,13 @@ def seeded_run(compose, steps=24):
 
 
 def test_seeded_row_independent_of_batch():
-    alone = seeded_run(lambda step, t, rows=[]: rows or rows.append(t) or rows)
+    fixed = {}
+    alone = seeded_run(lambda step, t: fixed.setdefault("alone", [t]))
     others = [SamplerState(SamplingParams(temperature=1.3), V), SamplerState(SamplingParams(temperature=0), V),
               SamplerState(SamplingParams(seed=9, min_p=0.1, repetition_penalty=1.5), V)]
-    fixed = {}
 
     def crowded(step, t):
-        return fixed.setdefault("rows", [others[0], others[1], t, others[2]])
+        return fixed.setdefault("crowded", [others[0], others[1], t, others[2]])
 
     batches = {}
 

@@ -64,7 +64,30 @@ class Cache:
                    for t in vars(layer).values() if isinstance(t, torch.Tensor))
 
 
-def key_mask(pos: torch.Tensor, length: int) -> torch.Tensor:
-    """Boolean mask [B, 1, T, length]: query at position pos[b, t] sees keys at positions <= it."""
-    keys = torch.arange(length, device=pos.device)
-    return (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+@dataclass
+class Positions:
+    """Where a forward pass's tokens sit, computed once per forward and shared by every layer.
+
+    pos [B, T] absolute positions; cos/sin [B, T, rope_dim/2] rotary tables for them; with a cache,
+    `length` keys are read from it and `mask` [B, 1, T, length] (None when every query sees every key,
+    i.e. single-row decode) says which; without a cache, attention is causal over the T tokens given."""
+
+    pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cached: bool
+    interleaved: bool = False  # rotary pair layout, see models/layers.apply_rotary
+    length: int = 0
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: bool,
+              interleaved: bool = False) -> Positions:
+        if not cached:
+            return cls(pos, cos, sin, False, interleaved)
+        length = int(pos.max()) + 1
+        mask = None
+        if pos.shape[0] > 1 or pos.shape[1] > 1:
+            keys = torch.arange(length, device=pos.device)
+            mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+        return cls(pos, cos, sin, True, interleaved, length, mask)

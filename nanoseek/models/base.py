@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.engine.cache import Cache
+from nanoseek.engine.cache import Cache, Positions
 from nanoseek.models.layers import RMSNorm, Rotary
 
 
@@ -22,9 +22,9 @@ class DecoderStack(nn.Module):
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         x = self.embed_tokens(ids)
-        cos, sin = self.rotary.tables(pos, torch.float32 if x.dtype == torch.float32 else x.dtype)
+        at = self.rotary.positions(pos, x.dtype, cached=cache is not None)
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos, self.rotary, cos, sin, None if cache is None else cache.layers[i])
+            x = layer(x, at, None if cache is None else cache.layers[i])
         return self.norm(x)
 
 

@@ -26,8 +26,8 @@ class DeepseekBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, pos, rotary, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), pos, rotary, cos, sin, cache)
+    def forward(self, x, at, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), at, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

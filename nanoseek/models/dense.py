@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.engine.cache import KVLayer, key_mask
+from nanoseek.engine.cache import KVLayer, Positions
 from nanoseek.models.base import CausalLM, DecoderStack
 from nanoseek.models.config import DenseConfig
-from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU
+from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
 
 
 class GQAttention(nn.Module):
@@ -32,21 +32,19 @@ class GQAttention(nn.Module):
         shape = (batch, self.n_kv, max_len, self.head_dim)
         return KVLayer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVLayer | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Positions, cache: KVLayer | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = rotary.apply(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), cos, sin)
-        k = rotary.apply(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), cos, sin)
+        q = apply_rotary(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), at)
+        k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), at)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         q = q.transpose(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1,
                                                  enable_gqa=self.n_kv != self.n_heads)
         else:
-            cache.write(pos, k, v)
-            length = int(pos.max()) + 1
-            out = F.scaled_dot_product_attention(q, cache.k[:, :, :length], cache.v[:, :, :length],
-                                                 attn_mask=key_mask(pos, length),
+            cache.write(at.pos, k, v)
+            out = F.scaled_dot_product_attention(q, cache.k[:, :, :at.length], cache.v[:, :, :at.length],
+                                                 attn_mask=at.mask,
                                                  enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -59,8 +57,8 @@ class DenseBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, pos, rotary, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), pos, rotary, cos, sin, cache)
+    def forward(self, x, at, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), at, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

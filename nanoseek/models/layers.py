@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.engine.cache import Positions
 from nanoseek.models.config import RopeConfig
 
 
@@ -114,12 +115,17 @@ class Rotary(nn.Module):
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` [B, T, H, dim] with cos/sin [B, T, dim/2]."""
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def positions(self, pos: torch.Tensor, dtype: torch.dtype, cached: bool) -> Positions:
+        cos, sin = self.tables(pos, dtype)
+        return Positions.build(pos, cos, sin, cached, self.interleaved)
+
+
+def apply_rotary(x: torch.Tensor, at: Positions) -> torch.Tensor:
+    """Rotate `x` [B, T, H, dim] to the positions in `at`, in the pair layout its table was built for."""
+    cos, sin = at.cos.unsqueeze(2), at.sin.unsqueeze(2)
+    if at.interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

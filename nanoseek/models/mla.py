@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.engine.cache import LatentLayer, key_mask
+from nanoseek.engine.cache import LatentLayer, Positions
 from nanoseek.models.config import DeepseekConfig
-from nanoseek.models.layers import RMSNorm, Rotary, yarn_mscale
+from nanoseek.models.layers import RMSNorm, apply_rotary, yarn_mscale
 
 
 class MLA(nn.Module):
@@ -54,21 +54,19 @@ class MLA(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentLayer | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Positions, cache: LatentLayer | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self._query(x).view(b, t, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        q_rope = rotary.apply(q_rope, cos, sin)
+        q_rope = apply_rotary(q_rope, at)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # the norm covers the latent only, never the rope part
-        k_rope = rotary.apply(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), at).squeeze(2)
         if cache is None:
             kv, mask = torch.cat([latent, k_rope], dim=-1), None
         else:
-            cache.write(pos, torch.cat([latent, k_rope], dim=-1))
-            length = int(pos.max()) + 1
-            kv, mask = cache.kv[:, :length], key_mask(pos, length)
+            cache.write(at.pos, torch.cat([latent, k_rope], dim=-1))
+            kv, mask = cache.kv[:, :at.length], at.mask
         absorb = self.mode == "absorb" or (self.mode == "auto" and cache is not None and t <= 8)
         if absorb:
             out = self._absorbed(q_nope, q_rope, kv, mask)

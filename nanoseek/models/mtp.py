@@ -36,5 +36,4 @@ class MTPModule(DeepseekBlock):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, rotary: Rotary) -> torch.Tensor:  # type: ignore[override]
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        cos, sin = rotary.tables(pos, torch.float32 if x.dtype == torch.float32 else x.dtype)
-        return self.shared_head.norm(super().forward(x, pos, rotary, cos, sin))
+        return self.shared_head.norm(super().forward(x, rotary.positions(pos, x.dtype, cached=False)))

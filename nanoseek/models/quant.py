@@ -2,18 +2,22 @@
 `quantize_model`, which swaps a model's `nn.Linear`s for them in place.
 
 Decode at batch 1 is bound by how many weight bytes each token streams from memory, so storing weights in
-fewer bits speeds it up even though activations (and the arithmetic) stay in floating point. Both layers
-run on torch's own CPU kernels and fall back to a dequantize-then-matmul path elsewhere (other devices,
-other activation dtypes), which is correct but not fast.
+fewer bits speeds it up even though activations stay in floating point. Both layers run on torch's own CPU
+kernels; elsewhere (other devices) they dequantize and matmul, which is correct but not fast.
+
+The CPU kernels are only vectorized for bfloat16 activations: with fp32 or fp16 x they take a scalar path
+that is 15–30× slower than plain fp32 `F.linear` (measured, torch 2.13, AVX-512). So on CPU the layers
+round x to bf16, run the kernel (fp32 accumulation, bf16 result) and cast back to x's dtype; scales are
+stored in bf16 because the kernels want them in x's dtype. The model around them keeps its own dtype.
 
 - Int8Linear: w ≈ q·s with q ∈ [-127, 127] per output row, s = max|w_row| / 127.
-  Kernel: `aten._weight_int8pack_mm(x [M, K], q [N, K] int8, s [N])`; s must have x's dtype.
+  Kernel: `aten._weight_int8pack_mm(x [M, K], q [N, K] int8, s [N])`.
 - Int4Linear: per row and per group of `group_size` input columns, w ≈ (q - 8)·s + z with q ∈ [0, 15]
-  (asymmetric: the group's min maps to code 0 and its max to code 15).
-  Kernels: `aten._convert_weight_to_int4pack_for_cpu(q [N, K] int32, inner_k_tiles)` → uint8 [N, K/2] in
-  a kernel-private, ISA-dependent layout, and `aten._weight_int4pack_mm_for_cpu(x [M, K], packed,
-  group_size, scales_and_zeros [K/group_size, N, 2])`, where [..., 0] is s and [..., 1] is z, in x's dtype.
-  Needs N % 16 == 0 and K % group_size == 0 with group_size in {32, 64, 128, 256}.
+  (asymmetric: the group's min maps to code 0 and its max to code 15; the same grid as GGUF's Q4_1 at
+  group 32). Kernels: `aten._convert_weight_to_int4pack_for_cpu(q [N, K] int32 in 0..15, inner_k_tiles)`
+  → uint8 [N, K/2] in a kernel-private, ISA-dependent layout (inner_k_tiles is unused on CPU), and
+  `aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group_size, scales_and_zeros [K/group_size, N, 2])`,
+  [..., 0] = s and [..., 1] = z. Needs N % 16 == 0 and K % group_size == 0, group_size in {32, 64, 128, 256}.
 """
 
 from __future__ import annotations
@@ -26,17 +30,11 @@ from torch import nn
 
 MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _scale_dtype(w: torch.Tensor) -> torch.dtype:
-    # Scales live in the weight's dtype, which is the activation dtype the model runs in: the kernels want
-    # scales in x's dtype, and storing them that way saves a cast per call.
-    return w.dtype if w.dtype in _KERNEL_DTYPES else torch.float32
+KERNEL_DTYPE = torch.bfloat16  # the one activation dtype torch's CPU int8/int4 kernels vectorize
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+    return x.device.type == "cpu" and x.dtype.is_floating_point
 
 
 # ---- int8 ----------------------------------------------------------------------------------------------
@@ -51,39 +49,35 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """Linear with int8 per-output-channel weights. Buffers: `weight_int8` [N, K], `scales` [N]."""
+    """Linear with int8 per-output-channel weights. Buffers: `weight_int8` [N, K], `scales` [N] (bf16)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+        self.register_buffer("scales", torch.ones(out_features, dtype=KERNEL_DTYPE, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
-        w = lin.weight
-        dt = _scale_dtype(w)
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dt, w.device)
-        q, s = quantize_int8(w)
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device)
+        q, s = quantize_int8(lin.weight)
         m.weight_int8.copy_(q)
-        m.scales.copy_(s.to(dt))
+        m.scales.copy_(s)
         if lin.bias is not None:
-            m.bias.data.copy_(lin.bias.detach())
+            m.bias = lin.bias.detach().clone()
         return m
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight [N, K] these int8 codes stand for (as the kernel sees it: scales in their stored dtype)."""
-        w = self.weight_int8.float() * self.scales.float()[:, None]
-        return w.to(dtype or self.scales.dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] the kernel multiplies by (computed in fp32 from the stored bf16 scales)."""
+        return (self.weight_int8.float() * self.scales.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if _use_kernel(x2):
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales.to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.weight_int8,
+                                                   self.scales).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
@@ -128,10 +122,10 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
 class Int4Linear(nn.Module):
     """Linear with group-wise asymmetric int4 weights. Buffers: `weight_packed` uint8 [N, K/2] in the CPU
     kernel's layout (it depends on the CPU's vector ISA, so quantize on the machine that runs the model
-    rather than shipping these buffers) and `scales_and_zeros` [K/group_size, N, 2]."""
+    rather than shipping these buffers) and `scales_and_zeros` [K/group_size, N, 2] (bf16)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 device=None):
         super().__init__()
         if not int4_supported(out_features, in_features, group_size):
             raise ValueError(f"int4 kernel cannot take out={out_features}, in={in_features}, group={group_size}")
@@ -139,40 +133,42 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
                                                           device=device))
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
-                                                             dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+                                                             dtype=KERNEL_DTYPE, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 32) -> Int4Linear:
-        w = lin.weight
-        dt = _scale_dtype(w)
-        m = cls(lin.in_features, lin.out_features, group_size, lin.bias is not None, dt, w.device)
-        q, sz = quantize_int4(w, group_size)
-        # Packing only exists as a CPU op; the packed bytes then move to wherever the weight lives.
+        m = cls(lin.in_features, lin.out_features, group_size, lin.bias is not None, lin.weight.device)
+        q, sz = quantize_int4(lin.weight, group_size)
+        # Packing only exists as a CPU op; the packed bytes then go wherever the weight lives.
         m.weight_packed.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1))
-        m.scales_and_zeros.copy_(sz.to(dt))
+        m.scales_and_zeros.copy_(sz)
         if lin.bias is not None:
-            m.bias.data.copy_(lin.bias.detach())
+            m.bias = lin.bias.detach().clone()
         return m
 
-    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_packed, self.group_size,
-                                                          self.scales_and_zeros.to(x2.dtype))
+    def codes(self) -> torch.Tensor:
+        """The int4 codes q [N, K] int32 (0..15), read back out of the private packed layout by running the
+        kernel on an identity matrix with scale 1 and zero 8: the result, I·(q - 8 + 8)ᵀ = qᵀ, holds small
+        integers that bf16 represents exactly."""
+        k, n = self.in_features, self.out_features
+        unit = torch.tensor([1.0, 8.0], dtype=KERNEL_DTYPE).expand(k // self.group_size, n, 2).contiguous()
+        eye = torch.eye(k, dtype=KERNEL_DTYPE)
+        qt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_packed.cpu(), self.group_size, unit)
+        return qt.t().to(torch.int32).contiguous().to(self.weight_packed.device)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight [N, K] the packed codes stand for. The packed layout is private to the kernel, so this
-        runs the kernel on an identity matrix: row k of I·Wᵀ is column k of W, exactly (one nonzero term)."""
-        dt = self.scales_and_zeros.dtype
-        packed, sz = self.weight_packed.cpu(), self.scales_and_zeros.cpu()
-        eye = torch.eye(self.in_features, dtype=dt)
-        wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, self.group_size, sz)
-        return wt.t().contiguous().to(device=self.weight_packed.device, dtype=dtype or dt)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] the kernel multiplies by (computed in fp32 from the stored bf16 scales/zeros)."""
+        return dequantize_int4(self.codes(), self.scales_and_zeros, self.group_size).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._mm(x2) if _use_kernel(x2) else F.linear(x2, self.dequantize(x.dtype))
+        if _use_kernel(x2):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.weight_packed,
+                                                           self.group_size, self.scales_and_zeros).to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features)
