@@ -56,6 +56,7 @@ class Session:
         t0 = time.perf_counter()
         loaded = load_model(opts.model, dtype=_dtype(opts.dtype, opts.device), device=opts.device)
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
+        self.model.fuse()
         self.quant = opts.quant
         if opts.quant == "auto":
             self.quant = "int8" if opts.device == "cpu" else "none"

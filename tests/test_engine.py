@@ -94,3 +94,14 @@ def test_context_overflow_and_empty_prompt_are_clear_errors():
     # generation stops at the context edge with finish_reason length
     out = eng.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=50))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 4
+
+
+@pytest.mark.parametrize("make", [_tiny_dense, _tiny_deepseek])
+@torch.no_grad()
+def test_fused_projections_keep_logits(make):
+    m = make()
+    ids = torch.randint(0, 50, (2, 9))
+    want = m(ids)
+    m.fuse()
+    assert not hasattr(m.model.layers[0].mlp, "up_proj")
+    assert torch.allclose(m(ids), want, atol=1e-5)

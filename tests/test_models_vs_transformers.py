@@ -70,3 +70,14 @@ def test_batched_rows_with_different_lengths(pair):
     step = ours(torch.cat([a[:, -1:], b[:, -1:]]), torch.tensor([[11], [6]]), cache)
     assert torch.allclose(step[0, 0], ours(a)[0, -1], atol=TOL)
     assert torch.allclose(step[1, 0], ours(b)[0, -1], atol=TOL)
+
+
+@torch.no_grad()
+def test_fused_inference_model_matches(pair):
+    import copy
+
+    name, ref, ours = pair
+    fused = copy.deepcopy(ours)
+    fused.fuse()
+    ids = _ids(ours.config.vocab_size, t=16, seed=9)
+    assert (fused(ids) - ref(ids).logits).abs().max().item() < TOL, name

@@ -58,6 +58,13 @@ class CausalLM(nn.Module):
         return Cache([layer.self_attn.new_cache(batch, max_len, dtype, device or p.device)
                       for layer in self.model.layers], max_len)
 
+    def fuse(self) -> None:
+        """Fuse sibling projections for inference (qkv, gate+up). One-way: a fused model is for serving,
+        not for saving or training."""
+        for m in list(self.modules()):
+            if m is not self and callable(getattr(m, "fuse", None)):
+                m.fuse()
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -13,7 +13,7 @@ from torch import nn
 from nanoseek.engine.cache import KVLayer, Positions
 from nanoseek.models.base import CausalLM, DecoderStack
 from nanoseek.models.config import DenseConfig
-from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, fuse_linears
 
 
 class GQAttention(nn.Module):
@@ -32,11 +32,22 @@ class GQAttention(nn.Module):
         shape = (batch, self.n_kv, max_len, self.head_dim)
         return KVLayer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    def fuse(self) -> None:
+        """Inference only: q, k and v from one matmul, and one rotary call for q and k together."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, at: Positions, cache: KVLayer | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), at)
-        k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), at)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        if hasattr(self, "qkv_proj"):
+            qkv = self.qkv_proj(x).view(b, t, nq + 2 * nkv, hd)
+            qk = apply_rotary(qkv[:, :, :nq + nkv], at)
+            q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv:]
+        else:
+            q = apply_rotary(self.q_proj(x).view(b, t, nq, hd), at)
+            k = apply_rotary(self.k_proj(x).view(b, t, nkv, hd), at)
+            v = self.v_proj(x).view(b, t, nkv, hd)
         q = q.transpose(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1,
