@@ -65,7 +65,7 @@ class Session:
 
             quantize_model(self.model, self.quant)
         if self.tokenizer is None:
-            raise BadInputError(f"{loaded.source}: no tokenizer files next to the weights; chat needs one")
+            raise BadInputError(f"{loaded.path}: no tokenizer files next to the weights; chat needs one")
         self.engine = Engine(self.model, self.tokenizer)
         self.load_s = time.perf_counter() - t0
 

@@ -61,11 +61,27 @@ class GGUFFile:
         except OSError as e:
             raise BadInputError(f"{self.path}: cannot read ({e.strerror})") from None
         try:
-            self.metadata, self.tensors = self._parse()
-        except (struct.error, OverflowError, MemoryError, IndexError) as e:
-            raise BadInputError(f"{self.path}: truncated or corrupt GGUF header ({e})") from None
-        except UnicodeDecodeError:
-            raise BadInputError(f"{self.path}: corrupt GGUF header (a string is not valid UTF-8)") from None
+            try:
+                self.metadata, self.tensors = self._parse()
+            except (struct.error, OverflowError, MemoryError, IndexError) as e:
+                raise BadInputError(f"{self.path}: truncated or corrupt GGUF header ({e})") from None
+            except UnicodeDecodeError:
+                raise BadInputError(f"{self.path}: corrupt GGUF header (a string is not valid UTF-8)") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # a tensor view is still alive; the map closes when it is collected
+            pass
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def architecture(self) -> str | None:
@@ -165,11 +181,10 @@ class GGUFFile:
             if pos > len(buf):
                 raise struct.error(f"array {key!r} runs past the end of the file")
             return out, pos
-        if etype == _ARRAY:  # nested arrays: walk them to stay in sync
+        if etype == _ARRAY:  # each element is itself (element type, count, values)
             out = []
             for _ in range(count):
-                sub_type = _U32.unpack_from(buf, pos)[0]
-                v, pos = self._value(pos + 4, sub_type, key)
+                v, pos = self._value(pos, _ARRAY, key)
                 out.append(v)
             return out, pos
         raise BadInputError(f"{self.path}: metadata {key!r} is an array of unknown type {etype}")
@@ -203,6 +218,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 def hf_config(g: GGUFFile) -> dict[str, Any]:
     """The transformers config.json dict this GGUF's metadata describes."""
     arch = g.architecture
+    if arch is None:
+        raise BadInputError(f"{g.path}: GGUF metadata has no general.architecture")
     if arch not in ARCHITECTURES:
         raise UnsupportedError(f"{g.path}: GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
     meta = g.metadata
@@ -255,6 +272,8 @@ def _rope(g: GGUFFile, get) -> dict[str, Any]:
     factor = get("rope.scaling.factor", None) or get("rope.scale_linear", None)
     if kind is None and factor not in (None, 1.0):
         kind = "linear"  # older files wrote only rope.scale_linear
+    if kind in ("linear", "yarn") and not factor:
+        raise BadInputError(f"{g.path}: rope scaling type {kind!r} without a rope.scaling.factor")
     if kind == "linear":
         rope.update(rope_type="linear", factor=float(factor))
     elif kind == "yarn":
@@ -435,8 +454,8 @@ def _transformers_tokenizer(g: GGUFFile):
 
 # ---- public API -------------------------------------------------------------------------------------------
 def gguf_tokenizer(path: str | os.PathLike):
-    g = GGUFFile(path)
-    tok = build_tokenizer(g)
+    with GGUFFile(path) as g:
+        tok = build_tokenizer(g)
     if tok is None:
         raise NotFoundError(f"{g.path}: no tokenizer in the GGUF metadata (tokenizer.ggml.model is missing)")
     return tok
@@ -445,19 +464,19 @@ def gguf_tokenizer(path: str | os.PathLike):
 def load_gguf(path: str | os.PathLike, dtype=torch.float32, device="cpu"
               ) -> tuple[torch.nn.Module, ModelConfig, Any]:
     """Model (dequantized to `dtype` on `device`), its config, and its tokenizer (None if the file has none)."""
-    g = GGUFFile(path)
-    hf = hf_config(g)
-    try:
-        cfg = config_from_hf(hf)
-        named = hf_tensors(g, hf)
-        total = sum(1 for n in g.tensors if n not in _SKIP)
-        model = assemble(cfg, to_nanoseek_names(cfg, named), dtype=dtype, device=device, total=total,
-                         desc=f"loading {g.path.name}")
-    except NanoseekError as e:
-        if str(g.path) in str(e):
-            raise
-        raise type(e)(f"{g.path}: {e}") from None
-    return model, cfg, build_tokenizer(g)
+    with GGUFFile(path) as g:
+        hf = hf_config(g)
+        try:
+            cfg = config_from_hf(hf)
+            named = hf_tensors(g, hf)
+            total = sum(1 for n in g.tensors if n not in _SKIP)
+            model = assemble(cfg, to_nanoseek_names(cfg, named), dtype=dtype, device=device, total=total,
+                             desc=f"loading {g.path.name}")
+        except NanoseekError as e:
+            if str(g.path) in str(e):
+                raise
+            raise type(e)(f"{g.path}: {e}") from None
+        return model, cfg, build_tokenizer(g)
 
 
 def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype=torch.float32) -> Path:

@@ -64,8 +64,8 @@ class LoadedModel:
     model: torch.nn.Module
     config: ModelConfig
     tokenizer: Any  # a transformers tokenizer, or None when the checkpoint has no tokenizer files
-    path: Path
-    name: str
+    path: Path  # the .gguf file or checkpoint directory the weights came from
+    name: str  # built-in name, or the file/directory name
 
 
 def resolve(spec: str | os.PathLike) -> tuple[Path, str]:
