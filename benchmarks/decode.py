@@ -48,6 +48,7 @@ def bench_nanoseek(gguf: str, prompt_ids: list[int], new: int, batch: int, repea
     from nanoseek.weights.registry import load_model
 
     loaded = load_model(gguf)
+    loaded.model.fuse()
     if quant != "none":
         from nanoseek.models.quant import quantize_model
 
@@ -133,7 +134,7 @@ def main() -> int:
     from nanoseek.chat import render_prompt
     from nanoseek.weights.registry import resolve
 
-    gguf = str(resolve(a.model))
+    gguf = str(resolve(a.model)[0])
     from nanoseek.weights.gguf import gguf_tokenizer
 
     prompt_ids = render_prompt(gguf_tokenizer(gguf), [{"role": "user", "content": PROMPT}]).ids

@@ -15,8 +15,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="built-in name (see `nanoseek models`), a .gguf file, or an HF safetensors directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization for decode (auto: int8 on CPU)")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int8-group", "int4"],
+                   help="weight-only quantization for decode (auto: int4 for ≤5-bit GGUF sources, else "
+                        "int8-group, on CPU; none on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 

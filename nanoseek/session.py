@@ -23,7 +23,7 @@ class LoadOptions:
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    quant: str = "auto"  # none | int8 | int4 | auto (int8 for CPU decode: bandwidth bound, see benchmarks)
+    quant: str = "auto"  # none | int8 | int8-group | int4 | auto (see auto_quant)
     threads: int | None = None
 
 
@@ -45,6 +45,16 @@ def _dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
+def auto_quant(device: str, source_bits: float) -> str:
+    """CPU decode is memory-bandwidth bound, so weight-only quantization is what makes it fast
+    (benchmarks/quant_kernels.py, benchmarks/decode.py). A source already stored at ≤5 bits (Q4_0/Q4_1/Q4_K)
+    loses nothing at int4 with group 32 — the same grid as Q4_1 — so it gets int4; anything finer gets
+    int8 with per-32 group scales (0.6% per-layer error). On GPU we keep the loaded dtype."""
+    if device != "cpu":
+        return "none"
+    return "int4" if source_bits <= 5.0 else "int8-group"
+
+
 class Session:
     def __init__(self, opts: LoadOptions):
         from nanoseek.weights.registry import load_model
@@ -57,9 +67,7 @@ class Session:
         loaded = load_model(opts.model, dtype=_dtype(opts.dtype, opts.device), device=opts.device)
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.model.fuse()
-        self.quant = opts.quant
-        if opts.quant == "auto":
-            self.quant = "int8" if opts.device == "cpu" else "none"
+        self.quant = auto_quant(opts.device, loaded.weight_bits) if opts.quant == "auto" else opts.quant
         if self.quant != "none":
             from nanoseek.models.quant import quantize_model
 

@@ -76,6 +76,7 @@ def _expect(tmp_path, capsys, argv, code, *needles):
 
 def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     llama(tmp_path / "ok")
+    capsys.readouterr()  # drop transformers' own progress output from writing the fixture
     gen = ["generate", "hi", "--max-tokens", "1", "--quant", "none", "--model"]
     _expect(tmp_path, capsys, gen + [str(tmp_path / "nope")], NotFoundError.exit_code, "nope")
 

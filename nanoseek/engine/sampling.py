@@ -19,7 +19,7 @@ generated at least once; frequency: −f·count, counts over generated tokens on
 penalty (a seen token's logit is divided by r if positive, multiplied by r if not; seen = prompt + output).
 
 Randomness: every row draws exactly one uniform number per sampled step from its own CPU `torch.Generator`
-(seeded from `params.seed`, or from a process-wide source for unseeded requests), and picks the token by
+(seeded from `params.seed`, or from Python's `random` for unseeded requests), and picks the token by
 inverse CDF. So a seeded request's tokens do not depend on what else is in the batch, nor on the device
 the logits live on (up to the device's float arithmetic). Greedy rows never draw.
 
@@ -42,14 +42,6 @@ from nanoseek.errors import BadInputError
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 
-# Seeds unseeded requests' generators. One process-wide source, so `set_global_seed` makes a whole run
-# (a benchmark, a test) reproducible without every request carrying a seed.
-_seed_source = random.Random()
-
-
-def set_global_seed(seed: int | None) -> None:
-    """Reseed the source of unseeded requests' seeds; None reseeds from the OS."""
-    _seed_source.seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,8 +193,9 @@ class SamplerState:
     counts: [V] float32 output-token counts, only when the request has a presence/frequency penalty.
     seen:   [V] bool, prompt+output tokens, only when it has a repetition penalty.
     generator: CPU generator, advanced by exactly one draw per sampled (non-greedy) step.
-    vocab_size must be the width of the logits (the model's padded vocab), not the tokenizer's.
-    `output_ids` lets a preempted request be rebuilt with its counts (its generator position is not).
+    vocab_size must be the width of the logits (the model's padded vocab), not the tokenizer's, and device
+    the logits' device. Keep the state object across preemption to resume exactly; `output_ids` only
+    rebuilds the counts from ids (the generator then restarts from its seed).
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] = (),
@@ -210,7 +203,9 @@ class SamplerState:
         self.params = params.validate()
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        seed = params.seed if params.seed is not None else _seed_source.getrandbits(64)
+        # Unseeded requests draw their seed from Python's `random`, so `random.seed(n)` makes a whole run
+        # (a benchmark, a test) reproducible without a sampler-specific global.
+        seed = params.seed if params.seed is not None else random.getrandbits(64)
         # CPU generator: one tiny draw per step is cheaper there than a kernel launch, and the stream is the
         # same whichever device the logits are on.
         self.generator = torch.Generator().manual_seed(seed % 2**64)

@@ -61,10 +61,11 @@ def _from_kernel(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ---- int8 ----------------------------------------------------------------------------------------------
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] → (q [N, K] int8, scales [N] fp32) with w ≈ q * scales[:, None]."""
+    """w [N, K] → (q [N, K] int8, scales [N] fp32) with w ≈ q * scales[:, None]. Scales are rounded to bf16
+    (the kernel's dtype) before the codes are chosen, so the codes are nearest on the grid actually used."""
     w = w.detach().float()
     # Symmetric range ±127 (not -128) so that negating a row never overflows.
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-30).to(KERNEL_DTYPE).float()
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
 

@@ -461,6 +461,17 @@ def gguf_tokenizer(path: str | os.PathLike):
     return tok
 
 
+def block_weight_bits(path: str | os.PathLike) -> float:
+    """Storage bits per weight of the file's transformer-block matrices (the smallest, e.g. Q4_1 → 5.0):
+    tells callers how much precision a re-quantization for fast decode can drop without losing anything."""
+    from gguf import GGML_QUANT_SIZES
+
+    with GGUFFile(path) as g:
+        bits = [GGML_QUANT_SIZES[t.qtype][1] * 8 / GGML_QUANT_SIZES[t.qtype][0]
+                for n, t in g.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    return min(bits) if bits else 32.0
+
+
 def load_gguf(path: str | os.PathLike, dtype=torch.float32, device="cpu"
               ) -> tuple[torch.nn.Module, ModelConfig, Any]:
     """Model (dequantized to `dtype` on `device`), its config, and its tokenizer (None if the file has none)."""

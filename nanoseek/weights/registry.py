@@ -66,6 +66,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, or None when the checkpoint has no tokenizer files
     path: Path  # the .gguf file or checkpoint directory the weights came from
     name: str  # built-in name, or the file/directory name
+    weight_bits: float = 32.0  # storage precision of the block weights in the source (Q4_1 → 5.0, bf16 → 16)
 
 
 def resolve(spec: str | os.PathLike) -> tuple[Path, str]:
@@ -93,14 +94,15 @@ def load_model(spec: str | os.PathLike, dtype=torch.float32, device="cpu") -> Lo
             magic = f.read(4)
         if magic != b"GGUF" and path.suffix.lower() != ".gguf":
             raise UnsupportedError(f"{path}: not a GGUF file or a Hugging Face checkpoint directory")
-        from nanoseek.weights.gguf import load_gguf
+        from nanoseek.weights.gguf import block_weight_bits, load_gguf
 
         model, cfg, tok = load_gguf(path, dtype=dtype, device=device)
-        return LoadedModel(model, cfg, tok, path, name)
+        return LoadedModel(model, cfg, tok, path, name, block_weight_bits(path))
     from nanoseek.weights.hf import load_hf
 
     model, cfg = load_hf(path, dtype=dtype, device=device)
-    return LoadedModel(model, cfg, _hf_tokenizer(path), path, name)
+    bits = 16.0 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else 32.0
+    return LoadedModel(model, cfg, _hf_tokenizer(path), path, name, bits)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
