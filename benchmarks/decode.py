@@ -42,7 +42,8 @@ def median(xs):
     return statistics.median(xs)
 
 
-def bench_nanoseek(gguf: str, prompt_ids: list[int], new: int, batch: int, repeats: int, quant: str):
+def bench_nanoseek(gguf: str, prompt_ids: list[int], new: int, batch: int, repeats: int, quant: str,
+                   compile: bool = False):
     from nanoseek.engine.generate import Engine
     from nanoseek.engine.sampling import SamplingParams
     from nanoseek.weights.registry import load_model
@@ -53,9 +54,10 @@ def bench_nanoseek(gguf: str, prompt_ids: list[int], new: int, batch: int, repea
         from nanoseek.models.quant import quantize_model
 
         quantize_model(loaded.model, quant)
-    eng = Engine(loaded.model, loaded.tokenizer)
+    eng = Engine(loaded.model, loaded.tokenizer, compile=compile)
     p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    eng.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    # warm-up (compiles, when asked): the batch size and a prompt length that will be seen
+    eng.generate([prompt_ids] * batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     pre, dec = [], []
     for _ in range(repeats):
         outs = eng.generate([prompt_ids] * batch, p)
@@ -125,6 +127,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--quant", nargs="+", default=["int8", "none"], help="nanoseek variants to measure")
+    ap.add_argument("--compile", nargs="*", default=["int4"],
+                    help="also measure these nanoseek variants with torch.compile'd blocks")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/decode-cpu.md")
@@ -143,6 +147,10 @@ def main() -> int:
         for q in a.quant:
             rows.append((f"nanoseek ({'fp32' if q == 'none' else q + ' weights'})", b,
                          *bench_nanoseek(gguf, prompt_ids, a.new, b, a.repeats, q)))
+            print(rows[-1], file=sys.stderr)
+        for q in a.compile:
+            rows.append((f"nanoseek ({'fp32' if q == 'none' else q + ' weights'}, compiled)", b,
+                         *bench_nanoseek(gguf, prompt_ids, a.new, b, a.repeats, q, compile=True)))
             print(rows[-1], file=sys.stderr)
         if not a.skip_transformers:
             rows.append(("transformers generate (fp32)", b, *bench_transformers(gguf, prompt_ids, a.new, b,

@@ -25,6 +25,7 @@ class LoadOptions:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     quant: str = "auto"  # none | int8 | int8-group | int4 | auto (see auto_quant)
     threads: int | None = None
+    compile: bool = False  # torch.compile the decoder blocks (faster decode, ~20 s warm-up)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Session:
             quantize_model(self.model, self.quant)
         if self.tokenizer is None:
             raise BadInputError(f"{loaded.path}: no tokenizer files next to the weights; chat needs one")
-        self.engine = Engine(self.model, self.tokenizer)
+        self.engine = Engine(self.model, self.tokenizer, compile=opts.compile)
         self.load_s = time.perf_counter() - t0
 
     def complete(self, prompts: Sequence[str], params: SamplingParams,
