@@ -58,6 +58,36 @@ def _from_kernel(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y.float() if dtype is torch.float32 else y.to(dtype)
 
 
+class _WeightOnlyLinear(nn.Module):
+    """Shared forward of the quantized linears: the CPU kernel on bf16-rounded x, else an exact
+    dequantize-and-matmul. Subclasses give `_kernel(xk, buffers)` and `dequantize(dtype)`."""
+
+    in_features: int
+    out_features: int
+
+    def _kernel(self, xk: torch.Tensor, b: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if _use_kernel(x2):
+            y = _from_kernel(self._kernel(_to_kernel(x2), b), x.dtype)
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        if b["bias"] is not None:
+            y = y + b["bias"].to(y.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = getattr(self, "group_size", None)
+        return (f"in_features={self.in_features}, out_features={self.out_features}"
+                + (f", group_size={group}" if group else "") + f", bias={self.bias is not None}")
+
+
 # ---- int8 ----------------------------------------------------------------------------------------------
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +100,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_WeightOnlyLinear):
     """Linear with int8 per-output-channel weights. Buffers: `weight_int8` [N, K], `scales` [N] (bf16)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
@@ -94,19 +124,8 @@ class Int8Linear(nn.Module):
         """The weight [N, K] the kernel multiplies by (computed in fp32 from the stored bf16 scales)."""
         return (self.weight_int8.float() * self.scales.float()[:, None]).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._buffers
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if _use_kernel(x2):
-            y = _from_kernel(_INT8_MM(_to_kernel(x2), b["weight_int8"], b["scales"]), x.dtype)
-        else:
-            y = F.linear(x2, self.dequantize(x.dtype))
-        if b["bias"] is not None:
-            y = y + b["bias"].to(y.dtype)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    def _kernel(self, xk: torch.Tensor, b: dict) -> torch.Tensor:
+        return _INT8_MM(xk, b["weight_int8"], b["scales"])
 
 
 # ---- int4 ----------------------------------------------------------------------------------------------
@@ -148,7 +167,7 @@ def _read_int4_codes(packed: torch.Tensor, k: int, n: int, group_size: int) -> t
     return qt.t().to(torch.int32).contiguous().to(packed.device)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """Linear with group-wise asymmetric int4 weights. Buffers: `weight_packed` uint8 [N, K/2] in the CPU
     kernel's layout (it depends on the CPU's vector ISA, so quantize on the machine that runs the model
     rather than shipping these buffers) and `scales_and_zeros` [K/group_size, N, 2] (bf16)."""
@@ -184,21 +203,8 @@ class Int4Linear(nn.Module):
         """The weight [N, K] the kernel multiplies by (computed in fp32 from the stored bf16 scales/zeros)."""
         return dequantize_int4(self.codes(), self.scales_and_zeros, self.group_size).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._buffers
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if _use_kernel(x2):
-            y = _from_kernel(_INT4_MM(_to_kernel(x2), b["weight_packed"], self.group_size, b["scales_and_zeros"]),
-                             x.dtype)
-        else:
-            y = F.linear(x2, self.dequantize(x.dtype))
-        if b["bias"] is not None:
-            y = y + b["bias"].to(y.dtype)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+    def _kernel(self, xk: torch.Tensor, b: dict) -> torch.Tensor:
+        return _INT4_MM(xk, b["weight_packed"], self.group_size, b["scales_and_zeros"])
 
 
 # ---- int8 with group scales, on the int4 kernel -------------------------------------------------------
@@ -216,7 +222,7 @@ def quantize_int8_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return c, scales.t().contiguous()
 
 
-class Int8GroupLinear(nn.Module):
+class Int8GroupLinear(_WeightOnlyLinear):
     """Linear with int8 codes and per-group symmetric scales. With u = c + 128 = 16·hi + lo:
     w = s·(u - 128) = [(hi - 8)·16s + 0] + [(lo - 8)·s + 8s], one int4 kernel call per bracket.
     Buffers: `weight_hi`, `weight_lo` (packed like Int4Linear's) and their `scales_and_zeros_hi/_lo`."""
@@ -257,23 +263,9 @@ class Int8GroupLinear(nn.Module):
         s = self.scales_and_zeros_lo[..., 0].float().t().repeat_interleave(self.group_size, dim=1)
         return (self.codes().float() * s).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._buffers
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if _use_kernel(x2):
-            xk = _to_kernel(x2)
-            y = _INT4_MM(xk, b["weight_hi"], self.group_size, b["scales_and_zeros_hi"]).float()
-            y = _from_kernel(y.add_(_INT4_MM(xk, b["weight_lo"], self.group_size, b["scales_and_zeros_lo"])),
-                             x.dtype)
-        else:
-            y = F.linear(x2, self.dequantize(x.dtype))
-        if b["bias"] is not None:
-            y = y + b["bias"].to(y.dtype)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+    def _kernel(self, xk: torch.Tensor, b: dict) -> torch.Tensor:
+        y = _INT4_MM(xk, b["weight_hi"], self.group_size, b["scales_and_zeros_hi"]).float()
+        return y.add_(_INT4_MM(xk, b["weight_lo"], self.group_size, b["scales_and_zeros_lo"]))
 
 
 # ---- whole model ---------------------------------------------------------------------------------------
