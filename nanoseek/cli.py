@@ -36,6 +36,11 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="where keys and usage live (default: $NANOSEEK_HOME or ~/.nanoseek)")
+
+
 def _params(a):
     from nanoseek.engine.sampling import SamplingParams
 
@@ -98,6 +103,90 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def _table(*columns, **kw):
+    """A borderless rich table: the key and usage tables have nine columns and should fit 80 characters."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(*columns, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, **kw)
+
+
+def _store(a):
+    from nanoseek.serve.store import Store
+
+    return Store(a.data_dir)
+
+
+def cmd_keys_create(a) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    with _store(a) as st:
+        key_id, secret = st.create_key(a.name, rpm=a.rpm, tpm=a.tpm, budget_usd=a.budget)
+    # The secret alone goes to stdout so `KEY=$(nanoseek keys create --name x)` works; the rest to stderr.
+    err = Console(stderr=True)
+    err.print(f"created key {key_id} ({escape(a.name)}) in {escape(str(st.path))}")
+    print(secret, flush=True)
+    err.print("[bold yellow]Save this secret now: only its hash is stored, so it won't be shown again.[/]")
+    return 0
+
+
+def cmd_keys_list(a) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Column
+
+    with _store(a) as st:
+        keys = st.list_keys()
+        spent = {k.id: st.spent_usd(k.id) for k in keys}
+    if not keys:
+        print("no API keys (the server runs open until one exists; `nanoseek keys create --name NAME`)")
+        return 0
+    table = _table("id", "name", Column("prefix", no_wrap=True), "rpm", "tpm", "budget",
+                   Column("spent", no_wrap=True), Column("created", no_wrap=True), "status")
+    for k in keys:
+        table.add_row(str(k.id), escape(k.name), k.prefix + "…", str(k.rpm or "-"), str(k.tpm or "-"),
+                      "-" if k.budget_usd is None else f"${k.budget_usd:.2f}", f"${spent[k.id]:.4f}",
+                      time.strftime("%Y-%m-%d", time.localtime(k.created_at)),
+                      "[red]revoked[/red]" if k.revoked else "active")
+    Console().print(table)
+    return 0
+
+
+def cmd_keys_revoke(a) -> int:
+    with _store(a) as st:
+        was_live = not st.find_key(a.key).revoked
+        k = st.revoke_key(a.key)
+    print(f"{'revoked' if was_live else 'already revoked'} key {k.id} ({k.name}, {k.prefix}…)")
+    return 0
+
+
+def cmd_usage(a) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Column
+
+    with _store(a) as st:
+        rows = st.usage_summary(key=a.key, since=a.since)
+    if not rows:
+        print("no usage recorded" + (f" since {a.since}" if a.since else ""))
+        return 0
+    counts = ("requests", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens",
+              "reasoning_tokens")
+    table = _table(Column("key", min_width=8), Column("model", no_wrap=True),
+                   *(Column(h, justify="right") for h in ("reqs", "cache hit", "cache miss", "output", "reasoning",
+                                                          "cost USD")), show_footer=True)
+    for r in rows:
+        key = "(no key)" if r.key_id is None else escape(r.key_name or str(r.key_id))
+        table.add_row(key, escape(r.model), *(f"{getattr(r, c):,}" for c in counts), f"{r.cost_usd:.4f}")
+    table.columns[0].footer = "total"
+    for col, c in zip(table.columns[2:7], counts):
+        col.footer = f"{sum(getattr(r, c) for r in rows):,}"
+    table.columns[7].footer = f"{sum(r.cost_usd for r in rows):.4f}"
+    Console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-style models: run, chat, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -126,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("keys", help="API keys for `nanoseek serve`: create, list, revoke")
+    keys = p.add_subparsers(dest="keys_cmd", required=True)
+    k = keys.add_parser("create", help="create a key and print its secret (once)")
+    k.add_argument("--name", required=True, help="who or what the key is for")
+    k.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
+    k.add_argument("--tpm", type=int, default=None, help="tokens per minute (default: unlimited)")
+    k.add_argument("--budget", type=float, default=None, metavar="USD", help="spending cap (default: unlimited)")
+    _store_args(k)
+    k.set_defaults(fn=cmd_keys_create)
+    k = keys.add_parser("list", help="list keys (never their secrets)")
+    _store_args(k)
+    k.set_defaults(fn=cmd_keys_list)
+    k = keys.add_parser("revoke", help="revoke a key by id or prefix")
+    k.add_argument("key", metavar="ID_OR_PREFIX")
+    _store_args(k)
+    k.set_defaults(fn=cmd_keys_revoke)
+
+    p = sub.add_parser("usage", help="tokens and cost served, per key and model")
+    p.add_argument("--key", default=None, help="only this key (id or prefix)")
+    p.add_argument("--since", default=None, help="a date (2026-11-01) or an age (7d, 12h, 30m)")
+    _store_args(p)
+    p.set_defaults(fn=cmd_usage)
     return ap
 
 

@@ -1,0 +1,118 @@
+"""Per-key requests-per-minute and tokens-per-minute limits over a sliding window, in memory.
+
+Owns one question: may this key send now, and if not, how many seconds until it may? The limits
+themselves live on the key record in the store; the caller passes them with every check, so a
+changed limit applies at once with nothing to invalidate here.
+
+State is per process and forgotten on restart, which at worst lets a key burst once. That is fine
+for a limiter whose job is sharing one machine fairly; money (budgets) is enforced from the SQLite
+ledger instead, which does survive restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+
+from nanoseek.errors import BadInputError
+
+
+class RequestTooLarge(BadInputError):
+    """One request needs more tokens than the key's whole per-minute allowance: no wait can help."""
+
+
+class _Window:
+    """Events still inside the window, oldest first, with running totals so a check is O(1) when it passes."""
+
+    __slots__ = ("events", "requests", "tokens")
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[float, int, int]] = deque()  # (time, requests 0|1, tokens)
+        self.requests = 0
+        self.tokens = 0
+
+
+class RateLimiter:
+    """Sliding-log limiter: `check` admits and records a request, or says how long to wait.
+
+    A sliding log rather than fixed per-minute buckets: fixed buckets let a key send twice its
+    limit across a bucket boundary, and with a handful of keys the log's memory is negligible.
+    `clock` is injectable (monotonic seconds) so tests step time instead of sleeping.
+    """
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[Hashable, _Window] = {}
+        self._lock = threading.Lock()  # the server checks from many threads; each call is microseconds
+
+    def check(self, key_id: Hashable, tokens: int = 0, *, rpm: int | None = None,
+              tpm: int | None = None) -> float | None:
+        """None: admitted, and the request and its `tokens` now count against the key.
+
+        Otherwise the seconds until the same request would be admitted; nothing is recorded, so a
+        rejected request costs the client nothing. None limits mean unlimited. Raises RequestTooLarge
+        when `tokens` alone exceeds `tpm`.
+        """
+        if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1):
+            raise ValueError("rpm and tpm must be at least 1 (None means unlimited)")
+        if tokens < 0:
+            raise ValueError("tokens must be non-negative")
+        if tpm is not None and tokens > tpm:
+            raise RequestTooLarge(f"this request needs {tokens} tokens but the key is limited to {tpm} "
+                                  f"tokens per minute")
+        with self._lock:
+            now = self._clock()
+            w = self._prune(key_id, now)
+            waits = []
+            if rpm is not None and w.requests + 1 > rpm:
+                waits.append(self._wait_until_freed(w, now, requests=w.requests + 1 - rpm))
+            if tpm is not None and w.tokens + tokens > tpm:
+                waits.append(self._wait_until_freed(w, now, tokens=w.tokens + tokens - tpm))
+            if waits:
+                return max(waits)
+            self._add(w, now, 1, tokens)
+            return None
+
+    def charge(self, key_id: Hashable, tokens: int) -> None:
+        """Count tokens learned after admission (the completion) against the key, as of now.
+
+        The server knows the prompt size when it checks but the output size only at the end; charging
+        it afterwards keeps tpm honest without guessing from max_tokens. Charged tokens can push a
+        key past its tpm; its next requests then wait until they age out.
+        """
+        if tokens <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._add(self._prune(key_id, now), now, 0, tokens)
+
+    def _prune(self, key_id: Hashable, now: float) -> _Window:
+        # One window per key ever seen, emptied but kept: the store's key count bounds the memory.
+        w = self._windows.setdefault(key_id, _Window())
+        cutoff = now - self.window_s
+        while w.events and w.events[0][0] <= cutoff:  # an event at t counts during [t, t + window)
+            _, r, k = w.events.popleft()
+            w.requests -= r
+            w.tokens -= k
+        return w
+
+    def _add(self, w: _Window, now: float, requests: int, tokens: int) -> None:
+        w.events.append((now, requests, tokens))
+        w.requests += requests
+        w.tokens += tokens
+
+    def _wait_until_freed(self, w: _Window, now: float, requests: int = 0, tokens: int = 0) -> float:
+        """Seconds until the oldest events holding at least `requests` requests and `tokens` tokens expire."""
+        freed_r = freed_k = 0
+        for t, r, k in w.events:
+            freed_r += r
+            freed_k += k
+            if freed_r >= requests and freed_k >= tokens:
+                return t + self.window_s - now
+        # Unreachable given the callers' arithmetic (the window always holds the excess); be safe.
+        return self.window_s
