@@ -100,35 +100,35 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         """Raise BadInputError for the first out-of-range field; return self so calls can chain."""
-        _integer("max_tokens", self.max_tokens, ge=1)
+        check_integer("max_tokens", self.max_tokens, ge=1)
         _number("temperature", self.temperature, ge=0, le=2)
         _number("top_p", self.top_p, gt=0, le=1)
-        _integer("top_k", self.top_k, ge=-1)
+        check_integer("top_k", self.top_k, ge=-1)
         _number("min_p", self.min_p, ge=0, le=1)
         _number("presence_penalty", self.presence_penalty, ge=-2, le=2)
         _number("frequency_penalty", self.frequency_penalty, ge=-2, le=2)
         _number("repetition_penalty", self.repetition_penalty, gt=0)
         if self.seed is not None:
-            _integer("seed", self.seed)
+            check_integer("seed", self.seed)
         _array("stop", self.stop, max_len=MAX_STOP_STRINGS)
         for i, s in enumerate(self.stop):
             if not isinstance(s, str):
-                raise BadInputError(f"Invalid type for 'stop[{i}]': expected a string, but got {_kind(s)} instead.")
+                raise BadInputError(f"Invalid type for 'stop[{i}]': expected a string, but got {json_kind(s)} instead.")
             if not s:
                 raise BadInputError(f"Invalid 'stop[{i}]': empty string. Expected a string with minimum length 1, "
                                     "but got an empty string instead.")
         _array("stop_token_ids", self.stop_token_ids)
         for i, t in enumerate(self.stop_token_ids):
-            _integer(f"stop_token_ids[{i}]", t, ge=0)
+            check_integer(f"stop_token_ids[{i}]", t, ge=0)
         if not isinstance(self.ignore_eos, bool):
-            raise BadInputError(f"Invalid type for 'ignore_eos': expected a boolean, but got {_kind(self.ignore_eos)} "
+            raise BadInputError(f"Invalid type for 'ignore_eos': expected a boolean, but got {json_kind(self.ignore_eos)} "
                                 "instead.")
         if self.logprobs is not None:
-            _integer("logprobs", self.logprobs, ge=0, le=MAX_LOGPROBS)
+            check_integer("logprobs", self.logprobs, ge=0, le=MAX_LOGPROBS)
         return self
 
 
-def _kind(value) -> str:
+def json_kind(value) -> str:
     """OpenAI's names for JSON types, as used in its 'Invalid type' errors."""
     if value is None:
         return "null"
@@ -163,21 +163,21 @@ def _bounds(name: str, value, word: str, ge=None, gt=None, le=None) -> None:
 def _number(name: str, value, **bounds) -> None:
     # bool is an int subclass; `True` as a temperature is a client bug, not 1.0.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInputError(f"Invalid type for '{name}': expected a number, but got {_kind(value)} instead.")
+        raise BadInputError(f"Invalid type for '{name}': expected a number, but got {json_kind(value)} instead.")
     if not math.isfinite(value):
         raise BadInputError(f"Invalid '{name}': expected a finite number, but got {value} instead.")
     _bounds(name, value, "decimal", **bounds)
 
 
-def _integer(name: str, value, **bounds) -> None:
+def check_integer(name: str, value, **bounds) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadInputError(f"Invalid type for '{name}': expected an integer, but got {_kind(value)} instead.")
+        raise BadInputError(f"Invalid type for '{name}': expected an integer, but got {json_kind(value)} instead.")
     _bounds(name, value, "integer", **bounds)
 
 
 def _array(name: str, value, max_len: int | None = None) -> None:
     if not isinstance(value, (list, tuple)):
-        raise BadInputError(f"Invalid type for '{name}': expected an array, but got {_kind(value)} instead.")
+        raise BadInputError(f"Invalid type for '{name}': expected an array, but got {json_kind(value)} instead.")
     if max_len is not None and len(value) > max_len:
         raise BadInputError(f"Invalid '{name}': array too long. Expected an array with maximum length {max_len}, "
                             f"but got an array with length {len(value)} instead.")

@@ -42,7 +42,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nanoseek.engine.sampling import _kind   # OpenAI's JSON type words; shared so both layers say "a string"
+from nanoseek.engine.sampling import json_kind   # OpenAI's JSON type words; shared so both layers say "a string"
 from nanoseek.errors import BadInputError, NanoseekError, NotFoundError, UnsupportedError
 
 SCHEMA_STATUS = 422   # a body that doesn't fit the schema (see the module docstring)
@@ -261,7 +261,7 @@ def _describe(errors: list[dict]) -> ApiError:
         labels = list(dict.fromkeys(e["loc"][p] for e in here))
         expected = _or([_LABEL_WORDS.get(lb, "an array" if lb.startswith("list[") else lb) for lb in labels])
         shallow = [e for e in here if len(e["loc"]) == p + 1]
-        got = f", but got {_kind(shallow[0]['input'])} instead" if shallow and "input" in shallow[0] else ""
+        got = f", but got {json_kind(shallow[0]['input'])} instead" if shallow and "input" in shallow[0] else ""
         return ApiError.invalid_schema(f"Invalid type for '{_param(prefix)}': expected {expected}{got}.",
                                        param=_param(prefix))
     param = _param(loc)
@@ -285,7 +285,7 @@ def _describe(errors: list[dict]) -> ApiError:
         return ApiError.invalid_schema(f"Unrecognized parameter: {where}.", param=param, code="unknown_parameter")
     if kind in _TYPE_WORDS:
         return ApiError.invalid_schema(f"Invalid type for {where}: expected {_TYPE_WORDS[kind]}, but got "
-                                       f"{_kind(first.get('input'))} instead.", param=param)
+                                       f"{json_kind(first.get('input'))} instead.", param=param)
     return ApiError.invalid_schema(f"Invalid {where}: {first.get('msg', 'invalid value')}.", param=param,
                                    code="invalid_value")
 

@@ -32,8 +32,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nanoseek.engine.sampling import MAX_LOGPROBS, SamplingParams
-from nanoseek.engine.sampling import _integer   # SamplingParams' own range check and wording, for n & co.
+# SamplingParams' own range check and wording, reused for n & co.
+from nanoseek.engine.sampling import MAX_LOGPROBS, SamplingParams, check_integer
 from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError, from_nanoseek, from_validation_errors
 
@@ -288,7 +288,7 @@ class _Request(_Body):
     def _layer3(self):
         try:
             if self.n is not None:
-                _integer("n", self.n, ge=1, le=MAX_N)
+                check_integer("n", self.n, ge=1, le=MAX_N)
             if self.stream_options is not None and not self.stream:
                 raise ApiError.bad_request("'stream_options' is only allowed when 'stream' is true.",
                                            param="stream_options")
@@ -406,9 +406,9 @@ class ChatCompletionRequest(_Request):
                     "accepted only on a final assistant message with prefix: true, as reasoning to continue.",
                     param=f"messages[{i}].reasoning_content")
         if self.max_completion_tokens is not None:
-            _integer("max_completion_tokens", self.max_completion_tokens, ge=1)
+            check_integer("max_completion_tokens", self.max_completion_tokens, ge=1)
         if self.top_logprobs is not None:
-            _integer("top_logprobs", self.top_logprobs, ge=0, le=MAX_LOGPROBS)
+            check_integer("top_logprobs", self.top_logprobs, ge=0, le=MAX_LOGPROBS)
             if not self.logprobs:
                 raise ApiError.bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
 
