@@ -82,6 +82,20 @@ class _WeightOnlyLinear(nn.Module):
             y = y + b["bias"].to(y.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
+    def _int4_planes(self, in_features: int, out_features: int, group_size: int, planes: tuple[str, ...],
+                     device) -> None:
+        """Empty int4-kernel buffers: per plane, packed codes `weight_{plane}` and `scales_and_zeros` (the
+        single "packed" plane keeps the plain name `scales_and_zeros`)."""
+        if not int4_supported(out_features, in_features, group_size):
+            raise ValueError(f"int4 kernel cannot take out={out_features}, in={in_features}, group={group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        for plane in planes:
+            suffix = "" if plane == "packed" else f"_{plane}"
+            self.register_buffer(f"weight_{plane}", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
+                                                                device=device))
+            self.register_buffer(f"scales_and_zeros{suffix}", torch.zeros(
+                in_features // group_size, out_features, 2, dtype=KERNEL_DTYPE, device=device))
+
     def extra_repr(self) -> str:
         group = getattr(self, "group_size", None)
         return (f"in_features={self.in_features}, out_features={self.out_features}"
@@ -175,13 +189,7 @@ class Int4Linear(_WeightOnlyLinear):
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
                  device=None):
         super().__init__()
-        if not int4_supported(out_features, in_features, group_size):
-            raise ValueError(f"int4 kernel cannot take out={out_features}, in={in_features}, group={group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
-                                                          device=device))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
-                                                             dtype=KERNEL_DTYPE, device=device))
+        self._int4_planes(in_features, out_features, group_size, ("packed",), device)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
@@ -230,14 +238,7 @@ class Int8GroupLinear(_WeightOnlyLinear):
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
                  device=None):
         super().__init__()
-        if not int4_supported(out_features, in_features, group_size):
-            raise ValueError(f"int4 kernel cannot take out={out_features}, in={in_features}, group={group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        for plane in ("hi", "lo"):
-            self.register_buffer(f"weight_{plane}", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
-                                                                device=device))
-            self.register_buffer(f"scales_and_zeros_{plane}", torch.zeros(
-                in_features // group_size, out_features, 2, dtype=KERNEL_DTYPE, device=device))
+        self._int4_planes(in_features, out_features, group_size, ("hi", "lo"), device)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
