@@ -114,3 +114,23 @@ def test_debug_flag_shows_traceback(tmp_path, capsys):
     rc = main(["--debug", "generate", "x", "--model", str(tmp_path / "missing")])
     assert rc == NotFoundError.exit_code
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_fp8_block_scaled_weights_are_dequantized(tmp_path):
+    """DeepSeek-V3's released weights: float8_e4m3fn with one fp32 scale per 128x128 block."""
+    from safetensors.torch import load_file, save_file
+
+    llama(tmp_path / "src")
+    state = load_file(str(tmp_path / "src" / "model.safetensors"))
+    name = "model.layers.0.mlp.gate_proj.weight"  # [112, 64]: one partial block
+    w = state[name]
+    scale = torch.tensor([[w.abs().max().item() / 448.0]])
+    state[name] = (w / scale).to(torch.float8_e4m3fn)
+    state[name + "_scale_inv"] = scale
+    (tmp_path / "fp8").mkdir()
+    save_file(state, str(tmp_path / "fp8" / "model.safetensors"))
+    shutil.copy(tmp_path / "src" / "config.json", tmp_path / "fp8" / "config.json")
+    ours, _ = load_hf(tmp_path / "fp8")
+    got = ours.model.layers[0].mlp.gate_proj.weight
+    assert torch.equal(got, state[name].float() * scale)
+    assert (got - w).abs().max() < 0.07 * w.abs().max()  # e4m3 keeps ~2 significant digits
