@@ -1,7 +1,7 @@
 """Prefill and decode speed of SmolLM2-135M on this machine: nanoseek vs transformers vs llama.cpp, one run.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--new 128] [--repeats 3] [--quant int8 none]
-                                          [--skip-llamacpp] [--skip-transformers] [--out benchmarks/results/decode-cpu.md]
+                                          [--skip-llamacpp] [--skip-transformers] [--out benchmarks/results/decode-cpu-DATE.md]
 
 All three read the same GGUF (the built-in Q4_1 file). Greedy, EOS suppressed, same chat-formatted prompt.
 Prefill tok/s = prompt tokens / time to first token. Decode tok/s = generated tokens after the first /
@@ -131,7 +131,7 @@ def main() -> int:
                     help="also measure these nanoseek variants with torch.compile'd blocks")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/decode-cpu.md")
+    ap.add_argument("--out", default=f"benchmarks/results/decode-cpu-{time.strftime('%Y-%m-%d-%H%M')}.md")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
