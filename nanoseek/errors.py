@@ -27,3 +27,9 @@ class UnsupportedError(NanoseekError):
     """Well-formed input that nanoseek does not handle (architecture, quant type, option)."""
 
     exit_code = 4
+
+
+class QueueFullError(NanoseekError):
+    """The server's bounded request queue is full: try again shortly (HTTP 503)."""
+
+    exit_code = 5

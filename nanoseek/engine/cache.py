@@ -28,6 +28,9 @@ class KVLayer:
     def rows(self, start: int, n: int) -> KVLayer:
         return KVLayer(self.k[start:start + n], self.v[start:start + n])
 
+    def tensors(self, row: int, length: int) -> list[torch.Tensor]:
+        return [self.k[row, :, :length], self.v[row, :, :length]]
+
 
 @dataclass
 class LatentLayer:
@@ -45,6 +48,9 @@ class LatentLayer:
     def rows(self, start: int, n: int) -> LatentLayer:
         return LatentLayer(self.kv[start:start + n], self.kv_lora)
 
+    def tensors(self, row: int, length: int) -> list[torch.Tensor]:
+        return [self.kv[row, :length]]
+
 
 @dataclass
 class Cache:
@@ -58,6 +64,21 @@ class Cache:
 
     def rows(self, start: int, n: int = 1) -> Cache:
         return Cache([layer.rows(start, n) for layer in self.layers], self.max_len)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
+        for layer in self.layers:
+            for d, s in zip(layer.tensors(dst, length), layer.tensors(src, length)):
+                d.copy_(s)
+
+    def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
+        for layer in self.layers:
+            saved = [t.clone() for t in layer.tensors(a, len_a)]
+            for d, s in zip(layer.tensors(a, len_b), layer.tensors(b, len_b)):
+                d.copy_(s)
+            for d, s in zip(layer.tensors(b, len_a), saved):
+                d.copy_(s)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers

@@ -46,8 +46,9 @@ class Delta:
     finish_reason: str | None = None
 
 
-class _Row:
-    """Bookkeeping of one request while it is in the batch."""
+class RequestState:
+    """Bookkeeping of one request while it is in a batch (Engine's or the Scheduler's): its output so far,
+    detokenizer, stop strings, sampler state, token limit and the position its next fed token goes to."""
 
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, state: SamplerState,
                  tokenizer, eos_ids: Sequence[int], max_len: int):
@@ -94,6 +95,15 @@ class _Row:
         return text if hit else text + self.stops.flush()
 
 
+def check_prompt(prompt: Sequence[int], context: int, what: str = "the model's context") -> None:
+    """A prompt must be non-empty and leave room in `context` positions for at least one generated token."""
+    if not prompt:
+        raise BadInputError("the prompt is empty")
+    if len(prompt) >= context:
+        raise BadInputError(f"the prompt is {len(prompt)} tokens but {what} is {context} "
+                            "tokens (room is needed for at least one generated token)")
+
+
 def _select_rows(cache: Cache, keep: torch.Tensor) -> Cache:
     """A new cache holding only rows `keep` (compaction when requests finish)."""
     layers = []
@@ -129,11 +139,7 @@ class Engine:
         self.eos_token_ids = list(eos_token_ids)
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
-        if not prompt:
-            raise BadInputError("the prompt is empty")
-        if len(prompt) >= self.context:
-            raise BadInputError(f"the prompt is {len(prompt)} tokens but the model's context is {self.context} "
-                                "tokens (room is needed for at least one generated token)")
+        check_prompt(prompt, self.context)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -168,7 +174,7 @@ class Engine:
         t0 = time.perf_counter()
         max_len = min(self.context, max(len(p) + sp.max_tokens for p, sp in zip(prompts, plist)))
         cache = self.model.new_cache(len(prompts), max_len)
-        rows = [_Row(i, p, sp, SamplerState(sp, self.vocab_size, p, device=self.device), self.tokenizer,
+        rows = [RequestState(i, p, sp, SamplerState(sp, self.vocab_size, p, device=self.device), self.tokenizer,
                      self.eos_token_ids, max_len) for i, p, sp in zip(indices, prompts, plist)]
         first = torch.stack([self.prefill(r.prompt, cache.rows(b)) for b, r in enumerate(rows)])
         live = rows
@@ -178,7 +184,7 @@ class Engine:
             out = sampler.sample(logits)
             tokens = out.tokens.tolist()
             now = time.perf_counter() - t0
-            lps = _logprob_rows(out.logprobs, [r.params.logprobs for r in live])
+            lps = logprob_rows(out.logprobs, [r.params.logprobs for r in live])
             for r, tok, lp in zip(live, tokens, lps):
                 if r.out.first_token_s is None:
                     r.out.first_token_s = now
@@ -217,7 +223,8 @@ def compile_blocks(model: torch.nn.Module) -> None:
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
-def _logprob_rows(lp, wanted: list[int | None]) -> list[dict | None]:
+def logprob_rows(lp, wanted: list[int | None]) -> list[dict | None]:
+    """Per-row logprob dicts from a batch's Logprobs (None for rows that did not ask)."""
     if lp is None:
         return [None] * len(wanted)
     out = []

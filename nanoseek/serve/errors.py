@@ -43,7 +43,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from nanoseek.engine.sampling import json_kind   # OpenAI's JSON type words; shared so both layers say "a string"
-from nanoseek.errors import BadInputError, NanoseekError, NotFoundError, UnsupportedError
+from nanoseek.errors import BadInputError, NanoseekError, NotFoundError, QueueFullError, UnsupportedError
 
 SCHEMA_STATUS = 422   # a body that doesn't fit the schema (see the module docstring)
 
@@ -165,11 +165,14 @@ _PARAM_IN_MESSAGE = re.compile(r"^Invalid (?:type for |value for )?'([^']+)'")
 
 
 def from_nanoseek(err: NanoseekError) -> ApiError:
-    """A NanoseekError raised while handling a request: bad input 400, unsupported 400, not found 404."""
+    """A NanoseekError raised while handling a request: bad input 400, unsupported 400, not found 404,
+    full request queue 503."""
     message = str(err)
     param = getattr(err, "param", None)
     if param is None and (m := _PARAM_IN_MESSAGE.match(message)):
         param = m.group(1)
+    if isinstance(err, QueueFullError):
+        return ApiError.overloaded(message=message)
     if isinstance(err, NotFoundError):
         return ApiError.not_found(message, param=param)
     if isinstance(err, UnsupportedError):
