@@ -7,12 +7,17 @@ import sys
 import time
 import traceback
 
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import BadInputError, NanoseekError
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default="smollm2-135m",
-                   help="built-in name (see `nanoseek models`), a .gguf file, or an HF safetensors directory")
+def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:   # serve: repeatable, each NAME_OR_PATH or name=path; None until parsed means the default
+        p.add_argument("--model", "-m", action="append", default=None,
+                       help="model to serve (repeatable): a built-in name, a .gguf file, an HF directory, or "
+                            "name=path to choose the served name; default smollm2-135m")
+    else:
+        p.add_argument("--model", "-m", default="smollm2-135m",
+                       help="built-in name (see `nanoseek models`), a .gguf file, or an HF safetensors directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int8-group", "int4"],
@@ -187,6 +192,71 @@ def cmd_usage(a) -> int:
     return 0
 
 
+def _parse_model_specs(specs: list[str] | None, default: str) -> dict[str, str]:
+    """--model values → {served name: what to load}. "name=path" names a model; a bare value serves under its
+    own name (a built-in name, or the file/directory's name)."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for spec in specs or [default]:
+        name, eq, source = spec.partition("=")
+        if not eq:
+            name, source = (Path(spec).name if ("/" in spec or spec.endswith(".gguf")) else spec), spec
+        if not name or not source:
+            raise BadInputError(f"--model {spec!r}: expected NAME_OR_PATH or name=path")
+        if name in out:
+            raise BadInputError(f"--model: two models are served as {name!r}")
+        out[name] = source
+    return out
+
+
+def cmd_serve(a) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from nanoseek.engine.scheduler import Scheduler
+    from nanoseek.serve.app import ServedModel, create_app
+    from nanoseek.serve.store import Prices, Store
+    from nanoseek.session import LoadOptions, Session
+
+    specs = _parse_model_specs(a.model, "smollm2-135m")
+    unknown = set(a.reasoning_model) - set(specs)
+    if unknown:
+        raise BadInputError(f"--reasoning-model {', '.join(sorted(unknown))}: not a served model "
+                            f"({', '.join(specs)})")
+    prices = Prices.load(a.prices) if a.prices else Prices()
+    store = Store(a.data_dir)
+    try:
+        loopback = ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = a.host == "localhost"
+    # Never run an open server where others can reach it: off loopback a key is required even before one
+    # exists (create one with `nanoseek keys create`).
+    require_auth = not loopback
+    served = {}
+    try:
+        for name, source in specs.items():
+            # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
+            s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
+                                    threads=a.threads, compile=a.compile))
+            sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len).start()
+            served[name] = ServedModel(name, s.tokenizer, sched, sched.max_len, reasoning=name in a.reasoning_model,
+                                       prices=prices.for_model(name), root=source)
+            print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "
+                  f"{a.max_batch} rows)", file=sys.stderr)
+        app = create_app(served, store, require_auth=require_auth, mirror_reasoning=a.mirror_reasoning)
+        if require_auth and not store.any_keys():
+            print("nanoseek: warning: no API keys exist yet; every request will get 401 until you run "
+                  "`nanoseek keys create --name NAME`", file=sys.stderr)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    finally:
+        for m in served.values():
+            m.scheduler.stop(timeout=5)
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-style models: run, chat, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -215,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("serve", help="DeepSeek/OpenAI-compatible HTTP API with continuous batching")
+    _model_args(p, several=True)
+    p.add_argument("--host", default="127.0.0.1", help="off loopback an API key is always required")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--reasoning-model", action="append", default=[], metavar="NAME",
+                   help="an R1-style model: its <think> block goes to reasoning_content (repeatable)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache rows per model)")
+    p.add_argument("--max-len", type=int, default=4096, help="context served per request (prompt + output)")
+    p.add_argument("--prices", default=None, help="a .toml/.json price file (USD per 1M tokens per model)")
+    p.add_argument("--mirror-reasoning", action="store_true",
+                   help="also send reasoning as `reasoning` (vLLM/Ollama's field) besides reasoning_content")
+    _store_args(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("keys", help="API keys for `nanoseek serve`: create, list, revoke")
     keys = p.add_subparsers(dest="keys_cmd", required=True)
