@@ -31,6 +31,9 @@ class KVLayer:
     def tensors(self, row: int, length: int) -> list[torch.Tensor]:
         return [self.k[row, :, :length], self.v[row, :, :length]]
 
+    def select(self, keep: torch.Tensor) -> KVLayer:
+        return KVLayer(self.k.index_select(0, keep), self.v.index_select(0, keep))
+
 
 @dataclass
 class LatentLayer:
@@ -51,6 +54,9 @@ class LatentLayer:
     def tensors(self, row: int, length: int) -> list[torch.Tensor]:
         return [self.kv[row, :length]]
 
+    def select(self, keep: torch.Tensor) -> LatentLayer:
+        return LatentLayer(self.kv.index_select(0, keep), self.kv_lora)
+
 
 @dataclass
 class Cache:
@@ -64,6 +70,10 @@ class Cache:
 
     def rows(self, start: int, n: int = 1) -> Cache:
         return Cache([layer.rows(start, n) for layer in self.layers], self.max_len)
+
+    def select(self, keep: torch.Tensor) -> Cache:
+        """A new cache holding only rows `keep`, in that order (compaction when requests finish)."""
+        return Cache([layer.select(keep) for layer in self.layers], self.max_len)
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
@@ -103,10 +113,11 @@ class Positions:
 
     @classmethod
     def build(cls, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: bool,
-              interleaved: bool = False) -> Positions:
+              interleaved: bool = False, length: int | None = None) -> Positions:
+        """`length` = max(pos) + 1 when the caller already knows it (saves a device sync per forward)."""
         if not cached:
             return cls(pos, cos, sin, False, interleaved)
-        length = int(pos.max()) + 1
+        length = int(pos.max()) + 1 if length is None else length
         mask = None
         if pos.shape[0] > 1 or pos.shape[1] > 1:
             keys = torch.arange(length, device=pos.device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.cache import Cache, KVLayer
+from nanoseek.engine.cache import Cache
 from nanoseek.engine.detok import IncrementalDetokenizer
 from nanoseek.engine.sampling import Sampler, SamplerState, SamplingParams
 from nanoseek.engine.stops import StopMatcher
@@ -104,17 +104,6 @@ def check_prompt(prompt: Sequence[int], context: int, what: str = "the model's c
                             "tokens (room is needed for at least one generated token)")
 
 
-def _select_rows(cache: Cache, keep: torch.Tensor) -> Cache:
-    """A new cache holding only rows `keep` (compaction when requests finish)."""
-    layers = []
-    for layer in cache.layers:
-        if isinstance(layer, KVLayer):
-            layers.append(KVLayer(layer.k.index_select(0, keep), layer.v.index_select(0, keep)))
-        else:
-            layers.append(type(layer)(layer.kv.index_select(0, keep), layer.kv_lora))
-    return Cache(layers, cache.max_len)
-
-
 class Engine:
     """Generation over one loaded model. Not thread-safe: one `generate` at a time."""
 
@@ -197,7 +186,7 @@ class Engine:
             if not keep:
                 break
             if len(keep) < len(live):
-                cache = _select_rows(cache, torch.tensor(keep, device=self.device))
+                cache = cache.select(torch.tensor(keep, device=self.device))
                 live = [live[b] for b in keep]
                 sampler = Sampler([r.state for r in live])
                 tokens = [tokens[b] for b in keep]

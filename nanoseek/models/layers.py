@@ -129,17 +129,20 @@ class Rotary(nn.Module):
         self.register_buffer("cos", ang.cos() * scale, persistent=False)
         self.register_buffer("sin", ang.sin() * scale, persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [*positions.shape, dim/2] for integer `positions`."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, need: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [*positions.shape, dim/2] for integer `positions` (need = max + 1, if known)."""
+        if need is None:
+            need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:  # past the table: grow it (positions beyond the trained range still work)
             self._build(max(need, 2 * self.cos.shape[0]))
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
     def positions(self, pos: torch.Tensor, dtype: torch.dtype, cached: bool) -> Positions:
-        cos, sin = self.tables(pos, dtype)
-        return Positions.build(pos, cos, sin, cached, self.interleaved)
+        length = int(pos.max()) + 1  # one host sync per forward, shared by the table lookup and the mask
+        cos, sin = self.tables(pos, dtype, length)
+        return Positions.build(pos, cos, sin, cached, self.interleaved, length)
 
 
 def apply_rotary(x: torch.Tensor, at: Positions) -> torch.Tensor:

@@ -139,6 +139,15 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
     async def read_body(request: Request, model_cls):
         return model_cls.parse_json(await request.body())
 
+    async def admit(request: Request, model_cls):
+        """What every generating route does first: who is calling, what they asked, which model, and
+        whether their budget still allows it — in that order, so a bad key is a 401 before any 400."""
+        caller = await authenticate(request)
+        req = await read_body(request, model_cls)
+        sm = pick(req.model)
+        await check_budget(caller)
+        return caller, req, sm
+
     # -- routes ---------------------------------------------------------------------------------------------
 
     router = APIRouter()
@@ -187,10 +196,7 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        caller = await authenticate(request)
-        req = await read_body(request, ChatCompletionRequest)
-        sm = pick(req.model)
-        await check_budget(caller)
+        caller, req, sm = await admit(request, ChatCompletionRequest)
         if req.stream and req.logprobs:
             raise ApiError.unsupported("logprobs", "logprobs are returned only with stream: false")
         prompt = _chat_prompt(sm, req)
@@ -230,10 +236,7 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
 
     @router.post("/completions")
     async def completions(request: Request):
-        caller = await authenticate(request)
-        req = await read_body(request, CompletionRequest)
-        sm = pick(req.model)
-        await check_budget(caller)
+        caller, req, sm = await admit(request, CompletionRequest)
         if req.stream and req.logprobs is not None:
             raise ApiError.unsupported("logprobs", "logprobs are returned only with stream: false")
         vocab = len(sm.tokenizer)
