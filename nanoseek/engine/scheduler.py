@@ -276,12 +276,14 @@ class Scheduler:
                 s.state.pos += 1
             logits.append(self.model(ids, pos, self.cache.rows(0, d_old))[:, -1])
         logits += ready
-        if logits:
-            self._sample(torch.cat(logits))
+        # Count the step before sampling: sampling hands results to waiting clients, and anyone who reads
+        # stats() after a result must already see the step that produced it.
         with self._cond:
             self._steps += bool(d_old)
             if d_old:
                 self._batch_hist[d_old] += 1
+        if logits:
+            self._sample(torch.cat(logits))
         return True
 
     def _admit(self) -> None:
