@@ -28,8 +28,11 @@ class KVLayer:
     def rows(self, start: int, n: int) -> KVLayer:
         return KVLayer(self.k[start:start + n], self.v[start:start + n])
 
-    def tensors(self, row: int, length: int) -> list[torch.Tensor]:
-        return [self.k[row, :, :length], self.v[row, :, :length]]
+    span_pos_dim = 1  # positions are dim 1 of a row's [H, L, D]
+
+    def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
+        """Views of positions [start, start + n) of one row: k and v [H, n, D]."""
+        return [self.k[row, :, start:start + n], self.v[row, :, start:start + n]]
 
     def select(self, keep: torch.Tensor) -> KVLayer:
         return KVLayer(self.k.index_select(0, keep), self.v.index_select(0, keep))
@@ -51,8 +54,10 @@ class LatentLayer:
     def rows(self, start: int, n: int) -> LatentLayer:
         return LatentLayer(self.kv[start:start + n], self.kv_lora)
 
-    def tensors(self, row: int, length: int) -> list[torch.Tensor]:
-        return [self.kv[row, :length]]
+    span_pos_dim = 0
+
+    def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
+        return [self.kv[row, start:start + n]]
 
     def select(self, keep: torch.Tensor) -> LatentLayer:
         return LatentLayer(self.kv.index_select(0, keep), self.kv_lora)
@@ -78,16 +83,16 @@ class Cache:
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
         for layer in self.layers:
-            for d, s in zip(layer.tensors(dst, length), layer.tensors(src, length)):
+            for d, s in zip(layer.span(dst, 0, length), layer.span(src, 0, length)):
                 d.copy_(s)
 
     def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
         for layer in self.layers:
-            saved = [t.clone() for t in layer.tensors(a, len_a)]
-            for d, s in zip(layer.tensors(a, len_b), layer.tensors(b, len_b)):
+            saved = [t.clone() for t in layer.span(a, 0, len_a)]
+            for d, s in zip(layer.span(a, 0, len_b), layer.span(b, 0, len_b)):
                 d.copy_(s)
-            for d, s in zip(layer.tensors(b, len_a), saved):
+            for d, s in zip(layer.span(b, 0, len_a), saved):
                 d.copy_(s)
 
     def nbytes(self) -> int:

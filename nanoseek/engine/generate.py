@@ -30,6 +30,7 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     logprobs: list[dict] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # timings, seconds
     first_token_s: float | None = None
     total_s: float | None = None

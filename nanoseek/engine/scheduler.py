@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from nanoseek.engine.generate import Completion, Delta, Engine, RequestState, check_prompt, logprob_rows
+from nanoseek.engine.prefix import PrefixCache
 from nanoseek.engine.sampling import Sampler, SamplerState, SamplingParams
 from nanoseek.errors import BadInputError, QueueFullError
 
@@ -142,13 +143,22 @@ class _Slot:
         """Cache positions of this row that hold data."""
         return self.state.pos if self.decoding else self.filled
 
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values this row holds, position by position: the prompt so far, then
+        every sampled token that was fed back (the last sampled one never is)."""
+        prompt = self.state.prompt
+        if not self.decoding:
+            return prompt[:self.filled]
+        return prompt + self.state.out.token_ids[:self.state.pos - len(prompt)]
+
 
 class Scheduler:
     """Continuous batching over one model. `submit` is thread-safe; `step` must run on one thread at a time
     (the loop thread once `start`ed)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_batch: int = 16, max_len: int | None = None,
-                 max_queue: int = 256, prefill_chunk: int = 256, eos_token_ids: Sequence[int] | None = None):
+                 max_queue: int = 256, prefill_chunk: int = 256, eos_token_ids: Sequence[int] | None = None,
+                 prefix_cache_tokens: int = 16384, block_size: int = 16):
         # Engine works out vocab width, EOS ids, device and context the same way for both paths.
         self.engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk,
                              eos_token_ids=eos_token_ids)
@@ -158,6 +168,9 @@ class Scheduler:
         self.device = self.engine.device
         with torch.inference_mode():
             self.cache = model.new_cache(max_batch, self.max_len)
+            # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks.
+            self.prefix = PrefixCache(self.cache, -(-prefix_cache_tokens // block_size), block_size) \
+                if prefix_cache_tokens > 0 else None
         self._slots: list[_Slot] = []   # slot i holds cache row i; decoding slots first
         self._decoding = 0              # d: slots [0, d) decode
         self._sampler: Sampler | None = None
@@ -210,6 +223,10 @@ class Scheduler:
                 "max_batch_seen": max(self._batch_hist, default=0),
                 "prompt_tokens": self._prompt_tokens, "generation_tokens": self._generated_tokens,
                 "finished": dict(self._finished),
+                "prefix_queried_tokens": self.prefix.queried_tokens if self.prefix else 0,
+                "prefix_hit_tokens": self.prefix.hit_tokens if self.prefix else 0,
+                "prefix_blocks_used": self.prefix.blocks_used if self.prefix else 0,
+                "prefix_blocks_total": self.prefix.num_blocks if self.prefix else 0,
             }
 
     def start(self) -> Scheduler:
@@ -308,7 +325,15 @@ class Scheduler:
                 h._finish(None, e)
                 continue
             h.admitted = now
-            self._slots.append(_Slot(h, state, len(self._slots)))
+            slot = _Slot(h, state, len(self._slots))
+            if self.prefix is not None:
+                # Prompt blocks another request already computed are copied in; prefill starts after them.
+                slot.filled, blocks = self.prefix.match(h.prompt)
+                self.prefix.load(self.cache, slot.row, blocks)
+                state.out.cached_tokens = slot.filled
+                with self._cond:
+                    self._prompt_tokens += slot.filled
+            self._slots.append(slot)
 
     def _prefill(self) -> list[torch.Tensor]:
         """Spend up to `prefill_chunk` prompt tokens on prefilling rows, oldest request first. Rows whose
@@ -328,6 +353,8 @@ class Scheduler:
             with self._cond:
                 self._prompt_tokens += n
             if slot.decoding:
+                if self.prefix is not None:  # shareable now, while this request is still decoding
+                    self.prefix.store(self.cache, slot.row, prompt)
                 d = self._decoding
                 if slot.row != d:
                     self._swap(slot.row, d)
@@ -370,8 +397,11 @@ class Scheduler:
             slot.handle._emit(Delta(slot.handle.id, [], "", reason))
         with self._cond:
             self._finished[out.finish_reason] += 1
-        slot.handle._finish(out)
+        if self.prefix is not None:  # keep the reply too: the next turn of a chat starts with it
+            self.prefix.store(self.cache, slot.row, slot.cached_tokens())
+        # Free the row before telling the client: whoever reads stats() after a result sees the row free.
         self._free(slot.row)
+        slot.handle._finish(out)
 
     def _end_unstarted(self, h: RequestHandle) -> None:
         out = Completion(index=h.id, prompt_tokens=len(h.prompt), finish_reason="cancelled")
