@@ -240,7 +240,8 @@ def cmd_serve(a) -> int:
             # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
             s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
                                     threads=a.threads, compile=a.compile))
-            sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len).start()
+            sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len,
+                              prefix_cache_tokens=a.prefix_cache_tokens).start()
             served[name] = ServedModel(name, s.tokenizer, sched, sched.max_len, reasoning=name in a.reasoning_model,
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an R1-style model: its <think> block goes to reasoning_content (repeatable)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache rows per model)")
     p.add_argument("--max-len", type=int, default=4096, help="context served per request (prompt + output)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=16384,
+                   help="tokens of earlier requests' KV kept for reuse by prompts that start the same (0: off)")
     p.add_argument("--prices", default=None, help="a .toml/.json price file (USD per 1M tokens per model)")
     p.add_argument("--mirror-reasoning", action="store_true",
                    help="also send reasoning as `reasoning` (vLLM/Ollama's field) besides reasoning_content")
