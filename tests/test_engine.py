@@ -10,10 +10,10 @@ from nanoseek.models import build_model
 from nanoseek.models.config import DeepseekConfig, DenseConfig
 
 
-def _tiny_dense():
+def _tiny_dense(context=64):
     torch.manual_seed(0)
     cfg = DenseConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=None)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, eos_token_id=None)
     m = build_model(cfg)
     with torch.no_grad():
         for p in m.parameters():
@@ -21,12 +21,12 @@ def _tiny_dense():
     return m.eval()
 
 
-def _tiny_deepseek():
+def _tiny_deepseek(context=64):
     torch.manual_seed(0)
     cfg = DeepseekConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                          num_hidden_layers=2, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=12,
                          qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_group=1,
-                         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=64,
+                         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=context,
                          eos_token_id=None)
     m = build_model(cfg)
     with torch.no_grad():

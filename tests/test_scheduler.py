@@ -181,3 +181,25 @@ def test_stop_ends_outstanding_requests_and_idle_loop_sleeps():
     h = sched.submit([2], SamplingParams(temperature=0, max_tokens=3))
     sched.stop()
     assert h.result(timeout=0).finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("factory", list(MODELS.values()), ids=list(MODELS))
+def test_rows_grow_for_long_requests_and_shrink_when_idle(factory):
+    """Rows start at 256 positions, double while a longer request runs (its output unchanged), and give the
+    memory back once nothing runs."""
+    model = factory(context=2048)
+    sched = Scheduler(model, max_batch=2, max_len=2048, prefill_chunk=128, prefix_cache_tokens=0)
+    small = sched.stats()["kv_bytes"]
+    assert sched.stats()["kv_positions"] == 256
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 50, (600,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=10)
+    h = sched.submit(prompt, params)
+    grown = 0
+    while not h.done:
+        sched.step()
+        grown = max(grown, sched.stats()["kv_positions"])
+    assert grown >= 601 and grown <= 1024
+    assert h.result().token_ids == _alone(model, prompt, params).token_ids
+    st = sched.stats()
+    assert st["kv_positions"] == 256 and st["kv_bytes"] == small

@@ -37,6 +37,9 @@ class KVLayer:
     def select(self, keep: torch.Tensor) -> KVLayer:
         return KVLayer(self.k.index_select(0, keep), self.v.index_select(0, keep))
 
+    def resized(self, length: int) -> KVLayer:
+        return KVLayer(_resized(self.k, 2, length), _resized(self.v, 2, length))
+
 
 @dataclass
 class LatentLayer:
@@ -62,6 +65,19 @@ class LatentLayer:
     def select(self, keep: torch.Tensor) -> LatentLayer:
         return LatentLayer(self.kv.index_select(0, keep), self.kv_lora)
 
+    def resized(self, length: int) -> LatentLayer:
+        return LatentLayer(_resized(self.kv, 1, length), self.kv_lora)
+
+
+def _resized(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """A zero tensor like `t` with `length` positions along `dim`, holding t's first positions."""
+    shape = list(t.shape)
+    shape[dim] = length
+    out = t.new_zeros(shape)
+    keep = min(length, t.shape[dim])
+    out.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
+    return out
+
 
 @dataclass
 class Cache:
@@ -79,6 +95,10 @@ class Cache:
     def select(self, keep: torch.Tensor) -> Cache:
         """A new cache holding only rows `keep`, in that order (compaction when requests finish)."""
         return Cache([layer.select(keep) for layer in self.layers], self.max_len)
+
+    def resized(self, length: int) -> Cache:
+        """A cache of `length` positions per row holding this one's first min(length, max_len) positions."""
+        return Cache([layer.resized(length) for layer in self.layers], length)
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""

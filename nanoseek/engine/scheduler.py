@@ -1,8 +1,9 @@
 """Continuous batching: one engine loop that requests join and leave between steps (the server's core).
 
 Owns:
-  * `Scheduler`: a bounded wait queue, ONE preallocated cache of `max_batch` rows × `max_len` positions, and
-    the loop that fills it. `submit` (any thread) enqueues; `step` runs one iteration; `start`/`stop` run
+  * `Scheduler`: a bounded wait queue, ONE cache of `max_batch` rows whose length follows the longest live
+    request (doubling up to `max_len`, shrinking when idle), the prefix cache (engine/prefix.py) whose blocks
+    are copied into a row when a prompt starts with them, and the loop that fills the rows. `submit` (any thread) enqueues; `step` runs one iteration; `start`/`stop` run
     `step` in a daemon thread that sleeps on a condition variable while there is nothing to do.
   * `RequestHandle`: what `submit` returns — a thread-safe stream of `Delta`s ending with one that carries
     `finish_reason`, `cancel()`, blocking `result()`, and timings.
@@ -167,7 +168,10 @@ class Scheduler:
         self.max_len = min(self.engine.context, max_len or 4096)
         self.device = self.engine.device
         with torch.inference_mode():
-            self.cache = model.new_cache(max_batch, self.max_len)
+            # Rows start short and grow (doubling) to the longest live request, up to max_len, so memory
+            # follows what is running rather than max_batch × max_len; idle, they shrink back.
+            self._min_positions = min(self.max_len, 256)
+            self.cache = model.new_cache(max_batch, self._min_positions)
             # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks.
             self.prefix = PrefixCache(self.cache, -(-prefix_cache_tokens // block_size), block_size) \
                 if prefix_cache_tokens > 0 else None
@@ -223,6 +227,7 @@ class Scheduler:
                 "max_batch_seen": max(self._batch_hist, default=0),
                 "prompt_tokens": self._prompt_tokens, "generation_tokens": self._generated_tokens,
                 "finished": dict(self._finished),
+                "kv_positions": self.cache.max_len, "kv_bytes": self.cache.nbytes(),
                 "prefix_queried_tokens": self.prefix.queried_tokens if self.prefix else 0,
                 "prefix_hit_tokens": self.prefix.hit_tokens if self.prefix else 0,
                 "prefix_blocks_used": self.prefix.blocks_used if self.prefix else 0,
@@ -281,7 +286,10 @@ class Scheduler:
         """One iteration (see the module docstring). Returns whether there was anything to do."""
         self._admit()
         if not self._slots:
+            self._reserve(0)
             return False
+        # Positions this step may write: a prefilling row at most its prompt, a decoding row one more token.
+        self._reserve(max(len(s.state.prompt) if not s.decoding else s.state.pos + 1 for s in self._slots))
         d_old = self._decoding
         ready = self._prefill()
         logits = []
@@ -301,6 +309,8 @@ class Scheduler:
                 self._batch_hist[d_old] += 1
         if logits:
             self._sample(torch.cat(logits))
+        if not self._slots:
+            self._reserve(0)
         return True
 
     def _admit(self) -> None:
@@ -329,6 +339,7 @@ class Scheduler:
             if self.prefix is not None:
                 # Prompt blocks another request already computed are copied in; prefill starts after them.
                 slot.filled, blocks = self.prefix.match(h.prompt)
+                self._reserve(slot.filled)
                 self.prefix.load(self.cache, slot.row, blocks)
                 state.out.cached_tokens = slot.filled
                 with self._cond:
@@ -424,6 +435,17 @@ class Scheduler:
         elif i != last:
             self._move(last, i)
         self._slots.pop()
+
+    def _reserve(self, positions: int) -> None:
+        """Make rows hold at least `positions` positions: grow by doubling (amortized copies), or, with nothing
+        running (positions == 0), shrink back to the initial length to give memory back."""
+        have = self.cache.max_len
+        if positions == 0 and have > self._min_positions:
+            self.cache = self.cache.resized(self._min_positions)
+        elif positions > have:
+            while have < positions:
+                have *= 2
+            self.cache = self.cache.resized(min(self.max_len, have))
 
     def _move(self, src: int, dst: int) -> None:
         slot = self._slots[src]
