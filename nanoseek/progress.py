@@ -11,10 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 @contextmanager
-def progress_bar(desc: str, total: int | None) -> Iterator[Callable[[], None]]:
-    """Yields `advance()`; draws on stderr only when it is a terminal."""
+def progress_bar(desc: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """Yields `advance(n=1)`; draws on stderr only when it is a terminal."""
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not sys.stderr.isatty()) as prog:
         task = prog.add_task(desc, total=total)
-        yield lambda: prog.advance(task)
+        yield lambda n=1: prog.advance(task, n)
