@@ -31,6 +31,7 @@ class Completion:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     logprobs: list[dict] | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    stop_token: int | None = None  # the EOS / stop token that ended it (never part of token_ids)
     # timings, seconds
     first_token_s: float | None = None
     total_s: float | None = None
@@ -67,7 +68,7 @@ class RequestState:
         o = self.out
         text = ""
         if token in self.finish_ids:
-            o.finish_reason = "stop"
+            o.finish_reason, o.stop_token = "stop", token
         else:
             o.token_ids.append(token)
             if lp is not None:

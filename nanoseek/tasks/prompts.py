@@ -1,7 +1,9 @@
-"""Prompt templates: a Problem → prompt token ids, in one of two forms.
+"""Prompt templates: a Problem → prompt token ids, in one of three forms.
 
   * `chat`: the model's own chat template (nanoseek.chat.render_prompt), with a system message stating the
     response format. The prompt opens the think block (render_prompt's thinking=True) unless told not to.
+  * `plain`: the problem's text as it is (no instruction, no think block), for models trained on a task's
+    own format, e.g. a model pretrained with `nanoseek pretrain`.
   * `r1-zero`: DeepSeek-R1-Zero's plain-text template (DeepSeek-R1 Table 1) for base models, in the form
     Dr. GRPO/Oat train with: the paper's text, then "\\nUser: {q}\\nAssistant: <think>".
 
@@ -18,7 +20,7 @@ from nanoseek.errors import BadInputError
 from nanoseek.tasks.base import Problem
 from nanoseek.tasks.rewards import ANSWER_CLOSE, THINK_OPEN
 
-TEMPLATES = ("chat", "r1-zero")
+TEMPLATES = ("chat", "r1-zero", "plain")
 
 FORMAT_INSTRUCTION = ("Think through the problem step by step inside <think> </think> tags, then give only the "
                       "final answer inside <answer> </answer> tags, i.e. <think> reasoning here </think> "
@@ -59,6 +61,9 @@ class Template:
     def render(self, tokenizer, problem: Problem) -> Prompt:
         if self.name == "chat":
             return render_prompt(tokenizer, self.messages(problem), thinking=True if self.open_think else None)
+        if self.name == "plain":  # the problem's own text, nothing added: for models pretrained on a task's format
+            text = problem.prompt if isinstance(problem.prompt, str) else _last_user(problem)
+            return Prompt(list(tokenizer.encode(text)), text, False)
         text = self.text(problem)
         return Prompt(list(tokenizer.encode(text)), text, self.open_think)
 

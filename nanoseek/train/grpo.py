@@ -1,0 +1,293 @@
+"""GRPO reasoning RL (DeepSeekMath §4.1, DeepSeek-R1 §2.2): what is particular to it, on the shared Trainer.
+
+Each rollout: take prompts from a task, sample G completions of each with nanoseek's own engine (batched, KV
+cached, seeded per sample), score them with the task's rule-based reward, and turn the rewards into
+group-relative advantages. The rollout is then cut into the Trainer's micro-batches and used for μ optimizer
+steps (`inner_updates`): from the second on, the policy has moved and the clipped ratio against the
+log-probabilities recorded at rollout time does its work. The loss itself is grpo_loss.py.
+
+Under torchrun every rank rolls out its own share of prompts (a rank takes every W-th problem of the task's
+stream), so generation — most of GRPO's time — scales with the ranks; gradients meet in DDP as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanoseek.engine.generate import Engine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.errors import BadInputError, UnsupportedError
+from nanoseek.evaluate import completion_text, sample_seed
+from nanoseek.tasks.base import Task
+from nanoseek.tasks.prompts import Template
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
+from nanoseek.train.loop import Objective
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8              # G completions per prompt
+    prompts_per_step: int = 8        # prompts per rollout, over all ranks
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    inner_updates: int = 1           # μ optimizer steps per rollout
+    eps_low: float = 0.2
+    eps_high: float | None = None    # None: = eps_low; DAPO's clip-higher uses 0.28
+    beta: float = 0.0                # k3 KL weight; 0 loads no reference model
+    scale_rewards: str = "group"     # group | batch | none (Dr. GRPO)
+    aggregation: str = "dapo"        # grpo | dapo | dr_grpo
+    dynamic_sampling: bool = False   # DAPO: drop groups whose rewards are all equal, roll out more prompts
+    max_rounds: int = 4              # rollout rounds dynamic sampling may take to fill a step
+    template: str = "chat"
+    open_think: bool = True
+    gen_batch: int = 64              # completions decoded together
+    seed: int = 0
+
+    def validate(self) -> GRPOConfig:
+        if self.group_size < 2:
+            raise BadInputError("group_size must be ≥ 2: advantages compare completions within a group")
+        if self.prompts_per_step < 1 or self.inner_updates < 1 or self.max_new_tokens < 1:
+            raise BadInputError("prompts_per_step, inner_updates and max_new_tokens must be ≥ 1")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise BadInputError(f"scale_rewards {self.scale_rewards!r}: group, batch or none")
+        if self.aggregation not in ("grpo", "dapo", "dr_grpo"):
+            raise BadInputError(f"aggregation {self.aggregation!r}: grpo, dapo or dr_grpo")
+        if self.beta < 0 or self.eps_low <= 0 or (self.eps_high is not None and self.eps_high <= 0):
+            raise BadInputError("beta must be ≥ 0 and the clip ranges > 0")
+        return self
+
+
+@dataclass
+class RolloutBatch:
+    """One micro-batch: right-padded prompt+completion ids [b, L]; mask [b, L-1] marks the positions whose
+    next token is a completion token; old/ref log-probs of those tokens when μ > 1 / β > 0."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class GRPOObjective(Objective):
+    name = "grpo"
+
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+
+    def loss(self, model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, _ = model(batch.ids)
+        logp, entropy = token_logprobs(logits[:, :-1], batch.ids[:, 1:])
+        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        c = self.cfg
+        loss, m = grpo_loss(logp, old, batch.advantages, batch.mask, ref_logp=batch.ref_logp, beta=c.beta,
+                            eps_low=c.eps_low, eps_high=c.eps_high, aggregation=c.aggregation,
+                            max_len=c.max_new_tokens)
+        n = batch.mask.sum().clamp(min=1)
+        metrics = {k: torch.tensor(v) for k, v in {**m, **batch.stats}.items()}
+        metrics["entropy"] = ((entropy * batch.mask).sum() / n).detach()
+        return loss, metrics
+
+    def tokens(self, batch: RolloutBatch) -> int:
+        return int(batch.mask.sum())
+
+
+class Rollouts:
+    """The Trainer's batch source for GRPO: rolls out when the current rollout is used up."""
+
+    def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: GRPOConfig, *, micro_batches: int,
+                 rank: int = 0, world_size: int = 1, reference: nn.Module | None = None):
+        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
+        if cfg.prompts_per_step % world_size:
+            raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
+        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
+        self.reference = reference
+        self.template = Template(cfg.template, cfg.open_think)
+        self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
+        self.rollouts = 0          # rollouts made so far
+        self.consumed = 0          # problems this rank has taken from its stream
+        self._stream = self._problems()
+        self._queue: list[RolloutBatch] = []
+
+    # -- state (exact resume: same problems, same sampling seeds) -----------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        # A rollout's unused micro-batches are not saved: resuming mid-rollout starts a fresh rollout.
+        return {"rollouts": self.rollouts, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollouts, self._queue = state["rollouts"], []
+        self._stream = self._problems()
+        for _ in range(state["consumed"]):
+            next(self._stream)
+        self.consumed = state["consumed"]
+
+    def _problems(self):
+        """This rank's endless problem stream: every W-th train problem; a finite task restarts, reshuffled."""
+        epoch = 0
+        while True:
+            problems = list(self.task.iter_problems("train")) if not _endless(self.task) else None
+            if problems is None:
+                for i, p in enumerate(self.task.iter_problems("train")):
+                    if i % self.world == self.rank:
+                        yield p
+                return
+            if not problems:
+                raise BadInputError(f"task {self.task.name}: the train split is empty")
+            random.Random(f"{self.cfg.seed}/{epoch}").shuffle(problems)
+            yield from problems[self.rank::self.world] or problems[:1]
+            epoch += 1
+
+    # -- batches ------------------------------------------------------------------------------------------
+
+    def next_batch(self) -> RolloutBatch:
+        if not self._queue:
+            self._queue = self._collect() * self.cfg.inner_updates
+        return self._queue.pop(0)
+
+    @torch.no_grad()
+    def _collect(self) -> list[RolloutBatch]:
+        cfg, G = self.cfg, self.cfg.group_size
+        want = cfg.prompts_per_step // self.world
+        kept: list[tuple] = []       # (prompt ids, completion ids, reward) per completion, by group
+        rewards_all, acc, fmt, lengths, truncated, zero_std = [], [], [], [], [], 0
+        was_training = self.policy.training
+        self.policy.eval()
+        for _ in range(cfg.max_rounds if cfg.dynamic_sampling else 1):
+            problems = [next(self._stream) for _ in range(want)]
+            self.consumed += want
+            prompts = [self.template.render(self.tokenizer, p) for p in problems]
+            params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                     stop=list(self.template.stop),
+                                     seed=sample_seed(cfg.seed, f"{self.rollouts}/{p.id}", g))
+                      for p in problems for g in range(G)]
+            outs = self.engine.generate([pr.ids for pr in prompts for _ in range(G)], params)
+            for i, (p, pr) in enumerate(zip(problems, prompts)):
+                group = []
+                for out in outs[i * G:(i + 1) * G]:
+                    completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
+                    text = completion_text(self.tokenizer, out, self.template.stop)
+                    r = self.task.reward(text, p, started_in_think=pr.starts_in_reasoning,
+                                         num_tokens=len(out.token_ids))
+                    group.append((pr.ids, completion, r.total))
+                    rewards_all.append(r.total)
+                    acc.append(r.accuracy)
+                    fmt.append(r.format)
+                    lengths.append(len(out.token_ids))
+                    truncated.append(out.finish_reason == "length")
+                flat = len({g[2] for g in group}) == 1
+                zero_std += flat
+                if not (cfg.dynamic_sampling and flat):
+                    kept.append(group)
+            if len(kept) >= want:
+                break
+        if was_training:
+            self.policy.train()
+        if not kept:  # every group was flat in every round: train on the last round (zero advantage)
+            kept = [group]
+        kept = kept[:want] if cfg.dynamic_sampling else kept
+        self.rollouts += 1
+        n_groups = len(rewards_all) // G
+        stats = {"reward": _mean(rewards_all), "accuracy": _mean(acc), "format": _mean(fmt),
+                 "completion_len": _mean(lengths), "truncated": _mean(truncated),
+                 "frac_reward_zero_std": zero_std / max(n_groups, 1)}
+        rows = [row for group in kept for row in group]
+        adv = group_advantages(torch.tensor([r for _, _, r in rows]), G, cfg.scale_rewards)
+        return self._micro_batches(rows, adv, stats)
+
+    def _micro_batches(self, rows, adv, stats) -> list[RolloutBatch]:
+        device = next(self.policy.parameters()).device
+        order = list(range(len(rows)))
+        chunks = [order[i::self.micro_batches] for i in range(self.micro_batches)]
+        if any(not c for c in chunks):
+            raise BadInputError(f"{len(rows)} completions cannot fill {self.micro_batches} micro-batches "
+                                "(lower train.grad_accum or raise prompts_per_step × group_size)")
+        out = []
+        pad = self.engine.eos_token_ids[0] if self.engine.eos_token_ids else 0
+        for chunk in chunks:
+            seqs = [rows[i][0] + rows[i][1] for i in chunk]
+            L = max(len(s) for s in seqs)
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            mask = torch.zeros(len(chunk), L - 1)
+            for b, i in enumerate(chunk):
+                prompt, completion = rows[i][0], rows[i][1]
+                ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+                mask[b, len(prompt) - 1:len(prompt) - 1 + len(completion)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            batch = RolloutBatch(ids, mask, adv[chunk].to(device), stats=stats)
+            if self.cfg.inner_updates > 1:
+                batch.old_logp = _logp(self.policy, ids)
+            if self.cfg.beta > 0:
+                batch.ref_logp = _logp(self.reference, ids)
+            out.append(batch)
+        return out
+
+
+def _logp(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    return token_logprobs(logits[:, :-1], ids[:, 1:])[0]
+
+
+def _mean(xs) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def _endless(task: Task) -> bool:
+    from nanoseek.tasks.base import GeneratedTask
+
+    return isinstance(task, GeneratedTask)
+
+
+def frozen_reference(policy: nn.Module) -> nn.Module:
+    """A frozen copy of the starting policy for the KL term (only built when β > 0)."""
+    ref = copy.deepcopy(policy).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def check_parallel(parallel: str, world_size: int) -> None:
+    if world_size > 1 and parallel != "ddp":
+        raise UnsupportedError("GRPO rolls out with each rank's full policy: use train.parallel = \"ddp\"")
+
+
+def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
+    """Load `model` (a built-in name, GGUF or HF directory), train it with GRPO under the shared Trainer
+    (`train`: a TrainConfig — optimizer, steps, grad_accum, out_dir, checkpoints), and write the result as a
+    Hugging Face directory `<out_dir>/final` that `nanoseek eval` / `serve` load."""
+    from pathlib import Path
+
+    from nanoseek.train import distributed as D
+    from nanoseek.train.loop import Trainer
+    from nanoseek.weights.hf import save_hf
+    from nanoseek.weights.registry import load_model
+
+    env = D.init_distributed(train.train.device)
+    try:
+        check_parallel(train.train.parallel, env.world_size)
+        loaded = load_model(model)
+        policy = loaded.model.to(env.device)
+        with torch.no_grad():  # loaders hand out frozen, possibly memory-mapped weights: train on owned copies
+            for param in policy.parameters():
+                param.data = param.data.clone()
+                param.requires_grad_(True)
+        reference = frozen_reference(policy) if cfg.beta > 0 else None
+        torch.manual_seed(train.train.seed)
+        source = Rollouts(policy, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
+                          rank=env.rank, world_size=env.world_size, reference=reference)
+        meta = {"base_model": str(model), "task": task.name, "grpo": vars(cfg)}
+        last = Trainer(train, policy, GRPOObjective(cfg), source, None, env, meta).fit()
+        if env.is_main:
+            save_hf(policy, Path(train.train.out_dir) / "final", tokenizer=loaded.tokenizer)
+        D.barrier()
+        return last
+    finally:
+        D.shutdown()

@@ -1,0 +1,97 @@
+"""The GRPO objective and its published variants, as pure tensor functions (no model, no engine).
+
+GRPO (DeepSeekMath §4.1; DeepSeek-R1 §2.2.1) replaces PPO's critic with the group: G completions of the same
+prompt are scored, and each completion's advantage is its reward relative to the group's. One loss with
+switches covers the variants a user wants to ablate:
+
+  advantage    r − mean(group) divided by the group's std (GRPO), the batch's std, or nothing (Dr. GRPO §3.1)
+  clipping     ratio clipped to [1 − ε_low, 1 + ε_high]; ε_high > ε_low is DAPO's clip-higher
+  KL           β · k3(π_ref ‖ π_θ) per token (Schulman's unbiased, always ≥ 0 estimator), dropped at β = 0
+  aggregation  "grpo": mean over sequences of each sequence's token mean (length-biased, per Dr. GRPO);
+               "dapo": sum over all tokens / number of tokens; "dr_grpo": token sum / (sequences × max length)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scale = Literal["group", "batch", "none"]
+Aggregation = Literal["grpo", "dapo", "dr_grpo"]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scale = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """rewards [N·G], grouped consecutively → advantages [N·G]. `eps` keeps groups whose rewards are all
+    equal at advantage 0 (they carry no signal) instead of dividing 0 by 0."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (r.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scaling {scale!r}: group, batch or none")
+    return adv.view(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ: exp(ref − logp) − (ref − logp) − 1."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(target) and the entropy of π at each position: logits [B, T, V], targets [B, T] → [B, T] each.
+    In fp32: the ratio exp(logp − old_logp) amplifies rounding, and bf16 logits would make it drift from 1."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float | None = None, aggregation: Aggregation = "dapo",
+              max_len: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate (negated, to minimise) over completion tokens.
+
+    logp, old_logp, ref_logp, mask: [B, T] (mask 1 on completion tokens); advantages [B]. `old_logp` is the
+    policy that sampled the completions: equal to logp (detached) on the first inner update, so the ratio is
+    1 and the gradient is the plain policy gradient; it matters from the second of μ updates on.
+    Returns the loss and metrics: kl (mean per token), clip fractions (low, high), ratio mean."""
+    eps_high = eps_low if eps_high is None else eps_high
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None].to(logp.dtype)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference model's log-probabilities")
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation, max_len)
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        metrics = {
+            "clip_low": float((((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype) * mask).sum() / n),
+            "clip_high": float((((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype) * mask).sum() / n),
+            "ratio": float((ratio * mask).sum() / n),
+            "kl": float((kl * mask).sum() / n) if kl is not None else 0.0,
+        }
+    return loss, metrics
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation, max_len: int | None = None):
+    if how == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if how == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if how == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.shape[0] * (max_len or per_token.shape[1]))
+    raise ValueError(f"unknown loss aggregation {how!r}: grpo, dapo or dr_grpo")
