@@ -262,3 +262,10 @@ def test_valid_params_and_normalisation():
         SamplerState(SamplingParams(top_p=0), V)
     with pytest.raises(BadInputError):
         SamplerState(SamplingParams(repetition_penalty=1.2), V, prompt_ids=[V])
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+def test_positive_values_that_vanish_in_float32_are_refused(field):
+    """5e-324 passes a `> 0` check but is 0 in the sampler's float32: it must be a 400, not a failed step."""
+    with pytest.raises(BadInputError, match="too small"):
+        SamplingParams(max_tokens=4, **{field: 5e-324}).validate()

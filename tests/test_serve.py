@@ -1,7 +1,8 @@
 """The HTTP server end to end: a tiny random model behind uvicorn, driven by the official `openai` SDK.
 
-The model is random, so the tests check the contract (shapes, usage arithmetic, stops, seeds, errors, auth,
-cancellation), never what the text says. A byte-level tokenizer keeps every generated token one byte.
+The model is random, so the tests check the contract (shapes, usage arithmetic, stops, seeds, logprobs,
+prefix-cache accounting, errors, auth, cancellation), never what the text says. A byte-level tokenizer keeps
+every generated token one byte. `_Server`, `_served` and `scrape` are shared with the other server tests.
 """
 
 import json
@@ -13,6 +14,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.models import build_model
@@ -55,11 +57,32 @@ def _broken(m):
     return m
 
 
-def _served(name, template, reasoning=False, slow_s=0.0, max_batch=4, broken=False):
+def _served(name, template, reasoning=False, slow_s=0.0, max_batch=4, broken=False, context=CONTEXT, max_queue=256):
     tok = make_tokenizer(template)
     model = _model(len(tok), slow_s)
-    sched = Scheduler(_broken(model) if broken else model, tok, max_batch=max_batch, max_len=CONTEXT).start()
+    sched = Scheduler(_broken(model) if broken else model, tok, max_batch=max_batch, max_len=context,
+                      max_queue=max_queue).start()
     return ServedModel(name, tok, sched, sched.max_len, reasoning=reasoning)
+
+
+def scrape(url: str) -> dict[str, dict[tuple, float]]:
+    """GET /metrics through prometheus_client's own parser: sample name → {sorted label items: value}."""
+    r = httpx.get(url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric(scraped, name: str, model: str, absent: float | None = None, **labels) -> float:
+    """One sample's value; a missing sample is an error unless `absent` says what it means (a counter
+    with a label value that has not occurred yet, e.g. no request was cancelled)."""
+    key = tuple(sorted({"model_name": model, **labels}.items()))
+    if absent is not None and key not in scraped.get(name, {}):
+        return absent
+    return scraped[name][key]
 
 
 class _Server:
@@ -116,8 +139,9 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 def _usage_ok(u):
     assert u.prompt_tokens > 0
-    assert u.model_extra["prompt_cache_hit_tokens"] == 0   # no prefix cache yet
-    assert u.model_extra["prompt_cache_hit_tokens"] + u.model_extra["prompt_cache_miss_tokens"] == u.prompt_tokens
+    hit, miss = u.model_extra["prompt_cache_hit_tokens"], u.model_extra["prompt_cache_miss_tokens"]
+    assert hit >= 0 and miss > 0 and hit + miss == u.prompt_tokens   # the last prompt token is always computed
+    assert u.prompt_tokens_details.cached_tokens == hit
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
@@ -132,8 +156,10 @@ def test_chat_non_stream(client, store):
     time.sleep(0.2)   # the ledger write is fire-and-forget on a worker thread
     rows = store.usage_rows()
     assert len(rows) == before + 1
-    assert rows[-1].model == "tiny" and rows[-1].completion_tokens == 8 and rows[-1].prompt_cache_hit_tokens == 0
-    assert rows[-1].prompt_cache_miss_tokens == r.usage.prompt_tokens and rows[-1].cost_usd > 0
+    assert rows[-1].model == "tiny" and rows[-1].completion_tokens == 8
+    assert rows[-1].prompt_cache_hit_tokens == r.usage.model_extra["prompt_cache_hit_tokens"]
+    assert rows[-1].prompt_cache_miss_tokens == r.usage.model_extra["prompt_cache_miss_tokens"]
+    assert rows[-1].cost_usd > 0
 
 
 def test_chat_stream_matches_non_stream(client):
@@ -218,6 +244,77 @@ def test_legacy_completions(client):
     assert chunks[-1].usage.completion_tokens == 5
 
 
+def _chat_lps(content):
+    return [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in content]
+
+
+def _close(a, b):
+    """Same tokens and alternatives, logprobs equal to float noise: the second run's prompt comes partly
+    from the prefix cache, so its prefill runs in a different chunking."""
+    assert [x[0] for x in a] == [x[0] for x in b]
+    for (_, lp_a, top_a), (_, lp_b, top_b) in zip(a, b):
+        assert lp_a == pytest.approx(lp_b, abs=1e-4)
+        assert [t for t, _ in top_a] == [t for t, _ in top_b]
+        assert [v for _, v in top_a] == pytest.approx([v for _, v in top_b], abs=1e-4)
+
+
+def test_streamed_logprobs_equal_non_streamed(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "log probs"}], max_tokens=10, temperature=0,
+              logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    want = _chat_lps(content)
+    assert len(want) == whole.usage.completion_tokens - (whole.choices[0].finish_reason == "stop") > 0
+    # random bytes split characters across tokens: each token's `bytes` still rebuild the text exactly
+    text = b"".join(bytes(t.bytes) for t in content).decode(errors="replace")
+    assert text == whole.choices[0].message.content
+    for token, lp, top in want:
+        assert len(top) == 3 and top[0] == (token, lp) and lp <= 0   # greedy: the chosen token is the best
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    got = _chat_lps([t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content])
+    _close(got, want)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+
+    kw = dict(model="tiny", prompt="log probs", max_tokens=6, temperature=0, logprobs=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    assert len(whole.tokens) == 6 and all(len(top) == 2 for top in whole.top_logprobs)
+    parts = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
+             if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.tokens
+    assert [o for p in parts for o in p.text_offset] == whole.text_offset   # offsets run on across chunks
+    assert [v for p in parts for v in p.token_logprobs] == pytest.approx(whole.token_logprobs, abs=1e-4)
+    assert [list(t) for p in parts for t in p.top_logprobs] == [list(t) for t in whole.top_logprobs]
+
+
+def test_shared_system_prompt_hits_the_prefix_cache(server, client, store):
+    system = "You are nanoseek's test assistant. Answer briefly, politely and only about the weather. " * 2
+    turn = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]   # noqa: E731
+    kw = dict(model="tiny", max_tokens=3, temperature=0)
+    before = scrape(server.url)
+    first = client.chat.completions.create(messages=turn("Sunny?"), **kw).usage
+    assert first.model_extra["prompt_cache_hit_tokens"] == 0     # nobody sent this system prompt before
+    second = client.chat.completions.create(messages=turn("Rain?"), **kw).usage
+    hit, miss = second.model_extra["prompt_cache_hit_tokens"], second.model_extra["prompt_cache_miss_tokens"]
+    assert hit > 0 and hit + miss == second.prompt_tokens and second.prompt_tokens_details.cached_tokens == hit
+    ids = [httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": turn(q)}).json()["tokens"]
+           for q in ("Sunny?", "Rain?")]
+    shared = next(k for k, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert hit <= shared < hit + 16       # everything shared, to the last whole 16-token block
+    time.sleep(0.2)
+    row = store.usage_rows()[-1]
+    assert (row.prompt_cache_hit_tokens, row.prompt_cache_miss_tokens) == (hit, miss)
+    after = scrape(server.url)
+    gained = (metric(after, "nanoseek_prefix_cache_hits_total", "tiny")
+              - metric(before, "nanoseek_prefix_cache_hits_total", "tiny"))
+    assert gained == hit
+    # streamed with n = 2: both copies hit, and the prompt (counted once) reports its hits once
+    chunks = list(client.chat.completions.create(messages=turn("Snow?"), n=2, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    u = chunks[-1].usage
+    assert u.model_extra["prompt_cache_hit_tokens"] == hit and u.prompt_tokens == second.prompt_tokens
+    _usage_ok(u)
+
+
 def test_models_tokenize_detokenize_balance(server, client):
     ids = {m.id: m for m in client.models.list().data}
     assert set(ids) == {"tiny", "tiny-r1", "slow", "broken"}
@@ -252,6 +349,9 @@ def test_client_errors_are_openai_bodies(server, client):
     err = _error(httpx.post(url, json={"model": "tiny", "messages": HELLO, "temperature": "hot"}), 422)
     assert err["param"] == "temperature"
     _error(httpx.post(url, json={"model": "tiny"}), 422)
+    # more sequences than the queue can ever hold: the client's error, not a 503 "retry shortly"
+    err = _error(httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ["a"] * 20, "n": 16}), 400)
+    assert err["param"] == "prompt" and "320" in err["message"]
     _error(httpx.get(server.url + "/v1/no-such-route"), 404)
     _error(httpx.get(url), 405)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
@@ -260,6 +360,7 @@ def test_client_errors_are_openai_bodies(server, client):
 def test_dropped_stream_frees_its_row(server, models):
     sched = models["slow"].scheduler
     cancelled = sched.stats()["finished"].get("cancelled", 0)
+    baseline = scrape(server.url)
     body = {"model": "slow", "messages": HELLO, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -270,6 +371,12 @@ def test_dropped_stream_frees_its_row(server, models):
         assert time.monotonic() < deadline, sched.stats()
         time.sleep(0.05)
     assert sched.stats()["running"] == 0 and sched.stats()["waiting"] == 0
+    now = scrape(server.url)
+    for name in ("nanoseek_num_requests_running", "nanoseek_num_requests_waiting", "nanoseek_kv_cache_rows_used"):
+        assert metric(now, name, "slow") == metric(baseline, name, "slow") == 0
+    assert metric(now, "nanoseek_request_finished_total", "slow", finished_reason="cancelled") == cancelled + 1
+    assert metric(now, "nanoseek_prefix_cache_blocks_used", "slow") <= metric(now, "nanoseek_prefix_cache_blocks_total",
+                                                                              "slow")
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -287,6 +394,9 @@ def test_keepalive_while_queued(server, models):
         text = r.read().decode()
     first.join(30)
     assert ": keep-alive" in text and text.rstrip().endswith("data: [DONE]")
+    # no chunk (not even the role-only one) before the request got a row and produced its first token, so
+    # vllm bench's TTFT (time to the first chunk with choices) measures the queue and prefill, not the network
+    assert text.index(": keep-alive") < text.index("data: ")
 
 
 def test_engine_failure_is_a_500_or_an_error_event(server, client):

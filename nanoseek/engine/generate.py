@@ -46,6 +46,7 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[dict] | None = None  # per sampled token, when the request asked for logprobs
 
 
 class RequestState:
@@ -84,7 +85,8 @@ class RequestState:
         if o.finish_reason is not None:
             text += self._drain()
         o.text += text
-        return Delta(self.index, [token], text, o.finish_reason)
+        lps = [lp] if lp is not None and o.logprobs is not None and token not in self.finish_ids else None
+        return Delta(self.index, [token], text, o.finish_reason, lps)
 
     def _drain(self) -> str:
         """Text still held back when the row ends (unless a stop string cut it off)."""

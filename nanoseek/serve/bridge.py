@@ -3,7 +3,8 @@
 Owns `Job`: the engine requests behind one HTTP request (one per choice, n > 1 submits several), their
 deltas handed to asyncio with `call_soon_threadsafe`, and their cancellation when the client goes away.
 Nothing here blocks the event loop: the scheduler thread only ever schedules a `put_nowait`, and the
-event loop only ever waits on an asyncio.Queue.
+event loop only ever waits on an asyncio.Queue. Latency metrics are observed here, on the event loop, as
+each delta is handed to the route (serve/metrics.RequestTimer).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from nanoseek.engine.generate import Delta
+from nanoseek.engine.generate import Completion, Delta
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.scheduler import RequestHandle, Scheduler
+from nanoseek.serve.metrics import RequestTimer
 
 
 class ClientGone(Exception):
@@ -23,11 +25,11 @@ class ClientGone(Exception):
 
 class Job:
     """Submit `len(params)` requests; `events()` yields (choice index, Delta) as they arrive, or None when
-    `poll_s` passed with nothing (the caller may send a keep-alive)."""
+    `poll_s` passed with nothing (the caller may send a keep-alive). `timer`, if given, sees every delta."""
 
     def __init__(self, scheduler: Scheduler, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
-                 request=None, poll_s: float = 0.5):
-        self.request, self.poll_s = request, poll_s
+                 request=None, poll_s: float = 0.5, timer: RequestTimer | None = None):
+        self.request, self.poll_s, self.timer = request, poll_s, timer
         self.queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         self.generated = [0] * len(params)      # tokens seen per choice: usage even for cancelled requests
         self.finish: list[str | None] = [None] * len(params)
@@ -86,6 +88,8 @@ class Job:
                 await self._check_client()
                 last_check = time.monotonic()
             self.generated[i] += len(d.token_ids)
+            if self.timer is not None:
+                self.timer.delta(i, len(d.token_ids), d.finish_reason)
             if d.finish_reason is not None:
                 self.finish[i] = d.finish_reason
                 remaining -= 1
@@ -94,3 +98,18 @@ class Job:
         # out that instant so callers can read `handle.completion`.
         while not all(h.done for h in self.handles):
             await asyncio.sleep(0.001)
+
+    async def completion(self, i: int) -> Completion | None:
+        """Choice i's Completion once its final delta was seen (None if the engine failed it)."""
+        h = self.handles[i]
+        while not h.done:     # the same instant as at the end of events()
+            await asyncio.sleep(0.001)
+        return h.completion
+
+    def cached_tokens(self, choices_per_prompt: int) -> list[int]:
+        """Prompt tokens served from the prefix cache, one count per distinct prompt (choices k*n … k*n+n-1
+        share prompt k). A prompt counts once in usage whatever n is, so its hits are those of its least-cached
+        copy: a copy that missed is the one whose prefill the other copies reused, and that work was done."""
+        n = choices_per_prompt
+        per_choice = [getattr(h.completion, "cached_tokens", 0) or 0 for h in self.handles]
+        return [min(per_choice[k:k + n]) for k in range(0, len(per_choice), n)]

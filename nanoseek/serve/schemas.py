@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # SamplingParams' own range check and wording, reused for n & co.
@@ -38,6 +39,9 @@ from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError, from_nanoseek, from_validation_errors
 
 MAX_N = 16
+# Sampling runs in float32: a positive value below this divides by zero there (found by schemathesis:
+# top_p / repetition_penalty / temperature of 5e-324 failed the whole engine step).
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 CHAT_DEFAULT_MAX_TOKENS = 4096        # DeepSeek's default when max_tokens is unset
 COMPLETION_DEFAULT_MAX_TOKENS = 16    # OpenAI's (and vLLM's) default for legacy /completions
 
@@ -292,6 +296,11 @@ class _Request(_Body):
             if self.stream_options is not None and not self.stream:
                 raise ApiError.bad_request("'stream_options' is only allowed when 'stream' is true.",
                                            param="stream_options")
+            for name in ("temperature", "top_p", "repetition_penalty"):
+                v = getattr(self, name)
+                if v is not None and 0 < v < FLOAT32_TINY:
+                    raise ApiError.bad_request(f"Invalid '{name}': {v} is below the smallest float32 value "
+                                               f"({FLOAT32_TINY:.3g}) that sampling can compute with.", param=name)
             self._check_values()
             to_sampling_params(self)   # the rest: ranges in SamplingParams' words
         except BadInputError as err:
@@ -399,6 +408,10 @@ class ChatCompletionRequest(_Request):
             if m.prefix and i != last:
                 raise ApiError.bad_request(f"Invalid 'messages[{i}].prefix': only the last message may be a "
                                            "prefix to continue.", param=f"messages[{i}].prefix")
+            if m.prefix and i == 0:
+                # the prefix continues a reply, so there must be a conversation for it to reply to
+                raise ApiError.bad_request("Invalid 'messages[0].prefix': a prefix to continue needs at least "
+                                           "one message before it.", param="messages[0].prefix")
             if m.reasoning_content is not None and not (i == last and m.prefix):
                 raise ApiError.bad_request(
                     f"Invalid 'messages[{i}].reasoning_content': earlier reasoning is not fed back to the model "
