@@ -263,22 +263,15 @@ def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
     """Load `model` (a built-in name, GGUF or HF directory), train it with GRPO under the shared Trainer
     (`train`: a TrainConfig — optimizer, steps, grad_accum, out_dir, checkpoints), and write the result as a
     Hugging Face directory `<out_dir>/final` that `nanoseek eval` / `serve` load."""
-    from pathlib import Path
-
     from nanoseek.train import distributed as D
+    from nanoseek.train.finetune import load_trainable, save_final
     from nanoseek.train.loop import Trainer
-    from nanoseek.weights.hf import save_hf
-    from nanoseek.weights.registry import load_model
 
     env = D.init_distributed(train.train.device)
     try:
         check_parallel(train.train.parallel, env.world_size)
-        loaded = load_model(model)
-        policy = loaded.model.to(env.device)
-        with torch.no_grad():  # loaders hand out frozen, possibly memory-mapped weights: train on owned copies
-            for param in policy.parameters():
-                param.data = param.data.clone()
-                param.requires_grad_(True)
+        loaded = load_trainable(model, env.device)
+        policy = loaded.model
         reference = frozen_reference(policy) if cfg.beta > 0 else None
         torch.manual_seed(train.train.seed)
         source = Rollouts(policy, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
@@ -286,7 +279,7 @@ def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
         meta = {"base_model": str(model), "task": task.name, "grpo": vars(cfg)}
         last = Trainer(train, policy, GRPOObjective(cfg), source, None, env, meta).fit()
         if env.is_main:
-            save_hf(policy, Path(train.train.out_dir) / "final", tokenizer=loaded.tokenizer)
+            save_final(loaded, train.train.out_dir)
         D.barrier()
         return last
     finally:
