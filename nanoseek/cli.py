@@ -258,6 +258,146 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def cmd_data_prepare(a) -> int:
+    from nanoseek.train.prepare import prepare
+
+    m = prepare(a.inputs, a.tokenizer, a.out, val_fraction=a.val_fraction, text_field=a.text_field,
+                workers=a.workers, shard_tokens=a.shard_tokens, doc_split=a.doc_split)
+    total = 0
+    for split, entries in m["splits"].items():
+        tokens, docs = sum(e["tokens"] for e in entries), sum(e["docs"] for e in entries)
+        total += tokens
+        print(f"{split}: {tokens:,} tokens, {docs:,} documents, {len(entries)} shard(s)")
+    print(f"wrote {a.out} ({m['dtype']}, vocab {m['vocab_size']:,}) in {m['seconds']:.1f} s, "
+          f"{total / max(m['seconds'], 1e-9):,.0f} tokens/s")
+    return 0
+
+
+def cmd_tokenizer_train(a) -> int:
+    from nanoseek.train.prepare import iter_documents
+    from nanoseek.train.tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(iter_documents(a.inputs, a.text_field, a.doc_split), a.vocab_size, a.out,
+                          min_frequency=a.min_frequency)
+    print(f"wrote {a.out}: {len(tok):,} tokens in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_pretrain(a) -> int:
+    from nanoseek.train.config import load_config
+    from nanoseek.train.pretrain import pretrain
+
+    import os
+
+    last = pretrain(load_config(a.config, a.set))
+    ev = last.get("eval", {})
+    if "eval_ce" in ev and os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
+        print(f"step {ev['step']}: held-out loss {ev['eval_ce']:.4f}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    import torch
+
+    from nanoseek.train.checkpoint import export_hf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
+    out = export_hf(a.checkpoint, a.out_dir, dtype=dtype, tokenizer=a.tokenizer)
+    print(f"wrote {out}")
+    return 0
+
+
+def _text_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".txt / .jsonl (optionally .gz) / .parquet files, directories of them, "
+                        "or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl / .parquet / hf rows")
+    p.add_argument("--doc-split", choices=["none", "blank-lines"], default="none",
+                   help="none: a .txt file or a row is one document; blank-lines: split them into paragraphs")
+
+
+def _task_kwargs(pairs: list[str]) -> dict:
+    """--task-arg KEY=VALUE pairs → constructor kwargs; values read as JSON when they parse (3, 0.5, true)."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise BadInputError(f"--task-arg {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def cmd_eval(a) -> int:
+    from nanoseek.evaluate import EvalConfig, evaluate, print_report, write_report
+    from nanoseek.tasks import get_task
+
+    kwargs = _task_kwargs(a.task_arg)
+    if a.data is not None:
+        kwargs["path"] = a.data
+    task = get_task(a.task, **kwargs)
+    cfg = EvalConfig(samples=a.samples, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
+                     greedy=not a.no_greedy, seed=a.seed, template=a.template, open_think=not a.no_open_think,
+                     split=a.split, limit=a.limit, keep_samples=a.keep_samples).validate()
+    if a.batch_size < 1:
+        raise BadInputError(f"--batch-size must be >= 1, got {a.batch_size}")
+    problems = task.problems(cfg.split, cfg.limit)
+    s = _session(a)
+    s.engine.max_batch = a.batch_size
+    report = evaluate(s.engine, s.tokenizer, task, cfg, problems, model_name=s.name, task_args=kwargs)
+    print_report(report)
+    if a.out:
+        print(f"wrote {write_report(report, a.out)}")
+    return 0
+
+
+def cmd_sft(a) -> int:
+    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+    from nanoseek.train.sft import run_sft
+
+    tcfg = TrainConfig(optim=OptimConfig(lr=a.lr, schedule="cosine", warmup_steps=a.warmup_steps,
+                                         weight_decay=0.0, grad_clip=1.0),
+                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
+                                       out_dir=a.out, log_every=10, eval_every=0, ckpt_every=a.ckpt_every,
+                                       keep_last=2, plots=not a.no_plots))
+    last = run_sft(a.model, a.data, tcfg, seq_len=a.seq_len, batch_size=a.batch_size)
+    print(f"step {last.get('train', {}).get('step')}: loss {last.get('train', {}).get('loss', float('nan')):.4f}; "
+          f"model written to {a.out}/final")
+    return 0
+
+
+def cmd_grpo(a) -> int:
+    from nanoseek.tasks import get_task
+    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+    from nanoseek.train.grpo import GRPOConfig, run_grpo
+
+    kwargs = _task_kwargs(a.task_arg)
+    if a.data is not None:
+        kwargs["path"] = a.data
+    task = get_task(a.task, **kwargs)
+    gcfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
+                      temperature=a.temperature, top_p=a.top_p, inner_updates=a.inner_updates, eps_low=a.eps_low,
+                      eps_high=a.eps_high, beta=a.beta, scale_rewards=a.scale_rewards, aggregation=a.aggregation,
+                      dynamic_sampling=a.dynamic_sampling, template=a.template, open_think=not a.no_open_think,
+                      gen_batch=a.gen_batch, seed=a.seed).validate()
+    # Full fine-tuning of a trained model: constant lr after a short warmup and no weight decay (DAPO, Dr. GRPO).
+    tcfg = TrainConfig(optim=OptimConfig(lr=a.lr, schedule="constant", warmup_steps=a.warmup_steps,
+                                         weight_decay=0.0, grad_clip=1.0),
+                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
+                                       out_dir=a.out, log_every=1, eval_every=0, ckpt_every=a.ckpt_every,
+                                       keep_last=2, plots=not a.no_plots))
+    last = run_grpo(a.model, task, gcfg, tcfg)
+    rec = last.get("train", {})
+    print(f"step {rec.get('step')}: reward {rec.get('reward', float('nan')):.3f}, accuracy "
+          f"{rec.get('accuracy', float('nan')):.3f}; model written to {a.out}/final")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-style models: run, chat, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -325,6 +465,109 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default=None, help="a date (2026-11-01) or an age (7d, 12h, 30m)")
     _store_args(p)
     p.set_defaults(fn=cmd_usage)
+
+    p = sub.add_parser("eval", help="accuracy on a task: pass@1 over k samples, maj@k, greedy, with 95% CIs")
+    p.add_argument("--task", required=True, help="arithmetic, countdown, gsm8k or jsonl")
+    p.add_argument("--data", default=None, help="jsonl file, or a folder with train.jsonl/test.jsonl (gsm8k, jsonl)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="task option, e.g. digits=3 operands=3 ops=+-*/ (repeatable)")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--samples", "-k", type=int, default=4, help="samples per problem (pass@1 averages them)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems only")
+    p.add_argument("--temperature", "-t", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="sampling seeds derive from it, the problem id and k")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy completion per problem")
+    p.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat",
+                   help="chat: the model's chat template; r1-zero: DeepSeek-R1-Zero's plain prompt (base models)")
+    p.add_argument("--no-open-think", action="store_true", help="don't end the prompt with <think>")
+    p.add_argument("--batch-size", type=int, default=64, help="completions decoded together")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
+    p.add_argument("--keep-samples", action="store_true", help="put every completion's text in the JSON")
+    _model_args(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat jsonl ({messages}); loss on replies only")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
+    p.add_argument("--data", required=True, help="jsonl: one {\"messages\": [...]} per line")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/ (HF format)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="packed rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("grpo", help="GRPO reasoning RL with a task's rule-based reward (R1 recipe)")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
+    p.add_argument("--task", required=True, help="gsm8k, arithmetic, countdown or jsonl")
+    p.add_argument("--data", default=None, help="the task's data file or folder (gsm8k, jsonl)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/ (HF format)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (rollouts × inner updates)")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--inner-updates", type=int, default=1, help="μ: optimizer steps per rollout")
+    p.add_argument("--eps-low", type=float, default=0.2)
+    p.add_argument("--eps-high", type=float, default=None, help="clip-higher (DAPO: 0.28); default eps-low")
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL weight (0: no reference model)")
+    p.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group")
+    p.add_argument("--aggregation", choices=["grpo", "dapo", "dr_grpo"], default="dapo")
+    p.add_argument("--dynamic-sampling", action="store_true", help="drop groups whose rewards are all equal")
+    p.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat")
+    p.add_argument("--no-open-think", action="store_true")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(fn=cmd_grpo)
+
+    p = sub.add_parser("data", help="training data: token shards")
+    data = p.add_subparsers(dest="data_cmd", required=True)
+    d = data.add_parser("prepare", help="tokenize text / jsonl / parquet / hf datasets into token shards")
+    _text_input_args(d)
+    d.add_argument("--tokenizer", required=True,
+                   help="a built-in model name, a .gguf file, or a tokenizer directory (`nanoseek tokenizer train`)")
+    d.add_argument("--out", required=True, help="output directory (meta.json + shards)")
+    d.add_argument("--val-fraction", type=float, default=0.005, help="share of documents (or tokens) held out")
+    d.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU)")
+    d.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file at most")
+    d.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens")
+    tk = p.add_subparsers(dest="tokenizer_cmd", required=True)
+    t = tk.add_parser("train", help="train on text files and save a directory AutoTokenizer loads")
+    _text_input_args(t)
+    t.add_argument("--vocab-size", type=int, required=True, help="ids in all, special tokens included")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences for a merge")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+    p = sub.add_parser("pretrain", help="pretrain a model from a TOML config (under torchrun for several GPUs)")
+    p.add_argument("--config", required=True, help="a TOML file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("export", help="training checkpoint → Hugging Face directory (transformers, nanoseek serve)")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run recorded)")
+    p.set_defaults(fn=cmd_export)
     return ap
 
 

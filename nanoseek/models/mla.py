@@ -81,10 +81,17 @@ class MLA(nn.Module):
         k_nope, v = kvh.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        pad = q.shape[-1] - self.v_dim if mask is None else 0
+        if pad > 0:
+            # Flash-attention kernels want one head size for q, k and v; without it SDPA falls back to the
+            # math path, which materializes the T×T scores (training at T = 2048: GBs per layer). Zero columns
+            # in v give zero columns in the output, dropped below.
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=mask is None and q.shape[1] > 1,
                                              scale=self.scale)
-        return out.transpose(1, 2)  # [B, T, H, v]
+        out = out.transpose(1, 2)  # [B, T, H, v]
+        return out[..., :self.v_dim] if pad > 0 else out
 
     def _absorbed(self, q_nope, q_rope, kv, mask):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)

@@ -32,7 +32,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] → gating weights [N, k], expert ids [N, k], scores [N, E] (unbiased, fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        # fp32 even inside a bf16 autocast region (training), where F.linear would otherwise run in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.scoring == "sigmoid" else scores
         if self.n_group > 1:
@@ -74,15 +76,27 @@ class Experts(nn.Module):
         token = order // k
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
         xs = x[token]
-        if self.use_grouped_mm and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):  # training in bf16: autocast does not cover _grouped_mm
+            dt = torch.get_autocast_dtype(x.device.type)
+            xs, w1, w2 = xs.to(dt), w1.to(dt), w2.to(dt)
+        if self._grouped(xs):
             offs = counts.cumsum(0).to(torch.int32)  # _grouped_mm wants int32 group ends
-            gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)
+            gu = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)
             g, u = gu.chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
         else:
             ys = self.forward_loop(xs, counts)
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def _grouped(self, xs: torch.Tensor) -> bool:
+        """The CPU kernel takes fp32/bf16/fp16; the CUDA kernel (and torch.compile's checks) bf16 only."""
+        if not self.use_grouped_mm:
+            return False
+        if xs.device.type == "cpu" and not torch.compiler.is_compiling():
+            return xs.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return xs.dtype == torch.bfloat16
 
     def forward_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference path: one pair of matmuls per expert over its contiguous slice of sorted tokens."""
