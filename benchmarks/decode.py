@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,20 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
 
 PROMPT = ("Explain, step by step, how a transformer language model turns a prompt into an answer: "
           "tokenization, embeddings, attention layers with their key/value cache, the feed-forward blocks, "
           "and how the next token is chosen when sampling greedily or with a temperature. Keep it concise.")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def median(xs):

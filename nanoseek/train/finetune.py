@@ -22,6 +22,13 @@ def load_trainable(spec: str, device) -> LoadedModel:
     return loaded
 
 
-def save_final(loaded: LoadedModel, out_dir: str | Path) -> Path:
-    """`<out_dir>/final`: a Hugging Face directory with the tokenizer, for `nanoseek eval/serve --model`."""
-    return save_hf(loaded.model, Path(out_dir) / "final", tokenizer=loaded.tokenizer)
+def fit_and_save(trainer, loaded: LoadedModel, env) -> dict:
+    """Run the Trainer, then write `<out_dir>/final`: a Hugging Face directory with the tokenizer, which
+    `nanoseek eval/serve/generate --model` load. Collective under torchrun; rank 0 writes."""
+    from nanoseek.train import distributed as D
+
+    last = trainer.fit()
+    if env.is_main:
+        save_hf(loaded.model, Path(trainer.cfg.train.out_dir) / "final", tokenizer=loaded.tokenizer)
+    D.barrier()
+    return last

@@ -264,7 +264,7 @@ def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
     (`train`: a TrainConfig — optimizer, steps, grad_accum, out_dir, checkpoints), and write the result as a
     Hugging Face directory `<out_dir>/final` that `nanoseek eval` / `serve` load."""
     from nanoseek.train import distributed as D
-    from nanoseek.train.finetune import load_trainable, save_final
+    from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
 
     env = D.init_distributed(train.train.device)
@@ -277,10 +277,6 @@ def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
         source = Rollouts(policy, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
                           rank=env.rank, world_size=env.world_size, reference=reference)
         meta = {"base_model": str(model), "task": task.name, "grpo": vars(cfg)}
-        last = Trainer(train, policy, GRPOObjective(cfg), source, None, env, meta).fit()
-        if env.is_main:
-            save_final(loaded, train.train.out_dir)
-        D.barrier()
-        return last
+        return fit_and_save(Trainer(train, policy, GRPOObjective(cfg), source, None, env, meta), loaded, env)
     finally:
         D.shutdown()

@@ -13,7 +13,6 @@ loss is pretraining's LanguageModeling objective: cross-entropy ignores the -100
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,18 +75,15 @@ def build_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> 
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
+    """The `messages` list of every line of a chat jsonl file; errors name the file and line."""
+    from nanoseek.tasks.jsonl import read_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file")
     convs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"{path}:{n}: not JSON ({e.msg})") from None
-        msgs = row.get("messages") if isinstance(row, dict) else None
+    for n, row in read_jsonl(path):
+        msgs = row.get("messages")
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
             raise BadInputError(f"{path}:{n}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
         convs.append(msgs)
@@ -152,7 +148,7 @@ class SFTBatches:
 def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_size: int = 8) -> dict[str, Any]:
     """Fine-tune `model` on chat jsonl `data` with the shared Trainer; writes `<out_dir>/final` (HF format)."""
     from nanoseek.train import distributed as D
-    from nanoseek.train.finetune import load_trainable, save_final
+    from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
 
     env = D.init_distributed(train.train.device)
@@ -165,10 +161,6 @@ def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_s
         source = SFTBatches(x, y, batch_size, rank=env.rank, world_size=env.world_size, seed=train.train.seed,
                             device=env.device)
         meta = {"base_model": str(model), "data": str(Path(data).resolve()), "examples": len(examples)}
-        last = Trainer(train, loaded.model, SFTObjective(), source, None, env, meta).fit()
-        if env.is_main:
-            save_final(loaded, train.train.out_dir)
-        D.barrier()
-        return last
+        return fit_and_save(Trainer(train, loaded.model, SFTObjective(), source, None, env, meta), loaded, env)
     finally:
         D.shutdown()
