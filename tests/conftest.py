@@ -25,3 +25,35 @@ def shared_data() -> Path:
     if not (path / "tinyshakespeare").is_dir():
         pytest.skip(f"test data not found at {path} (set NANOSEEK_DATA to the folder holding tinyshakespeare/)")
     return path
+
+
+def _synthetic_text(n_paragraphs: int = 1500) -> str:
+    """Seeded sentences from a small grammar: text with structure at the character, word and sentence level,
+    for training tests that need some corpus but not a particular one."""
+    import random
+
+    rng = random.Random(0)
+    subj = ["the king", "a lord", "my lady", "the fool", "our queen", "this knight", "his brother", "the people"]
+    verb = ["speaks of", "loves", "betrays", "remembers", "fears", "honours", "forgets", "follows"]
+    obj = ["the crown", "his father", "a sword", "the night", "thy name", "our cause", "the sea", "her grief"]
+    tail = [".", "!", "?", ", and weeps.", ", my lord."]
+    paras = []
+    for _ in range(n_paragraphs):
+        lines = [f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)}{rng.choice(tail)}"
+                 for _ in range(rng.randint(1, 4))]
+        paras.append("\n".join(lines))
+    return "\n\n".join(paras) + "\n"
+
+
+@pytest.fixture(scope="session")
+def train_text(tmp_path_factory) -> Path:
+    """A text file to train on: tinyshakespeare when the shared data is there, else a synthetic corpus, so
+    the training mechanics (resume, DDP, balancing) are tested on every machine."""
+    env = os.environ.get("NANOSEEK_DATA")
+    shared = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    real = shared / "tinyshakespeare" / "input.txt"
+    if real.is_file():
+        return real
+    path = tmp_path_factory.mktemp("corpus") / "synthetic.txt"
+    path.write_text(_synthetic_text())
+    return path

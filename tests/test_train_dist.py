@@ -18,8 +18,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
-    return prepare_shakespeare(tmp_path_factory.mktemp("shakespeare"), shared_data)
+def data(train_text, tmp_path_factory):
+    return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), train_text)
 
 
 @pytest.fixture(scope="module")

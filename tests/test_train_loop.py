@@ -21,8 +21,8 @@ from train_data import TINY, VOCAB, cli, prepare_shakespeare, small_run, unigram
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
-    return prepare_shakespeare(tmp_path_factory.mktemp("shakespeare"), shared_data)
+def data(train_text, tmp_path_factory):
+    return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), train_text)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def learned(data, tmp_path_factory):
     return out, pretrain(cfg)
 
 
-def test_tiny_preset_learns_shakespeare(data, learned):
+def test_tiny_preset_learns_shakespeare(shared_data, data, learned):  # shared_data: skip without the real text
     out, last = learned
     h1 = unigram_cross_entropy(data)
     records = read_jsonl(out / "metrics.jsonl")

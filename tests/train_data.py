@@ -15,11 +15,11 @@ TINY = REPO / "configs" / "tiny.toml"
 VOCAB = 320
 
 
-def prepare_shakespeare(out: Path, shared_data: Path) -> Path:
+def prepare_shakespeare(out: Path, text: Path) -> Path:
+    """Tokenizer + shards of `text` (tinyshakespeare, or conftest's synthetic corpus where it is absent)."""
     from nanoseek.train.prepare import prepare
     from nanoseek.train.tokenizer import train_tokenizer
 
-    text = shared_data / "tinyshakespeare" / "input.txt"
     # The BPE merges only need a sample; the shards cover the whole text.
     train_tokenizer([text.read_text()[:200_000]], VOCAB, out / "tok")
     prepare([text], str(out / "tok"), out / "data", val_fraction=0.05, workers=1, doc_split="blank-lines")
