@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.train.lora import merge_lora
 from nanoseek.weights.hf import save_hf
 from nanoseek.weights.registry import LoadedModel, load_model
 
@@ -24,10 +25,13 @@ def load_trainable(spec: str, device) -> LoadedModel:
 
 def fit_and_save(trainer, loaded: LoadedModel, env) -> dict:
     """Run the Trainer, then write `<out_dir>/final`: a Hugging Face directory with the tokenizer, which
-    `nanoseek eval/serve/generate --model` load. Collective under torchrun; rank 0 writes."""
+    `nanoseek eval/serve/generate --model` load; LoRA adapters merged. Collective under torchrun; rank 0 writes."""
     from nanoseek.train import distributed as D
 
     last = trainer.fit()
+    # LoRA adapters are folded into the base weights first, so `final` is a plain model (the checkpoints
+    # keep the adapters for resuming).
+    merge_lora(loaded.model)
     if env.is_main:
         save_hf(loaded.model, Path(trainer.cfg.train.out_dir) / "final", tokenizer=loaded.tokenizer)
     D.barrier()

@@ -9,11 +9,16 @@ then the answer, then the end-of-turn token. Only target tokens carry loss (labe
 Examples are packed first-fit into rows of `seq_len` tokens (fewer padding tokens than one example per row;
 attention still crosses example boundaries within a row, as in TRL's packing without position resets). The
 loss is pretraining's LanguageModeling objective: cross-entropy ignores the -100 labels.
+
+LoRA (nanoseek.train.lora) is an option: adapters on chosen linears, every other weight frozen, and the
+adapters merged into the base weights before the final model is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ import torch
 
 from nanoseek.chat import render_prompt
 from nanoseek.errors import BadInputError, NotFoundError
+from nanoseek.train.lora import LoRAConfig, apply_lora, trainable_summary
 from nanoseek.train.pretrain import LanguageModeling
 
 IGNORE = -100
@@ -145,8 +151,13 @@ class SFTBatches:
         self.epoch, self.step = state["epoch"], state["step"]
 
 
-def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_size: int = 8) -> dict[str, Any]:
-    """Fine-tune `model` on chat jsonl `data` with the shared Trainer; writes `<out_dir>/final` (HF format)."""
+def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_size: int = 8,
+            lora: LoRAConfig | None = None) -> dict[str, Any]:
+    """Fine-tune `model` on chat jsonl `data` with the shared Trainer; writes `<out_dir>/final` (HF format).
+
+    With `lora`, the loaded model is frozen and wrapped with LoRA adapters before training (checkpoints hold
+    adapters and frozen base, and resume onto a freshly wrapped base), and the adapters are merged into the
+    base weights before `final` is written, so it is an ordinary model."""
     from nanoseek.train import distributed as D
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
@@ -154,6 +165,14 @@ def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_s
     env = D.init_distributed(train.train.device)
     try:
         loaded = load_trainable(model, env.device)
+        if lora is not None:
+            lora.validate()
+            wrapped = apply_lora(loaded.model, lora.r, lora.alpha, lora.targets, lora.dropout, seed=lora.seed)
+            if env.is_main:
+                trainable, total = trainable_summary(loaded.model)
+                print(f"nanoseek: LoRA r={lora.r} alpha={lora.alpha:g} on {len(wrapped)} linears: "
+                      f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)",
+                      file=sys.stderr)
         examples = build_examples(loaded.tokenizer, read_conversations(data), seq_len)
         pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None \
             else loaded.tokenizer.eos_token_id
@@ -161,6 +180,8 @@ def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_s
         source = SFTBatches(x, y, batch_size, rank=env.rank, world_size=env.world_size, seed=train.train.seed,
                             device=env.device)
         meta = {"base_model": str(model), "data": str(Path(data).resolve()), "examples": len(examples)}
+        if lora is not None:
+            meta["lora"] = dataclasses.asdict(lora)
         return fit_and_save(Trainer(train, loaded.model, SFTObjective(), source, None, env, meta), loaded, env)
     finally:
         D.shutdown()
