@@ -113,3 +113,20 @@ def test_compiled_blocks_generate_the_same_tokens():
     want = Engine(m).generate(PROMPTS[:2], p)
     got = Engine(m, compile=True).generate(PROMPTS[:2], p)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+@pytest.mark.parametrize("make", [_tiny_dense, _tiny_deepseek])
+def test_repeated_prompts_are_prefilled_once_with_the_same_results(make):
+    """n samples of one prompt (GRPO groups, eval's k samples) share one prefill: the copied rows give what
+    each sample gives alone."""
+    model = make()
+    eng = Engine(model)
+    calls = []
+    real = eng.prefill
+    eng.prefill = lambda prompt, cache: (calls.append(len(prompt)), real(prompt, cache))[1]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=10) for s in range(5)]
+    batch = eng.generate(prompts, params)
+    assert calls == [len(PROMPTS[0]), len(PROMPTS[2])]
+    for prompt, sp, got in zip(prompts, params, batch):
+        assert got.token_ids == Engine(model).generate([prompt], sp)[0].token_ids
