@@ -445,7 +445,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=None, help="the started server's --max-batch "
                     "(default: the highest concurrency)")
     ap.add_argument("--max-len", type=int, default=None, help="the started server's --max-len (default: what the "
-                    "longest request needs, rounded up to 256; the cache is max-batch x max-len, preallocated)")
+                    "longest request needs, rounded up to 256; rows grow to at most max-len)")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for nanoseek serve "
                     "(repeatable, e.g. --serve-arg=--quant=int4)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -469,8 +469,8 @@ def main() -> int:
         url = url[:-3] if url.endswith("/v1") else url
     else:
         max_batch = a.max_batch or max(a.concurrency)
-        # The server preallocates max_batch x max_len cache positions: at 64 rows its 4096 default would take
-        # ~12 GB for SmolLM2 in fp32, so ask only for what the longest request here needs (plus template slack).
+        # Rows grow up to max_len while the longest request runs: ask only for what the longest request here
+        # needs (plus template slack), so a 64-row sweep stays within memory.
         need = max(a.prompt_tokens + a.max_tokens, 0 if a.skip_prefix else a.prefix_tokens + a.prefix_max_tokens)
         max_len = a.max_len or 256 * -(-(need * 5 // 4 + 64) // 256)
         args = ["--model", a.model, "--device", a.device, "--max-batch", str(max_batch), "--max-len", str(max_len),

@@ -356,8 +356,18 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def cmd_sft(a) -> int:
+def _finetune_config(a, lr: float, schedule: str, log_every: int):
+    """The TrainConfig of a fine-tuning command (sft, grpo, distill): no weight decay, clipping at 1."""
     from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+
+    return TrainConfig(optim=OptimConfig(lr=lr, schedule=schedule, warmup_steps=a.warmup_steps, weight_decay=0.0,
+                                         grad_clip=1.0),
+                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
+                                       out_dir=a.out, log_every=log_every, eval_every=0, ckpt_every=a.ckpt_every,
+                                       keep_last=2, plots=not a.no_plots))
+
+
+def cmd_sft(a) -> int:
     from nanoseek.train.lora import LoRAConfig
     from nanoseek.train.sft import run_sft
 
@@ -371,11 +381,7 @@ def cmd_sft(a) -> int:
     # Adapters start at zero and are few: LoRA takes a larger lr than full fine-tuning (Hu et al. 2021 used
     # 2e-4 to 5e-4 for GPT-2/RoBERTa adapters).
     lr = a.lr if a.lr is not None else (2e-4 if lora else 2e-5)
-    tcfg = TrainConfig(optim=OptimConfig(lr=lr, schedule="cosine", warmup_steps=a.warmup_steps,
-                                         weight_decay=0.0, grad_clip=1.0),
-                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
-                                       out_dir=a.out, log_every=10, eval_every=0, ckpt_every=a.ckpt_every,
-                                       keep_last=2, plots=not a.no_plots))
+    tcfg = _finetune_config(a, lr, "cosine", log_every=10)
     last = run_sft(a.model, a.data, tcfg, seq_len=a.seq_len, batch_size=a.batch_size, lora=lora)
     print(f"step {last.get('train', {}).get('step')}: loss {last.get('train', {}).get('loss', float('nan')):.4f}; "
           f"model written to {a.out}/final")
@@ -384,7 +390,6 @@ def cmd_sft(a) -> int:
 
 def cmd_grpo(a) -> int:
     from nanoseek.tasks import get_task
-    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
     from nanoseek.train.grpo import GRPOConfig, run_grpo
 
     kwargs = _task_kwargs(a.task_arg)
@@ -397,15 +402,40 @@ def cmd_grpo(a) -> int:
                       dynamic_sampling=a.dynamic_sampling, template=a.template, open_think=not a.no_open_think,
                       gen_batch=a.gen_batch, seed=a.seed).validate()
     # Full fine-tuning of a trained model: constant lr after a short warmup and no weight decay (DAPO, Dr. GRPO).
-    tcfg = TrainConfig(optim=OptimConfig(lr=a.lr, schedule="constant", warmup_steps=a.warmup_steps,
-                                         weight_decay=0.0, grad_clip=1.0),
-                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
-                                       out_dir=a.out, log_every=1, eval_every=0, ckpt_every=a.ckpt_every,
-                                       keep_last=2, plots=not a.no_plots))
+    tcfg = _finetune_config(a, a.lr, "constant", log_every=1)
     last = run_grpo(a.model, task, gcfg, tcfg)
     rec = last.get("train", {})
     print(f"step {rec.get('step')}: reward {rec.get('reward', float('nan')):.3f}, accuracy "
           f"{rec.get('accuracy', float('nan')):.3f}; model written to {a.out}/final")
+    return 0
+
+
+def cmd_distill_traces(a) -> int:
+    from nanoseek.tasks import get_task
+    from nanoseek.train.distill import generate_traces
+
+    kwargs = _task_kwargs(a.task_arg)
+    if a.data is not None:
+        kwargs["path"] = a.data
+    task = get_task(a.task, **kwargs)
+    problems = task.problems("train", a.limit)
+    s = _session(a)
+    s.engine.max_batch = a.batch_size
+    counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
+                             max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, keep=a.keep,
+                             seed=a.seed, open_think=not a.no_open_think)
+    print(f"kept {counts['kept']} of {counts['completions']} completions, covering {counts['problems_covered']} "
+          f"of {counts['problems']} problems; wrote {a.out}")
+    return 0
+
+
+def cmd_distill_train(a) -> int:
+    from nanoseek.train.distill import run_distill
+
+    last = run_distill(a.teacher, a.model, a.data, _finetune_config(a, a.lr, "cosine", log_every=10),
+                       seq_len=a.seq_len, batch_size=a.batch_size, alpha=a.alpha, temperature=a.temperature)
+    rec = last.get("train", {})
+    print(f"step {rec.get('step')}: kl {rec.get('kl', float('nan')):.4f}; model written to {a.out}/final")
     return 0
 
 
@@ -522,6 +552,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("distill", help="R1-style distillation: teacher traces (then `sft`), or logit distillation")
+    dist = p.add_subparsers(dest="distill_cmd", required=True)
+    d = dist.add_parser("traces", help="sample a teacher on a task, keep correct well-formed replies as chat jsonl")
+    _model_args(d)
+    d.add_argument("--task", required=True, help="gsm8k, arithmetic, countdown or jsonl")
+    d.add_argument("--data", default=None, help="the task's data file or folder (gsm8k, jsonl)")
+    d.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--limit", type=int, default=None, help="train problems to use (required for generated tasks)")
+    d.add_argument("--samples", type=int, default=4, help="completions per problem")
+    d.add_argument("--max-tokens", type=int, default=1024)
+    d.add_argument("--temperature", type=float, default=0.6)
+    d.add_argument("--top-p", type=float, default=0.95)
+    d.add_argument("--keep", choices=["correct", "formatted"], default="correct")
+    d.add_argument("--no-open-think", action="store_true")
+    d.add_argument("--batch-size", type=int, default=64, help="completions decoded together")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True, help="chat jsonl for `nanoseek sft --data`")
+    d.set_defaults(fn=cmd_distill_traces)
+    d = dist.add_parser("train", help="train a student toward a teacher's next-token distributions on chat jsonl")
+    d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")
+    d.add_argument("--model", required=True, help="the student")
+    d.add_argument("--data", required=True, help="chat jsonl (e.g. from `distill traces`)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (1 − alpha on plain CE)")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--lr", type=float, default=2e-5)
+    d.add_argument("--warmup-steps", type=int, default=10)
+    d.add_argument("--seq-len", type=int, default=1024)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--grad-accum", type=int, default=1)
+    d.add_argument("--ckpt-every", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--no-plots", action="store_true")
+    d.set_defaults(fn=cmd_distill_train)
 
     p = sub.add_parser("grpo", help="GRPO reasoning RL with a task's rule-based reward (R1 recipe)")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")

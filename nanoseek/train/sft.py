@@ -151,6 +151,14 @@ class SFTBatches:
         self.epoch, self.step = state["epoch"], state["step"]
 
 
+def chat_batches(tokenizer, data: str | Path, seq_len: int, batch_size: int, env, seed: int) -> SFTBatches:
+    """Chat jsonl → packed reply-only examples → this rank's batch source (SFT and logit distillation)."""
+    examples = build_examples(tokenizer, read_conversations(data), seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    x, y = pack(examples, seq_len, pad)
+    return SFTBatches(x, y, batch_size, rank=env.rank, world_size=env.world_size, seed=seed, device=env.device)
+
+
 def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_size: int = 8,
             lora: LoRAConfig | None = None) -> dict[str, Any]:
     """Fine-tune `model` on chat jsonl `data` with the shared Trainer; writes `<out_dir>/final` (HF format).
@@ -173,13 +181,8 @@ def run_sft(model: str, data: str | Path, train, *, seq_len: int = 1024, batch_s
                 print(f"nanoseek: LoRA r={lora.r} alpha={lora.alpha:g} on {len(wrapped)} linears: "
                       f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)",
                       file=sys.stderr)
-        examples = build_examples(loaded.tokenizer, read_conversations(data), seq_len)
-        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None \
-            else loaded.tokenizer.eos_token_id
-        x, y = pack(examples, seq_len, pad)
-        source = SFTBatches(x, y, batch_size, rank=env.rank, world_size=env.world_size, seed=train.train.seed,
-                            device=env.device)
-        meta = {"base_model": str(model), "data": str(Path(data).resolve()), "examples": len(examples)}
+        source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
+        meta = {"base_model": str(model), "data": str(Path(data).resolve()), "rows": source.x.shape[0]}
         if lora is not None:
             meta["lora"] = dataclasses.asdict(lora)
         return fit_and_save(Trainer(train, loaded.model, SFTObjective(), source, None, env, meta), loaded, env)

@@ -1,0 +1,127 @@
+"""Distillation, the way DeepSeek-R1 made its small models (R1 §2.4), plus logit distillation.
+
+Two steps, each only what is particular to it:
+
+- traces: a teacher answers a task's training problems k times through the engine; completions that the
+  task's rule-based reward scores correct and well-formed are kept (rejection sampling, R1 §2.3.3) and written
+  as chat jsonl — the reasoning in `reasoning_content`, the answer in `content` — which `nanoseek sft`
+  trains on (R1's distilled models are exactly SFT on such traces; no RL).
+- logit distillation: `KDObjective` trains a student toward a teacher's full next-token distribution on the
+  reply tokens of the same chat data (forward KL at temperature τ, Hinton et al. 2015), optionally mixed with
+  the plain cross-entropy. Teacher and student must share a vocabulary. Runs on the shared Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.chat import split_reasoning
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.errors import BadInputError
+from nanoseek.evaluate import completion_text, sample_seed
+from nanoseek.tasks.base import Problem, Task
+from nanoseek.tasks.prompts import Template
+from nanoseek.train.loop import Objective, cross_entropy
+from nanoseek.train.sft import IGNORE
+
+
+def trace_record(template: Template, problem: Problem, text: str, started_in_think: bool) -> dict:
+    """One kept completion as an SFT conversation: the prompt's messages, then the reply split into
+    reasoning and answer (chat.split_reasoning, the same split the server streams)."""
+    reasoning, content = split_reasoning(text, start_in_reasoning=started_in_think)
+    # Whitespace around the tags is the teacher's; SFT writes canonical newlines around them (sft.reply_text).
+    reply = {"role": "assistant", "content": content.strip()}
+    if reasoning and reasoning.strip():
+        reply["reasoning_content"] = reasoning.strip()
+    return {"messages": [*template.messages(problem), reply], "id": problem.id, "answer": problem.answer}
+
+
+def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], out: str | Path, *,
+                    samples: int = 4, max_tokens: int = 1024, temperature: float = 0.6, top_p: float = 0.95,
+                    keep: str = "correct", seed: int = 0, open_think: bool = True) -> dict[str, Any]:
+    """Sample `samples` completions per problem from the teacher `engine`, keep the correct well-formed ones
+    (keep="correct") or every well-formed one (keep="formatted"), and write them as chat jsonl atomically.
+    Returns counts: problems, completions, kept, problems with at least one kept trace."""
+    if keep not in ("correct", "formatted"):
+        raise BadInputError(f"keep {keep!r}: correct or formatted")
+    if samples < 1:
+        raise BadInputError("samples must be ≥ 1")
+    template = Template("chat", open_think)
+    prompts = [template.render(tokenizer, p) for p in problems]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(template.stop),
+                             seed=sample_seed(seed, p.id, j)) for p in problems for j in range(samples)]
+    outs = engine.generate([pr.ids for pr in prompts for _ in range(samples)], params)
+    records, covered = [], set()
+    for k, completion in enumerate(outs):
+        i = k // samples
+        problem, prompt = problems[i], prompts[i]
+        text = completion_text(tokenizer, completion, template.stop)
+        r = task.reward(text, problem, started_in_think=prompt.starts_in_reasoning,
+                        num_tokens=len(completion.token_ids))
+        if r.format == 1.0 and (keep == "formatted" or r.accuracy == 1.0):
+            records.append(trace_record(template, problem, text, prompt.starts_in_reasoning))
+            covered.add(problem.id)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, out)
+    return {"problems": len(problems), "completions": len(outs), "kept": len(records),
+            "problems_covered": len(covered)}
+
+
+class KDObjective(Objective):
+    """α·τ²·KL(p_teacher^τ ‖ p_student^τ) + (1 − α)·CE on reply tokens (labels ≠ -100). τ² keeps the
+    gradient scale independent of τ (Hinton et al. §2). The teacher runs without gradients."""
+
+    name = "distill"
+
+    def __init__(self, teacher: nn.Module, alpha: float = 1.0, temperature: float = 1.0):
+        if not 0 <= alpha <= 1 or temperature <= 0:
+            raise BadInputError("distillation needs 0 ≤ alpha ≤ 1 and temperature > 0")
+        self.teacher, self.alpha, self.tau = teacher.eval(), alpha, temperature
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        logits, _ = model(x)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        if t_logits.shape[-1] != logits.shape[-1]:
+            raise BadInputError(f"teacher vocabulary {t_logits.shape[-1]} ≠ student {logits.shape[-1]}: "
+                                "logit distillation needs a shared tokenizer")
+        keep = y != IGNORE
+        s = F.log_softmax(logits[keep].float() / self.tau, dim=-1)
+        t = F.log_softmax(t_logits[keep].float() / self.tau, dim=-1)
+        kl = (t.exp() * (t - s)).sum(-1).mean() * self.tau ** 2
+        ce = cross_entropy(logits, y)
+        loss = self.alpha * kl + (1 - self.alpha) * ce
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+
+
+def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len: int = 1024, batch_size: int = 8,
+                alpha: float = 1.0, temperature: float = 1.0) -> dict[str, Any]:
+    """Logit-distill `teacher` into `student` on chat jsonl `data` (replies only); writes `<out_dir>/final`."""
+    from nanoseek.train import distributed as D
+    from nanoseek.train.finetune import fit_and_save, load_trainable
+    from nanoseek.train.loop import Trainer
+    from nanoseek.train.sft import chat_batches
+    from nanoseek.weights.registry import load_model
+
+    env = D.init_distributed(train.train.device)
+    try:
+        loaded = load_trainable(student, env.device)
+        tmodel = load_model(teacher).model.to(env.device).eval()
+        source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
+        meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
+        objective = KDObjective(tmodel, alpha, temperature)
+        return fit_and_save(Trainer(train, loaded.model, objective, source, None, env, meta), loaded, env)
+    finally:
+        D.shutdown()
