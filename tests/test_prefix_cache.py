@@ -112,3 +112,22 @@ def test_prefix_cache_off(model):
     _run(sched, p)
     assert _run(sched, p).cached_tokens == 0
     assert sched.stats()["prefix_blocks_total"] == 0
+
+
+@pytest.mark.parametrize("factory", list(MODELS.values()), ids=list(MODELS))
+def test_a_cache_miss_never_shrinks_rows_under_running_requests(factory):
+    """Regression: admitting a request that hits nothing (0 cached tokens) once shrank the rows back to their
+    initial length while a long request was decoding, zeroing its keys past position 256."""
+    model = factory(context=1024)
+    sched = Scheduler(model, max_batch=2, max_len=1024, prefill_chunk=512)
+    g = torch.Generator().manual_seed(5)
+    long_prompt = torch.randint(0, 50, (300,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    a = sched.submit(long_prompt, params)
+    while sched.stats()["decoding"] < 1:
+        sched.step()
+    b = sched.submit([7, 8, 9, 10, 11], params)   # misses the prefix cache
+    while not (a.done and b.done):
+        sched.step()
+    alone = Engine(model).generate([long_prompt], params)[0]
+    assert a.result().token_ids == alone.token_ids

@@ -338,9 +338,13 @@ class Scheduler:
             slot = _Slot(h, state, len(self._slots))
             if self.prefix is not None:
                 # Prompt blocks another request already computed are copied in; prefill starts after them.
-                slot.filled, blocks = self.prefix.match(h.prompt)
-                self._reserve(slot.filled)
-                self.prefix.load(self.cache, slot.row, blocks)
+                try:
+                    slot.filled, blocks = self.prefix.match(h.prompt)
+                    self._reserve(slot.filled)
+                    self.prefix.load(self.cache, slot.row, blocks)
+                except Exception as e:  # e.g. out of memory growing the rows: fail this request, not the queue
+                    h._finish(None, e)
+                    continue
                 state.out.cached_tokens = slot.filled
                 with self._cond:
                     self._prompt_tokens += slot.filled
@@ -440,7 +444,7 @@ class Scheduler:
         """Make rows hold at least `positions` positions: grow by doubling (amortized copies), or, with nothing
         running (positions == 0), shrink back to the initial length to give memory back."""
         have = self.cache.max_len
-        if positions == 0 and have > self._min_positions:
+        if positions == 0 and not self._slots and have > self._min_positions:
             self.cache = self.cache.resized(self._min_positions)
         elif positions > have:
             while have < positions:
