@@ -103,9 +103,11 @@ def test_inner_updates_reuse_the_rollout_with_its_old_logprobs():
     policy = _policy(tok)
     src = Rollouts(policy, tok, DigitTask(), _cfg(inner_updates=2), micro_batches=1)
     b1, b2 = src.next_batch(), src.next_batch()
-    assert b1 is b2 and b1.old_logp is not None and src.rollouts == 1
+    assert b1 is b2 and b1.old_logp is None and src.rollouts == 1
     loss, m = GRPOObjective(_cfg(inner_updates=2)).loss(LMForward(policy), b1)
-    assert m["ratio"] == pytest.approx(1.0, abs=1e-5) and m["clip_low"] == m["clip_high"] == 0
+    # the first pass records the sampling policy's log-probs (same precision as the loss): ratio exactly 1
+    assert b1.old_logp is not None and float(m["ratio"]) == pytest.approx(1.0, abs=1e-6)
+    assert m["clip_low"] == m["clip_high"] == 0
     src.next_batch()
     assert src.rollouts == 2
 
@@ -183,3 +185,68 @@ def test_two_ranks_roll_out_halves_and_train_like_one(tmp_path):
     wb = load_file(str(checkpoints(tmp_path / "two")[-1][1] / "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=5e-5), k
+
+
+def test_resume_in_the_middle_of_inner_updates_is_exact(tmp_path):
+    """μ = 2 with a checkpoint after the first update of a rollout: the resumed run does the second update on
+    the same rollout with the same recorded log-probs, bit for bit."""
+    def run(out, steps):
+        tok = make_tokenizer(None)
+        policy = _policy(tok)
+        gcfg = _cfg(inner_updates=2)
+        tcfg = TrainConfig(optim=OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0, weight_decay=0.0),
+                           train=RunConfig(steps=steps, device="cpu", out_dir=str(out), eval_every=0, ckpt_every=1,
+                                           plots=False, log_every=1000))
+        Trainer(tcfg, policy, GRPOObjective(gcfg), Rollouts(policy, tok, DigitTask(), gcfg, micro_batches=1)).fit()
+        return [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 3)                 # stops after the first update of the second rollout
+    resumed = run(tmp_path / "cut", 4)
+    assert resumed[-1]["step"] == 4
+    assert resumed[-1]["loss"] == whole[-1]["loss"] and resumed[-1]["ratio"] == whole[-1]["ratio"]
+    assert whole[-1]["ratio"] != 1.0         # the second pass really is off-policy
+
+
+def test_dapo_normalizes_by_the_tokens_of_the_whole_rollout():
+    """Split over micro-batches, the accumulated DAPO loss is Σ token losses / all tokens, as in one batch."""
+    tok = make_tokenizer(None)
+    policy = _policy(tok)
+    gcfg = _cfg(prompts_per_step=2, group_size=4)
+    rows = [([5, 6, 7], [8, 9]), ([5, 6], [1, 2, 3, 4, 5]), ([4], [7]), ([1, 2], [3, 3, 3])] * 2
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.1, -0.3, 0.0])
+    rows = [(p, c, 0.0) for p, c in rows]
+    n = float(sum(len(c) for _, c, _ in rows))
+    one = Rollouts(policy, tok, DigitTask(), gcfg, micro_batches=1)._micro_batches(rows, adv, {}, n)
+    two = Rollouts(policy, tok, DigitTask(), gcfg, micro_batches=2)._micro_batches(rows, adv, {}, n / 2)
+    obj, model = GRPOObjective(gcfg), LMForward(policy)
+    whole = obj.loss(model, one[0])[0]
+    split = sum(obj.loss(model, b)[0] for b in two) / 2     # the loop averages micro-batches
+    assert torch.allclose(whole, split, atol=1e-6)
+
+
+def test_grpo_on_a_deepseek_moe_with_mtp(tmp_path):
+    """A DeepSeek-V3 model with an MTP module and the balance loss on: GRPO's forward skips MTP, and the loop
+    counts only the MoE layers that ran. Fine-tuning loads drop the MTP modules altogether."""
+    from nanoseek.models.config import DeepseekConfig
+    from nanoseek.train.finetune import load_trainable
+    from nanoseek.weights.hf import save_hf
+
+    tok = make_tokenizer(None)
+    torch.manual_seed(0)
+    cfg = DeepseekConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=12,
+                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_group=1,
+                         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=64,
+                         num_nextn_predict_layers=1, seq_aux_alpha=0.01, eos_token_id=tok.eos_token_id)
+    policy = build_model(cfg)
+    init_weights(policy, 0.02)
+    gcfg = _cfg()
+    tcfg = TrainConfig(optim=OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.0),
+                       train=RunConfig(steps=2, device="cpu", out_dir=str(tmp_path / "run"), eval_every=0,
+                                       ckpt_every=0, plots=False, log_every=1000))
+    last = Trainer(tcfg, policy, GRPOObjective(gcfg), Rollouts(policy, tok, DigitTask(), gcfg, micro_batches=1)).fit()
+    assert len(last["train"]["load_max_mean"]) == 2   # the main MoE layer, and the MTP's (zero load)
+    save_hf(policy, tmp_path / "hf", tokenizer=tok)
+    loaded = load_trainable(str(tmp_path / "hf"), "cpu")
+    assert len(loaded.model.mtp) == 0 and loaded.model.config.num_nextn_predict_layers == 0

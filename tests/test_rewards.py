@@ -138,3 +138,11 @@ def test_extract_lenient(text, answer):
 def test_last_boxed_nested():
     assert R.last_boxed("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
     assert R.last_boxed("\\boxed{\\frac{1}{2}") is None
+
+
+def test_huge_exponents_are_refused_quickly():
+    """A sampled answer like 1e99999999 must not make Fraction compute 10**99999999 (a GRPO step or eval stall)."""
+    from nanoseek.tasks.rewards import parse_number
+
+    assert parse_number("1e99999999") is None and parse_number("9" * 5000) is None  # would hang before
+    assert parse_number("1e3") == 1000 and parse_number("2.5E-2") == parse_number("0.025")

@@ -165,6 +165,11 @@ def parse_number(text: str) -> Fraction | None:
     if _GROUPED.fullmatch(s):
         s = s.replace(",", "")
     if _PLAIN.fullmatch(s):
+        # Fraction("1e99999999") computes 10**99999999 (minutes of CPU): a sampled answer must not stall
+        # a GRPO step or an eval, and no real answer needs an exponent past ±1000 or a 1000-digit mantissa.
+        mantissa, _, exp = s.lower().partition("e")
+        if (exp and abs(int(exp)) > 1000) or len(mantissa) > 1000:
+            return None
         return Fraction(s)
     m = _RATIO.fullmatch(s)
     if m and int(m[2]) != 0:

@@ -15,6 +15,12 @@ def load_trainable(spec: str, device) -> LoadedModel:
     """A built-in name, GGUF file or HF directory, loaded in fp32 with every weight trainable. Loaders hand
     out frozen and possibly memory-mapped tensors; training updates owned copies instead."""
     loaded = load_model(spec)
+    if len(getattr(loaded.model, "mtp", ())):
+        # Fine-tuning objectives train the main model only (R1's SFT and RL never use MTP): unused MTP
+        # modules would leave parameters without gradients (which DDP rejects) and MoE layers that never
+        # run. Dropped here, and from the config, so final/ is a consistent checkpoint without them.
+        loaded.model.mtp = torch.nn.ModuleList()
+        loaded.model.config.num_nextn_predict_layers = 0
     loaded.model.to(device)
     with torch.no_grad():
         for p in loaded.model.parameters():

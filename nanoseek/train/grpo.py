@@ -27,6 +27,7 @@ from nanoseek.evaluate import completion_text, sample_seed
 from nanoseek.tasks.base import Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
+from nanoseek.train import distributed as D
 from nanoseek.train.loop import Objective
 
 
@@ -67,32 +68,56 @@ class GRPOConfig:
 @dataclass
 class RolloutBatch:
     """One micro-batch: right-padded prompt+completion ids [b, L]; mask [b, L-1] marks the positions whose
-    next token is a completion token; old/ref log-probs of those tokens when μ > 1 / β > 0."""
+    next token is a completion token. old_logp / ref_logp are filled by the objective on the first pass (so
+    they are computed under the same precision as the loss) and reused by the μ − 1 passes after it.
+    token_norm: DAPO's divisor, the rollout's completion tokens over all ranks / (micro-batches × ranks), so
+    that after the loop's accumulation average and DDP's rank average the loss is Σ tokens / N_global."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     advantages: torch.Tensor
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    token_norm: float | None = None
     stats: dict[str, float] = field(default_factory=dict)
+
+    def state(self) -> dict[str, Any]:
+        return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device) -> RolloutBatch:
+        return cls(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
 
 
 class GRPOObjective(Objective):
+    """`reference`: the frozen starting policy, needed when β > 0."""
+
     name = "grpo"
 
-    def __init__(self, cfg: GRPOConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: GRPOConfig, reference: nn.Module | None = None):
+        if cfg.beta > 0 and reference is None:
+            raise BadInputError("beta > 0 needs a reference model")
+        self.cfg, self.reference = cfg, reference
+
+    def _logp(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The log-probs of the distribution the completions were sampled from: logits / temperature.
+        t = self.cfg.temperature
+        return token_logprobs(logits[:, :-1] / t if t != 1.0 else logits[:, :-1], ids[:, 1:])
 
     def loss(self, model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, _ = model(batch.ids)
-        logp, entropy = token_logprobs(logits[:, :-1], batch.ids[:, 1:])
-        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        logp, entropy = self._logp(logits, batch.ids)
+        if batch.old_logp is None:  # first pass over this rollout: the policy is still the one that sampled it
+            batch.old_logp = logp.detach()
+        if self.cfg.beta > 0 and batch.ref_logp is None:
+            with torch.no_grad():
+                batch.ref_logp = self._logp(self.reference(batch.ids), batch.ids)[0]
         c = self.cfg
-        loss, m = grpo_loss(logp, old, batch.advantages, batch.mask, ref_logp=batch.ref_logp, beta=c.beta,
-                            eps_low=c.eps_low, eps_high=c.eps_high, aggregation=c.aggregation,
-                            max_len=c.max_new_tokens)
+        loss, m = grpo_loss(logp, batch.old_logp, batch.advantages, batch.mask, ref_logp=batch.ref_logp,
+                            beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, aggregation=c.aggregation,
+                            max_len=c.max_new_tokens, num_tokens=batch.token_norm)
         n = batch.mask.sum().clamp(min=1)
-        metrics = {k: torch.tensor(v) for k, v in {**m, **batch.stats}.items()}
+        metrics = {k: torch.tensor(v, device=logits.device) for k, v in {**m, **batch.stats}.items()}
         metrics["entropy"] = ((entropy * batch.mask).sum() / n).detach()
         return loss, metrics
 
@@ -104,12 +129,11 @@ class Rollouts:
     """The Trainer's batch source for GRPO: rolls out when the current rollout is used up."""
 
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: GRPOConfig, *, micro_batches: int,
-                 rank: int = 0, world_size: int = 1, reference: nn.Module | None = None):
+                 rank: int = 0, world_size: int = 1):
         self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
         if cfg.prompts_per_step % world_size:
             raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
         self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
-        self.reference = reference
         self.template = Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
         self.rollouts = 0          # rollouts made so far
@@ -120,15 +144,29 @@ class Rollouts:
     # -- state (exact resume: same problems, same sampling seeds) -----------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        # A rollout's unused micro-batches are not saved: resuming mid-rollout starts a fresh rollout.
-        return {"rollouts": self.rollouts, "consumed": self.consumed}
+        """Position in the problem stream, and the rollout still being trained on (μ > 1): its batches, each
+        once, with their recorded log-probs, and the order of the passes left — so a resumed run finishes
+        the same updates an uninterrupted one would."""
+        unique: list[RolloutBatch] = []
+        order = []
+        for b in self._queue:
+            i = next((j for j, u in enumerate(unique) if u is b), None)
+            if i is None:
+                unique.append(b)
+                i = len(unique) - 1
+            order.append(i)
+        return {"rollouts": self.rollouts, "consumed": self.consumed, "pending": [b.state() for b in unique],
+                "order": order}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rollouts, self._queue = state["rollouts"], []
+        self.rollouts = state["rollouts"]
         self._stream = self._problems()
         for _ in range(state["consumed"]):
             next(self._stream)
         self.consumed = state["consumed"]
+        device = next(self.policy.parameters()).device
+        pending = [RolloutBatch.from_state(b, device) for b in state.get("pending", [])]
+        self._queue = [pending[i] for i in state.get("order", [])]
 
     def _problems(self):
         """This rank's endless problem stream: every W-th train problem; a finite task restarts, reshuffled."""
@@ -157,11 +195,13 @@ class Rollouts:
     def _collect(self) -> list[RolloutBatch]:
         cfg, G = self.cfg, self.cfg.group_size
         want = cfg.prompts_per_step // self.world
-        kept: list[tuple] = []       # (prompt ids, completion ids, reward) per completion, by group
+        kept: list[list[tuple]] = []  # groups of (prompt ids, completion ids, reward)
+        last_round: list[list[tuple]] = []
         rewards_all, acc, fmt, lengths, truncated, zero_std = [], [], [], [], [], 0
         was_training = self.policy.training
         self.policy.eval()
         for _ in range(cfg.max_rounds if cfg.dynamic_sampling else 1):
+            last_round = []
             problems = [next(self._stream) for _ in range(want)]
             self.consumed += want
             prompts = [self.template.render(self.tokenizer, p) for p in problems]
@@ -185,15 +225,17 @@ class Rollouts:
                     truncated.append(out.finish_reason == "length")
                 flat = len({g[2] for g in group}) == 1
                 zero_std += flat
+                last_round.append(group)
                 if not (cfg.dynamic_sampling and flat):
                     kept.append(group)
             if len(kept) >= want:
                 break
         if was_training:
             self.policy.train()
-        if not kept:  # every group was flat in every round: train on the last round (zero advantage)
-            kept = [group]
-        kept = kept[:want] if cfg.dynamic_sampling else kept
+        if len(kept) < want:  # too few groups with signal: fill up with the last round's (zero advantage), so
+            # every rank has the same number of rows to split into micro-batches
+            kept += [g for g in last_round if g not in kept][:want - len(kept)]
+        kept = kept[:want]
         self.rollouts += 1
         n_groups = len(rewards_all) // G
         stats = {"reward": _mean(rewards_all), "accuracy": _mean(acc), "format": _mean(fmt),
@@ -201,9 +243,11 @@ class Rollouts:
                  "frac_reward_zero_std": zero_std / max(n_groups, 1)}
         rows = [row for group in kept for row in group]
         adv = group_advantages(torch.tensor([r for _, _, r in rows]), G, cfg.scale_rewards)
-        return self._micro_batches(rows, adv, stats)
+        tokens = D.all_reduce_sum(torch.tensor([float(sum(len(c) for _, c, _ in rows))]))
+        norm = float(tokens) / (self.micro_batches * self.world)
+        return self._micro_batches(rows, adv, stats, norm)
 
-    def _micro_batches(self, rows, adv, stats) -> list[RolloutBatch]:
+    def _micro_batches(self, rows, adv, stats, token_norm: float | None = None) -> list[RolloutBatch]:
         device = next(self.policy.parameters()).device
         order = list(range(len(rows)))
         chunks = [order[i::self.micro_batches] for i in range(self.micro_batches)]
@@ -222,18 +266,8 @@ class Rollouts:
                 ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
                 mask[b, len(prompt) - 1:len(prompt) - 1 + len(completion)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            batch = RolloutBatch(ids, mask, adv[chunk].to(device), stats=stats)
-            if self.cfg.inner_updates > 1:
-                batch.old_logp = _logp(self.policy, ids)
-            if self.cfg.beta > 0:
-                batch.ref_logp = _logp(self.reference, ids)
-            out.append(batch)
+            out.append(RolloutBatch(ids, mask, adv[chunk].to(device), token_norm=token_norm, stats=stats))
         return out
-
-
-def _logp(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids)
-    return token_logprobs(logits[:, :-1], ids[:, 1:])[0]
 
 
 def _mean(xs) -> float:
@@ -263,7 +297,6 @@ def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
     """Load `model` (a built-in name, GGUF or HF directory), train it with GRPO under the shared Trainer
     (`train`: a TrainConfig — optimizer, steps, grad_accum, out_dir, checkpoints), and write the result as a
     Hugging Face directory `<out_dir>/final` that `nanoseek eval` / `serve` load."""
-    from nanoseek.train import distributed as D
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
 
@@ -275,8 +308,9 @@ def run_grpo(model: str, task: Task, cfg: GRPOConfig, train) -> dict[str, Any]:
         reference = frozen_reference(policy) if cfg.beta > 0 else None
         torch.manual_seed(train.train.seed)
         source = Rollouts(policy, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
-                          rank=env.rank, world_size=env.world_size, reference=reference)
+                          rank=env.rank, world_size=env.world_size)
         meta = {"base_model": str(model), "task": task.name, "grpo": vars(cfg)}
-        return fit_and_save(Trainer(train, policy, GRPOObjective(cfg), source, None, env, meta), loaded, env)
+        objective = GRPOObjective(cfg, reference)
+        return fit_and_save(Trainer(train, policy, objective, source, None, env, meta), loaded, env)
     finally:
         D.shutdown()

@@ -56,12 +56,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, aggregation: Aggregation = "dapo",
-              max_len: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              max_len: int | None = None, num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate (negated, to minimise) over completion tokens.
 
     logp, old_logp, ref_logp, mask: [B, T] (mask 1 on completion tokens); advantages [B]. `old_logp` is the
     policy that sampled the completions: equal to logp (detached) on the first inner update, so the ratio is
     1 and the gradient is the plain policy gradient; it matters from the second of μ updates on.
+    `num_tokens` replaces DAPO's divisor (this batch's token count) when the batch is one of several whose
+    tokens must be normalized together (accumulation, data parallelism).
     Returns the loss and metrics: kl (mean per token), clip fractions (low, high), ratio mean."""
     eps_high = eps_low if eps_high is None else eps_high
     mask = mask.to(logp.dtype)
@@ -75,7 +77,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             raise ValueError("beta > 0 needs the reference model's log-probabilities")
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, aggregation, max_len)
+    loss = aggregate(per_token, mask, aggregation, max_len, num_tokens)
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
         metrics = {
@@ -87,11 +89,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, metrics
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation, max_len: int | None = None):
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation, max_len: int | None = None,
+              num_tokens: float | None = None):
     if how == "grpo":
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if how == "dapo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return (per_token * mask).sum() / (num_tokens if num_tokens else mask.sum().clamp(min=1))
     if how == "dr_grpo":
         return (per_token * mask).sum() / (per_token.shape[0] * (max_len or per_token.shape[1]))
     raise ValueError(f"unknown loss aggregation {how!r}: grpo, dapo or dr_grpo")

@@ -160,7 +160,12 @@ class Trainer:
         if self.env.is_main:
             ckpt.clear_stale(self.run_dir)
         D.barrier()
-        path = ckpt.latest(self.run_dir) if self.cfg.train.resume else None
+        path = ckpt.latest(self.run_dir)
+        if path is not None and not self.cfg.train.resume:
+            # A fresh run in a directory of old checkpoints would interleave with them (keep-last-N could delete
+            # its own and a later resume would pick up the old run's): refuse rather than mix two runs.
+            raise BadInputError(f"{self.run_dir} holds checkpoints of an earlier run ({path.name}) and "
+                                "train.resume is off: use another out_dir or remove them")
         if path is not None:
             # The saved param groups carry the old run's hyperparameters; this run's config wins (a resumed run
             # may lower the lr on purpose), only the moments and step counts come from the checkpoint.
@@ -211,12 +216,15 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = self.objective.loss(self.model, batch)
                     if self.moe and self.alpha > 0:
-                        bal = sum(sequence_balance_loss(m.last_scores, m.last_idx, m.gate.top_k) for m in self.moe)
+                        # Only layers this forward ran: an objective may skip the MTP modules (and their MoEs).
+                        bal = sum(sequence_balance_loss(m.last_scores, m.last_idx, m.gate.top_k)
+                                  for m in self.moe if m.last_scores is not None)
                         loss = loss + self.alpha * bal
                         metrics["balance"] = bal.detach()
                 (loss / run.grad_accum).backward()
             for i, m in enumerate(self.moe):
-                loads[i] += m.last_load
+                if m.last_load is not None:
+                    loads[i] += m.last_load
                 m.last_scores = m.last_idx = None  # they hold the graph; free them now
             metrics = {"loss": loss.detach(), **metrics}
             for k, v in metrics.items():

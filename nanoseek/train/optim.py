@@ -21,6 +21,8 @@ from nanoseek.train.config import OptimConfig
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     """Multiplier on the peak lr for optimizer step `step` (0-based) of `total`."""
+    if cfg.schedule not in ("constant", "cosine", "wsd"):  # checked first, so a typo fails at step 0
+        raise BadInputError(f"[optim] schedule {cfg.schedule!r}: expected cosine, wsd or constant")
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     floor = cfg.min_lr_ratio

@@ -68,7 +68,9 @@ def build_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> 
         for i, m in enumerate(conv):
             if m.get("role") != "assistant" or i == 0:
                 continue
-            thinking = True if m.get("reasoning_content") else None
+            # False, not None, without reasoning: a template that opens <think> itself (R1-Distill) gets it
+            # closed, so the reply is trained as an answer rather than as reasoning that never ends.
+            thinking = bool(m.get("reasoning_content"))
             prompt = render_prompt(tokenizer, conv[:i], thinking=thinking)
             target = tokenizer.encode(reply_text(m, prompt.starts_in_reasoning), add_special_tokens=False) + [eos]
             ids = prompt.ids + target
