@@ -246,7 +246,12 @@ def cmd_serve(a) -> int:
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "
                   f"{a.max_batch} rows)", file=sys.stderr)
-        app = create_app(served, store, require_auth=require_auth, mirror_reasoning=a.mirror_reasoning)
+        # Bound to loopback without required auth, the server trusts whoever reaches it: accept only loopback
+        # Host names, so a page elsewhere cannot reach it by DNS rebinding. (IPv6 literals are left alone:
+        # Starlette's host check cannot parse "[::1]:port".)
+        trusted = ["localhost", "127.0.0.1", a.host] if loopback and ":" not in a.host else None
+        app = create_app(served, store, require_auth=require_auth, mirror_reasoning=a.mirror_reasoning,
+                         trusted_hosts=trusted)
         if require_auth and not store.any_keys():
             print("nanoseek: warning: no API keys exist yet; every request will get 401 until you run "
                   "`nanoseek keys create --name NAME`", file=sys.stderr)

@@ -191,6 +191,9 @@ def test_per_key_isolation(models, data_dir):
     with client:
         assert client.get("/app/api/conversations").status_code == 401
         assert client.post("/app/api/render", json={"texts": ["x"]}).status_code == 401
+        # authentication comes before the body is read: a bad key and a bad body is a 401, not a 400
+        r = client.post("/app/api/render", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert client.get("/app/api/conversations", headers=h("sk-ns-wrong")).status_code == 401
         assert client.get("/").status_code == 200          # the page itself asks for the key
         cid = client.post("/app/api/conversations", json={"title": "alice's"}, headers=h(alice)).json()["id"]
@@ -381,8 +384,20 @@ def test_render_markdown_features(client):
 
 
 def test_render_size_limit(client):
-    r = client.post("/app/api/render", json={"texts": ["x" * 1_000_001, "y" * 1_000_000]})
+    r = client.post("/app/api/render", json={"texts": ["x" * 300_001, "y" * 300_000]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "texts"
+    r = client.post("/app/api/render", content=b"x" * (16 * 2**20 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unclosed_math_openers_render_as_text():
+    """Regression: texmath's lazy regexes rescanned the text for every unclosed \\( or \\[ (quadratic: 8k
+    openers took seconds). Many openers now render as plain text, closed ones as math."""
+    r = MarkdownRenderer()
+    for opener in ("\\(", "\\["):
+        html_out = r.render(opener * 20000)
+        assert "<math" not in html_out and html_out.count(opener[1]) == 20000   # Markdown unescapes "\\(" to "("
+    assert "<math" in r.render("\\(" * 5000 + " \\(x\\)")
 
 
 def test_renderer_is_deterministic():
@@ -391,3 +406,15 @@ def test_renderer_is_deterministic():
     assert r.render(text) == r.render(text)
     names = _Tags(r.render(text)).names()
     assert names == ["h1", "ul", "li", "li", "strong", "blockquote", "p", "p", "code"]
+
+
+def test_open_loopback_server_checks_the_host_header(models, data_dir):
+    """With no keys the server trusts its caller; `nanoseek serve` on loopback passes trusted hosts so a page
+    elsewhere cannot reach it through DNS rebinding and read the local user's conversations."""
+    store = Store(data_dir)
+    app = create_app(models, store, require_auth=False, trusted_hosts=["localhost", "127.0.0.1"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as ok:
+        assert ok.get("/app/api/conversations").status_code == 200
+    with TestClient(app, base_url="http://attacker.example:8000") as evil:
+        assert evil.get("/app/api/conversations").status_code == 400
+    store.close()

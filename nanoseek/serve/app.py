@@ -23,6 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from tokenizers import decoders
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -43,6 +44,9 @@ from nanoseek.serve.store import KeyRecord, PriceTable, Store
 from nanoseek.serve.web import web_router
 
 log = logging.getLogger(__name__)
+# A 128k-token prompt is well under 1 MB of JSON; the limit only stops a client from making the server
+# buffer arbitrary amounts before any check runs.
+MAX_BODY_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -66,8 +70,11 @@ class _Caller:
 
 
 def create_app(models: dict[str, ServedModel], store: Store | None, *, require_auth: bool,
-               mirror_reasoning: bool = False, keepalive_s: float = 10.0, poll_s: float = 0.5) -> FastAPI:
+               mirror_reasoning: bool = False, keepalive_s: float = 10.0, poll_s: float = 0.5,
+               trusted_hosts: list[str] | None = None) -> FastAPI:
     """The app. Schedulers must already be running; the caller owns starting and stopping them.
+    trusted_hosts: Host header values to accept (None: any). An open loopback server sets them, so a web
+    page on another origin cannot reach it through DNS rebinding and read the local user's conversations.
     keepalive_s: silence after which a waiting stream gets a `: keep-alive` comment; poll_s: how often an
     idle request checks for a disconnected client or a failed engine step."""
     if not models:
@@ -125,9 +132,9 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
         """One ledger row per request that reached the engine, cancelled ones included (the compute was
         spent). Fire-and-forget on a worker thread: it may run from a cancelled stream's `finally`."""
         completion = sum(job.generated)
-        if caller.key is not None:
-            limiter.charge(caller.key.id, completion)
         if store is None:
+            if caller.key is not None:
+                limiter.charge(caller.key.id, completion)
             return
         finish = ",".join(sorted({f for f in job.finish if f})) or None
         key_id = caller.key.id if caller.key else None
@@ -142,10 +149,17 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
                         h.result(timeout=10)
                     except Exception:
                         pass
+                # Bill what the engine generated, not what the client read: a slow reader that hangs up
+                # leaves tokens in the queue that were computed all the same.
+                done = [h.completion for h in job.handles if h.completion is not None]
+                generated = sum(len(c.token_ids) + (c.stop_token is not None) for c in done)
+                total = max(completion, generated)
+                if caller.key is not None:
+                    limiter.charge(caller.key.id, total)
                 hit = _hits(job, prompt_tokens, choices_per_prompt)
                 miss = prompt_tokens - hit
-                store.record_usage(key_id, sm.name, hit, miss, completion, min(reasoning_tokens, completion),
-                                   latency, finish, sm.prices.cost(hit, miss, completion))
+                store.record_usage(key_id, sm.name, hit, miss, total, min(reasoning_tokens, total),
+                                   latency, finish, sm.prices.cost(hit, miss, total))
             except Exception:
                 log.exception("could not record usage")
         try:
@@ -317,8 +331,40 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
 
     app.include_router(router, prefix="/v1")
     app.include_router(router)
-    app.include_router(web_router(models, store, require_auth=require_auth))   # the chat web app at /
+    web = web_router(models, store, require_auth=require_auth)   # the chat web app at /
+    app.include_router(web)
+    app.add_middleware(_Guard, web_owner=web.owner)
+    if trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))
     return app
+
+
+class _Guard:
+    """Checks made before any route reads a body (pure ASGI, so streaming and disconnects pass untouched):
+    a declared body over MAX_BODY_BYTES is a 413, and the web app's endpoints authenticate first (a bad key
+    is a 401 even when the body is also bad, as on the API routes)."""
+
+    def __init__(self, app, web_owner):
+        self.app, self.web_owner = app, web_owner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                err = ApiError(413, f"Request body too large: the limit is {MAX_BODY_BYTES} bytes.",
+                               code="request_too_large")
+                return await _error(err)(scope, receive, send)
+            if scope["path"].startswith("/app/api/"):
+                try:
+                    scope.setdefault("state", {})["web_owner"] = await self.web_owner(Request(scope))
+                except Exception as e:
+                    return await _error(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _error(err: BaseException) -> JSONResponse:
+    status, headers, body = error_response(err)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------------------

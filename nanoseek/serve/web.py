@@ -16,6 +16,7 @@ Everything works offline: no CDN, no external font, no third-party bundle.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import html
 import json
@@ -31,7 +32,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from latex2mathml.converter import convert as latex_to_mathml
 from markdown_it import MarkdownIt
 from mdit_py_plugins.dollarmath import dollarmath_plugin
-from mdit_py_plugins.texmath.index import make_block_func, make_inline_func
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
@@ -44,7 +44,7 @@ from nanoseek.serve.store import KeyRecord, Store
 
 WEB_DIR = FilePath(__file__).with_name("web")
 STATIC_DIR = WEB_DIR / "static"
-MAX_RENDER_CHARS = 2_000_000      # per render call: a long reply is ~100 KB; this only stops abuse
+MAX_RENDER_CHARS = 400_000        # per render call: a long reply is ~100 KB; this only stops abuse
 MAX_MESSAGE_CHARS = 2_000_000
 LIGHT_CODE_STYLE, DARK_CODE_STYLE = "default", "github-dark"
 
@@ -77,14 +77,61 @@ _TAGS = {"p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "s
 _ATTRIBUTES = {"a": {"href", "title"}, "code": {"class"}, "span": {"class"}, "div": {"class"},
                "ol": {"start"}, "th": {"class"}, "td": {"class"}, **_MATHML}
 
-# \( … \) inline, \[ … \] display: the delimiters DeepSeek models write. markdown-it-texmath's rules parse
-# them; the names are ours so they don't clash with dollarmath's. The inline form of \[ … \] catches display
-# math that starts mid-paragraph, which a block rule cannot.
-_PAREN = {"name": "math_paren", "rex": re.compile(r"^\\\((.+?)\\\)", re.DOTALL), "tag": "\\(", "tmpl": ""}
-_BRACKET_INLINE = {"name": "math_bracket_inline", "rex": re.compile(r"^\\\[(.+?)\\\]", re.DOTALL), "tag": "\\[",
-                   "tmpl": ""}
-_BRACKET_BLOCK = {"name": "math_bracket_block", "rex": re.compile(r"^\\\[([\s\S]+?)\\\]", re.MULTILINE),
-                  "tag": "\\[", "tmpl": ""}
+# \( … \) inline, \[ … \] display: the delimiters DeepSeek models write. The inline form of \[ … \] catches
+# display math that starts mid-paragraph, which a block rule cannot. Our own rules rather than texmath's
+# regexes: a lazy regex rescans to the end of the text for every unclosed opener, so a reply of many "\("
+# cost quadratic time (8k openers: 2 s); here each text's closers are indexed once and found by bisection.
+
+
+def _closer(env: dict, src: str, close: str, start: int) -> int:
+    """Position of the first `close` at or after `start` in `src`, or -1 (index cached per text in env)."""
+    cache = env.setdefault("math_closers", {})
+    hit = cache.get(close)
+    if hit is None or hit[0] is not src:
+        positions, i = [], src.find(close)
+        while i >= 0:
+            positions.append(i)
+            i = src.find(close, i + len(close))
+        hit = cache[close] = (src, positions)
+    positions = hit[1]
+    k = bisect.bisect_left(positions, start)
+    return positions[k] if k < len(positions) else -1
+
+
+def _inline_math(name: str, open_: str, close: str):
+    def rule(state, silent: bool) -> bool:
+        pos, src = state.pos, state.src
+        if not src.startswith(open_, pos):
+            return False
+        end = _closer(state.env, src, close, pos + len(open_))
+        if end <= pos + len(open_):   # unclosed, or nothing inside
+            return False
+        if not silent:
+            token = state.push(name, "math", 0)
+            token.content, token.markup = src[pos + len(open_):end], open_
+        state.pos = end + len(close)
+        return True
+    return rule
+
+
+def _block_math(name: str, open_: str, close: str):
+    def rule(state, begin_line: int, end_line: int, silent: bool) -> bool:
+        begin = state.bMarks[begin_line] + state.tShift[begin_line]
+        if not state.src.startswith(open_, begin):
+            return False
+        end = _closer(state.env, state.src, close, begin + len(open_))
+        if end <= begin + len(open_):
+            return False
+        last = end + len(close) - 1
+        line = bisect.bisect_left(state.eMarks, last, begin_line, end_line)   # the line holding the closer
+        if line >= end_line or last < state.bMarks[line]:
+            return False   # the closer lies outside this block
+        if not silent:
+            token = state.push(name, "math", 0)
+            token.block, token.content, token.markup = True, state.src[begin + len(open_):end], open_
+        state.line = line + 1
+        return True
+    return rule
 
 
 def _math(tex: str, display: bool) -> str:
@@ -119,12 +166,12 @@ class MarkdownRenderer:
         # "it costs $5 and $6" stays text.
         dollarmath_plugin(md, double_inline=True, allow_space=False, allow_digits=False, allow_labels=False,
                           renderer=lambda tex, opts: _math(tex, opts["display_mode"]))
-        md.inline.ruler.before("escape", _PAREN["name"], make_inline_func(_PAREN))
-        md.inline.ruler.before("escape", _BRACKET_INLINE["name"], make_inline_func(_BRACKET_INLINE))
-        md.block.ruler.before("fence", _BRACKET_BLOCK["name"], make_block_func(_BRACKET_BLOCK))
-        md.add_render_rule(_PAREN["name"], lambda self, t, i, o, e: _span_math(t[i].content, False))
-        md.add_render_rule(_BRACKET_INLINE["name"], lambda self, t, i, o, e: _span_math(t[i].content, True))
-        md.add_render_rule(_BRACKET_BLOCK["name"],
+        md.inline.ruler.before("escape", "math_paren", _inline_math("math_paren", "\\(", "\\)"))
+        md.inline.ruler.before("escape", "math_bracket_inline", _inline_math("math_bracket_inline", "\\[", "\\]"))
+        md.block.ruler.before("fence", "math_bracket_block", _block_math("math_bracket_block", "\\[", "\\]"))
+        md.add_render_rule("math_paren", lambda self, t, i, o, e: _span_math(t[i].content, False))
+        md.add_render_rule("math_bracket_inline", lambda self, t, i, o, e: _span_math(t[i].content, True))
+        md.add_render_rule("math_bracket_block",
                            lambda self, t, i, o, e: f'<div class="math block">{_math(t[i].content, True)}</div>\n')
         md.add_render_rule("image", _image_as_link)
         md.core.ruler.push("align_classes", _align_classes)
@@ -232,7 +279,12 @@ def web_router(models: dict, store: Store | None, *, require_auth: bool) -> APIR
     static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}   # a fixed allowlist: no path tricks
 
     async def owner(request: Request) -> KeyRecord | None:
-        """The same rule as the API: no keys (and auth not required) → the local user; else a live key."""
+        """The same rule as the API: no keys (and auth not required) → the local user; else a live key.
+        The app's guard (serve/app.py) runs this before the body is read and leaves the answer in the
+        request state, so a bad key gets 401 before a bad body gets 400."""
+        known = getattr(request.state, "web_owner", _UNSET)
+        if known is not _UNSET:
+            return known
         if store is None:
             return None
         if not require_auth and not await asyncio.to_thread(store.any_keys):
@@ -333,7 +385,11 @@ def web_router(models: dict, store: Store | None, *, require_auth: bool) -> APIR
                                        param="texts")
         return {"html": [renderer.render(t) for t in body.texts]}
 
+    router.owner = owner
     return router
+
+
+_UNSET = object()
 
 
 def _filename(conv: Conversation) -> str:
