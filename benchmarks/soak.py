@@ -142,8 +142,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=None, help="server rows (default: --streams)")
-    ap.add_argument("--max-len", type=int, default=512, help="server context per row (rows grow to it) "
-                    "as max-batch x max-len, and these prompts + replies need < 400")
+    ap.add_argument("--max-len", type=int, default=512, help="server context per row (rows grow to it); "
+                    "these prompts + replies need < 400")
     ap.add_argument("--serve-arg", action="append", default=[])
     ap.add_argument("--growth-limit", type=float, default=5.0, help="max RSS growth in %%")
     ap.add_argument("--seed", type=int, default=0)
