@@ -153,7 +153,7 @@ def main() -> int:
     def ref(name, b):
         return next((r for r in rows if r[0].startswith(name) and r[1] == b), None)
 
-    lines = [f"# Decode benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF)\n",
+    lines = ["# Decode benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF)\n",
              f"- machine: {cpu_name()}, {a.threads} threads, torch {torch.__version__}",
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}; prompt {len(prompt_ids)} tokens, {a.new} new tokens, "
              f"greedy, EOS suppressed, median of {a.repeats}",

@@ -338,14 +338,20 @@ def _task_kwargs(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_eval(a) -> int:
-    from nanoseek.evaluate import EvalConfig, evaluate, print_report, write_report
+def _task(a):
+    """The task named by --task, built from --task-arg pairs and --data; also returns those arguments."""
     from nanoseek.tasks import get_task
 
     kwargs = _task_kwargs(a.task_arg)
     if a.data is not None:
         kwargs["path"] = a.data
-    task = get_task(a.task, **kwargs)
+    return get_task(a.task, **kwargs), kwargs
+
+
+def cmd_eval(a) -> int:
+    from nanoseek.evaluate import EvalConfig, evaluate, print_report, write_report
+
+    task, kwargs = _task(a)
     cfg = EvalConfig(samples=a.samples, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
                      greedy=not a.no_greedy, seed=a.seed, template=a.template, open_think=not a.no_open_think,
                      split=a.split, limit=a.limit, keep_samples=a.keep_samples).validate()
@@ -394,13 +400,9 @@ def cmd_sft(a) -> int:
 
 
 def cmd_grpo(a) -> int:
-    from nanoseek.tasks import get_task
     from nanoseek.train.grpo import GRPOConfig, run_grpo
 
-    kwargs = _task_kwargs(a.task_arg)
-    if a.data is not None:
-        kwargs["path"] = a.data
-    task = get_task(a.task, **kwargs)
+    task, kwargs = _task(a)
     gcfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
                       temperature=a.temperature, top_p=a.top_p, inner_updates=a.inner_updates, eps_low=a.eps_low,
                       eps_high=a.eps_high, beta=a.beta, scale_rewards=a.scale_rewards, aggregation=a.aggregation,
@@ -416,13 +418,9 @@ def cmd_grpo(a) -> int:
 
 
 def cmd_distill_traces(a) -> int:
-    from nanoseek.tasks import get_task
     from nanoseek.train.distill import generate_traces
 
-    kwargs = _task_kwargs(a.task_arg)
-    if a.data is not None:
-        kwargs["path"] = a.data
-    task = get_task(a.task, **kwargs)
+    task, kwargs = _task(a)
     problems = task.problems("train", a.limit)
     s = _session(a)
     s.engine.max_batch = a.batch_size

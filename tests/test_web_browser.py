@@ -11,17 +11,16 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from nanoseek.serve.app import create_app
 from nanoseek.serve.store import Store
 from test_chat import R1_LIKE
+from test_serve import _Server  # uvicorn on a free loopback port, in a thread
 from test_web import tiny_served
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
@@ -33,22 +32,6 @@ TIMEOUT_MS = 30_000
 
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM),
                                 reason=f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
-
-
-class _Server:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

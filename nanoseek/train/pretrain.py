@@ -6,6 +6,7 @@ from a TrainConfig to the shared `Trainer` (loop.py).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
                               device=env.device)
         evals = None
         if val is not None and val.num_tokens > seq:
-            def evals():
-                return iter_eval_batches(val, seq, bs, cfg.train.eval_batches, env.rank, env.world_size,
-                                         device=env.device)
+            evals = functools.partial(iter_eval_batches, val, seq, bs, cfg.train.eval_batches, env.rank,
+                                      env.world_size, device=env.device)
         mtp_weight = mcfg.mtp_loss_weight if isinstance(mcfg, DeepseekConfig) else 0.0
         meta = {"tokenizer": _tokenizer_dir(cfg, train.meta), "data": str(Path(cfg.data.path).resolve())}
         trainer = Trainer(cfg, model, LanguageModeling(mtp_weight), loader, evals, env, meta)
