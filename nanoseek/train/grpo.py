@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,7 @@ class Rollouts:
     @torch.no_grad()
     def _collect(self) -> list[RolloutBatch]:
         cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
         want = cfg.prompts_per_step // self.world
         kept: list[list[tuple]] = []  # groups of (prompt ids, completion ids, reward)
         last_round: list[list[tuple]] = []
@@ -240,7 +242,8 @@ class Rollouts:
         n_groups = len(rewards_all) // G
         stats = {"reward": _mean(rewards_all), "accuracy": _mean(acc), "format": _mean(fmt),
                  "completion_len": _mean(lengths), "truncated": _mean(truncated),
-                 "frac_reward_zero_std": zero_std / max(n_groups, 1)}
+                 "frac_reward_zero_std": zero_std / max(n_groups, 1),
+                 "rollout_s": time.perf_counter() - t0}   # generation + rewards: GRPO's usual bottleneck
         rows = [row for group in kept for row in group]
         adv = group_advantages(torch.tensor([r for _, _, r in rows]), G, cfg.scale_rewards)
         tokens = D.all_reduce_sum(torch.tensor([float(sum(len(c) for _, c, _ in rows))]))
