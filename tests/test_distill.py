@@ -82,7 +82,8 @@ def test_student_moves_onto_the_teacher(tmp_path):
              for w in ("one", "two", "three", "four")]
     x, y = pack(build_examples(tok, convs, 64), 64, pad_id=0)
     objective = KDObjective(teacher, alpha=1.0, temperature=2.0)
-    before = float(objective.loss(LMForward(student), (x, y))[0])
+    with torch.no_grad():
+        before = float(objective.loss(LMForward(student), (x, y))[0])
     cfg = TrainConfig(optim=OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0),
                       train=RunConfig(steps=40, device="cpu", out_dir=str(tmp_path), eval_every=0, ckpt_every=0,
                                       plots=False, log_every=1000))
