@@ -36,8 +36,9 @@ def nanoseek(*args: str) -> float:
 
 
 def evaluate(model: str, out: Path, a) -> dict:
+    # The prompt opens <think> (the default), as SFT rendered its prompts for replies with reasoning.
     nanoseek("eval", "--model", model, *TASK, "--limit", str(a.problems), "--samples", "2", "--max-tokens", "48",
-             "--no-open-think", "--out", str(out))
+             "--out", str(out))
     report = json.loads(out.read_text())
     return report
 
@@ -84,7 +85,7 @@ def main() -> int:
         print("after SFT:", stages["sft"], flush=True)
         times["grpo"] = nanoseek("grpo", "--model", str(tmp / "sft" / "final"), *TASK, "--out", str(tmp / "grpo"),
                                  "--steps", str(a.grpo_steps), "--lr", "5e-6", "--group-size", "4",
-                                 "--prompts-per-step", "4", "--max-new-tokens", "48", "--no-open-think",
+                                 "--prompts-per-step", "4", "--max-new-tokens", "48",
                                  "--no-plots", "--device", "cpu", "--ckpt-every", "0")
         grpo_log = [json.loads(line) for line in (tmp / "grpo" / "metrics.jsonl").read_text().splitlines()]
         stages["grpo"] = summary(evaluate(str(tmp / "grpo" / "final"), tmp / "grpo.json", a))
