@@ -442,6 +442,28 @@ def cmd_distill_train(a) -> int:
     return 0
 
 
+def _task_args(p: argparse.ArgumentParser) -> None:
+    """--task, --data, --task-arg: what `_task` builds a task from (eval, grpo, distill traces)."""
+    p.add_argument("--task", required=True, help="arithmetic, countdown, gsm8k or jsonl")
+    p.add_argument("--data", default=None, help="jsonl file, or a folder with train.jsonl/test.jsonl (gsm8k, jsonl)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="task setting, e.g. digits=3 (repeatable)")
+
+
+def _run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, warmup: int, ckpt_every: int,
+              lr_help: str = "peak lr") -> None:
+    """The run settings every fine-tuning command shares (read back by `_finetune_config`)."""
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/ (HF format)")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--warmup-steps", type=int, default=warmup)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-plots", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-style models: run, chat, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -511,10 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_usage)
 
     p = sub.add_parser("eval", help="accuracy on a task: pass@1 over k samples, maj@k, greedy, with 95% CIs")
-    p.add_argument("--task", required=True, help="arithmetic, countdown, gsm8k or jsonl")
-    p.add_argument("--data", default=None, help="jsonl file, or a folder with train.jsonl/test.jsonl (gsm8k, jsonl)")
-    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, e.g. digits=3 operands=3 ops=+-*/ (repeatable)")
+    _task_args(p)
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--samples", "-k", type=int, default=4, help="samples per problem (pass@1 averages them)")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
@@ -535,10 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat jsonl ({messages}); loss on replies only")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
     p.add_argument("--data", required=True, help="jsonl: one {\"messages\": [...]} per line")
-    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/ (HF format)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None, help="peak lr (default 2e-5; 2e-4 with --lora-r)")
-    p.add_argument("--warmup-steps", type=int, default=10)
+    _run_args(p, steps=200, lr=None, warmup=10, ckpt_every=100, lr_help="peak lr (default 2e-5; 2e-4 with --lora-r)")
     p.add_argument("--lora-r", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R instead of every weight; merged into final/")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (update × alpha/r; "
@@ -549,20 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8, help="packed rows per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-plots", action="store_true")
     p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("distill", help="R1-style distillation: teacher traces (then `sft`), or logit distillation")
     dist = p.add_subparsers(dest="distill_cmd", required=True)
     d = dist.add_parser("traces", help="sample a teacher on a task, keep correct well-formed replies as chat jsonl")
     _model_args(d)
-    d.add_argument("--task", required=True, help="gsm8k, arithmetic, countdown or jsonl")
-    d.add_argument("--data", default=None, help="the task's data file or folder (gsm8k, jsonl)")
-    d.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
+    _task_args(d)
     d.add_argument("--limit", type=int, default=None, help="train problems to use (required for generated tasks)")
     d.add_argument("--samples", type=int, default=4, help="completions per problem")
     d.add_argument("--max-tokens", type=int, default=1024)
@@ -578,30 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")
     d.add_argument("--model", required=True, help="the student")
     d.add_argument("--data", required=True, help="chat jsonl (e.g. from `distill traces`)")
-    d.add_argument("--out", required=True)
+    _run_args(d, steps=200, lr=2e-5, warmup=10, ckpt_every=100)
     d.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (1 − alpha on plain CE)")
     d.add_argument("--temperature", type=float, default=1.0)
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--lr", type=float, default=2e-5)
-    d.add_argument("--warmup-steps", type=int, default=10)
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--grad-accum", type=int, default=1)
-    d.add_argument("--ckpt-every", type=int, default=100)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
-    d.add_argument("--no-plots", action="store_true")
     d.set_defaults(fn=cmd_distill_train)
 
     p = sub.add_parser("grpo", help="GRPO reasoning RL with a task's rule-based reward (R1 recipe)")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
-    p.add_argument("--task", required=True, help="gsm8k, arithmetic, countdown or jsonl")
-    p.add_argument("--data", default=None, help="the task's data file or folder (gsm8k, jsonl)")
-    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/ (HF format)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (rollouts × inner updates)")
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    _task_args(p)
+    _run_args(p, steps=100, lr=1e-6, warmup=0, ckpt_every=50)   # steps: rollouts × inner updates
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -616,12 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-sampling", action="store_true", help="drop groups whose rewards are all equal")
     p.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat")
     p.add_argument("--no-open-think", action="store_true")
-    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
-    p.add_argument("--ckpt-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-plots", action="store_true")
     p.set_defaults(fn=cmd_grpo)
 
     p = sub.add_parser("data", help="training data: token shards")

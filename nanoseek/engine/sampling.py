@@ -102,7 +102,7 @@ class SamplingParams:
         """Raise BadInputError for the first out-of-range field; return self so calls can chain."""
         check_integer("max_tokens", self.max_tokens, ge=1)
         _number("temperature", self.temperature, ge=0, le=2)
-        if 0 < self.temperature and float(torch.tensor(self.temperature, dtype=torch.float32)) == 0:
+        if self.temperature > 0 and _vanishes_in_f32(self.temperature):
             raise BadInputError(f"Invalid 'temperature': {self.temperature} is too small (it rounds to 0 in "
                                 "float32); use 0 for greedy decoding.")
         _number("top_p", self.top_p, gt=0, le=1)
@@ -170,9 +170,13 @@ def _number(name: str, value, **bounds) -> None:
     if not math.isfinite(value):
         raise BadInputError(f"Invalid '{name}': expected a finite number, but got {value} instead.")
     _bounds(name, value, "decimal", **bounds)
-    if "gt" in bounds and value > bounds["gt"] and float(torch.tensor(value, dtype=torch.float32)) <= bounds["gt"]:
-        # The sampler works in float32: a positive value that rounds to 0 there would divide by zero.
-        raise BadInputError(f"Invalid '{name}': {value} is too small (it rounds to {bounds['gt']} in float32).")
+    if bounds.get("gt") == 0 and value > 0 and _vanishes_in_f32(value):
+        raise BadInputError(f"Invalid '{name}': {value} is too small (it rounds to 0 in float32).")
+
+
+def _vanishes_in_f32(value: float) -> bool:
+    """The sampler works in float32: a positive value that rounds to 0 there would divide by zero."""
+    return float(torch.tensor(value, dtype=torch.float32)) == 0
 
 
 def check_integer(name: str, value, **bounds) -> None:

@@ -13,6 +13,7 @@ stream), so generation — most of GRPO's time — scales with the ranks; gradie
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from nanoseek.engine.generate import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError, UnsupportedError
 from nanoseek.evaluate import completion_text, sample_seed
-from nanoseek.tasks.base import Task
+from nanoseek.tasks.base import GeneratedTask, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from nanoseek.train import distributed as D
@@ -171,19 +172,16 @@ class Rollouts:
 
     def _problems(self):
         """This rank's endless problem stream: every W-th train problem; a finite task restarts, reshuffled."""
-        epoch = 0
-        while True:
-            problems = list(self.task.iter_problems("train")) if not _endless(self.task) else None
-            if problems is None:
-                for i, p in enumerate(self.task.iter_problems("train")):
-                    if i % self.world == self.rank:
-                        yield p
-                return
-            if not problems:
-                raise BadInputError(f"task {self.task.name}: the train split is empty")
-            random.Random(f"{self.cfg.seed}/{epoch}").shuffle(problems)
-            yield from problems[self.rank::self.world] or problems[:1]
-            epoch += 1
+        if isinstance(self.task, GeneratedTask):  # already endless and seeded
+            yield from itertools.islice(self.task.iter_problems("train"), self.rank, None, self.world)
+            return
+        problems = list(self.task.iter_problems("train"))
+        if not problems:
+            raise BadInputError(f"task {self.task.name}: the train split is empty")
+        for epoch in itertools.count():
+            order = problems.copy()
+            random.Random(f"{self.cfg.seed}/{epoch}").shuffle(order)
+            yield from order[self.rank::self.world] or order[:1]
 
     # -- batches ------------------------------------------------------------------------------------------
 
@@ -275,12 +273,6 @@ class Rollouts:
 
 def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
-
-
-def _endless(task: Task) -> bool:
-    from nanoseek.tasks.base import GeneratedTask
-
-    return isinstance(task, GeneratedTask)
 
 
 def frozen_reference(policy: nn.Module) -> nn.Module:
