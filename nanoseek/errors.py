@@ -33,3 +33,15 @@ class QueueFullError(NanoseekError):
     """The server's bounded request queue is full: try again shortly (HTTP 503)."""
 
     exit_code = 5
+
+
+class InsufficientBalanceError(NanoseekError):
+    """A key's remaining budget cannot cover even the smallest run of a request (HTTP 402)."""
+
+    exit_code = 6
+
+
+class QuotaExceededError(NanoseekError):
+    """A per-key storage quota is full; retrying will not help until something is deleted (HTTP 413)."""
+
+    exit_code = 7

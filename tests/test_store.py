@@ -160,22 +160,25 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
 def test_budget_to_balance(store):
     key_id, _ = store.create_key("capped", budget_usd=1.0)
     assert store.balance(key_id) == {"is_available": True, "balance_infos": [
-        {"currency": "USD", "total_balance": "1.00", "granted_balance": "1.00", "topped_up_balance": "0.00"}]}
+        {"currency": "USD", "total_balance": "1.00", "granted_balance": "1.00", "topped_up_balance": "0.00",
+         "budget": "1.00", "spent": "0.00", "reserved": "0.00"}]}
     _use(store, key_id, cost=0.7)
     bal = store.balance(key_id)  # 1.0 - 0.7 is 0.30000000000000004 in floats; must not floor to 0.29
     assert bal["is_available"] and bal["balance_infos"][0]["total_balance"] == "0.30"
     _use(store, key_id, cost=0.295)
-    assert store.balance(key_id)["balance_infos"][0]["total_balance"] == "0.00"  # $0.005 left: rounded down
+    info = store.balance(key_id)["balance_infos"][0]
+    assert (info["total_balance"], info["spent"]) == ("0.00", "1.00")  # $0.005 left: balance down, spend up
     assert store.balance(key_id)["is_available"]
-    _use(store, key_id, cost=0.105)  # the last request overshoots: reported, not hidden
+    _use(store, key_id, cost=0.105)  # the last request overshoots: no longer available, but never below 0
     bal = store.balance(key_id)
-    assert not bal["is_available"] and bal["balance_infos"][0]["total_balance"] == "-0.10"
+    assert not bal["is_available"] and bal["balance_infos"][0]["total_balance"] == "0.00"
+    assert bal["balance_infos"][0]["spent"] == "1.10"
     assert store.remaining_usd(key_id) == pytest.approx(-0.1)
     assert store.spent_usd(key_id) == pytest.approx(1.1)
 
     free_id, _ = store.create_key("free")
     _use(store, free_id, cost=100.0)
-    assert store.balance(free_id) is None and store.remaining_usd(free_id) is None
+    assert store.remaining_usd(free_id) is None
     zero_id, _ = store.create_key("zero", budget_usd=0)
     assert not store.balance(zero_id)["is_available"]
     rich_id, _ = store.create_key("revoked", budget_usd=50)

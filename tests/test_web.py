@@ -216,7 +216,7 @@ def test_per_key_isolation(models, data_dir):
 
 def test_local_user_is_separate_from_keys(tmp_path):
     """The local user's conversations (made while the server had no keys) are not handed to a key later."""
-    conv = Conversations(Store(tmp_path).path)
+    conv = Conversations(Store(tmp_path))
     local = conv.create(None, title="local")
     assert [c.id for c in conv.find(None)] == [local.id]
     assert conv.find(1) == []

@@ -1,17 +1,15 @@
-"""The chat web app's conversations, stored server-side in the Store's SQLite file (`nanoseek.db`).
+"""The chat web app's conversations: their queries, titles, quota accounting and export.
 
-Owns the `web_conversations` and `web_messages` tables and every read and write of them. A conversation
-belongs to the API key that created it, or to the local user (key_id NULL) of a server running without
-keys; every method takes that owner and never touches another owner's rows, so a wrong owner reads as
-"not found" rather than revealing that the id exists.
+Owns the logic of the `web_conversations` and `web_messages` tables; the Store owns the file, the
+connections and the schema (store.MIGRATIONS 1 → 2 and 2 → 3). A conversation belongs to the API key
+that created it, or to the local user (key_id NULL) of a server running without keys; every method takes
+that owner and never touches another owner's rows, so a wrong owner reads as "not found" rather than
+revealing that the id exists.
 
-The tables sit beside the Store's keys and usage so one file holds everything a server knows and one
-backup saves it. They are created if missing (CREATE … IF NOT EXISTS) rather than through the Store's
-numbered migrations, which this module does not own; the statements are written so that moving them into
-store.MIGRATIONS later changes nothing for existing files.
-
-Each call opens its own short-lived connection: calls come from FastAPI's worker threads, are rare (a few
-per chat turn) and small, and a connection per call leaves nothing to close when the server stops.
+Storage is metered per owner (finding 10 of issue 13: a key with no budget left wrote 57 MiB in 0.8 s):
+each row keeps its `size` (store.stored_size of its text), and every write charges or refunds the
+difference through `Store.charge_storage` inside the same transaction, so a write past the owner's cap
+fails whole, with QuotaExceededError (413).
 """
 
 from __future__ import annotations
@@ -23,40 +21,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanoseek.errors import BadInputError, NotFoundError
+from nanoseek.serve.store import stored_size
 
-BUSY_TIMEOUT_MS = 5000   # as the Store: writes are single short transactions
+if TYPE_CHECKING:
+    from nanoseek.serve.store import Store
+
 TITLE_MAX = 200
 ROLES = ("user", "assistant")
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS web_conversations (
-        id            TEXT PRIMARY KEY,                 -- random, so ids say nothing about other users' chats
-        key_id        INTEGER REFERENCES api_keys(id),  -- NULL: the local user of a server without keys
-        title         TEXT NOT NULL,
-        model         TEXT,                             -- NULL: the server's default model
-        system_prompt TEXT NOT NULL DEFAULT '',
-        temperature   REAL,                             -- NULL: the server's default
-        deepthink     INTEGER NOT NULL DEFAULT 0,
-        created_at    REAL NOT NULL,
-        updated_at    REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS web_conversations_by_owner ON web_conversations(key_id, updated_at)",
-    # AUTOINCREMENT: ids are never reused after a regenerate deletes the tail, so a stale client id can
-    # only miss, never hit a newer message.
-    """CREATE TABLE IF NOT EXISTS web_messages (
-        id              INTEGER PRIMARY KEY AUTOINCREMENT,
-        conversation_id TEXT NOT NULL REFERENCES web_conversations(id) ON DELETE CASCADE,
-        role            TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-        content         TEXT NOT NULL,
-        reasoning       TEXT,                           -- the reply's reasoning_content, if any
-        stats           TEXT,                           -- JSON: usage, timings, model, finish reason
-        created_at      REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS web_messages_by_conversation ON web_messages(conversation_id, id)",
-)
 
 
 @dataclass
@@ -110,44 +84,23 @@ def default_title(text: str) -> str:
 
 
 class Conversations:
-    """Conversations and their messages for every owner, in the Store's database file at `path`.
+    """Conversations and their messages for every owner, kept in `store`'s database.
 
     `owner` everywhere is an API key id, or None for the local user.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        with self._tx() as c:
-            for statement in SCHEMA:
-                c.execute(statement)
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection. Like the Store, a write takes the lock up front (BEGIN
-        IMMEDIATE) so concurrent writers queue on busy_timeout instead of failing halfway."""
+        """One Store transaction (a write takes the lock up front), with text SQLite cannot store reported
+        as bad input."""
         try:
-            c = sqlite3.connect(self.path, isolation_level=None)
-        except sqlite3.Error as e:
-            raise BadInputError(f"{self.path}: {e}") from None
-        try:
-            c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            c.execute("PRAGMA foreign_keys = ON")   # per connection: makes ON DELETE CASCADE work
-            c.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
+            with self.store.write() if write else self.store.read() as c:
                 yield c
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
-        except sqlite3.DatabaseError as e:
-            if type(e) in (sqlite3.DatabaseError, sqlite3.OperationalError):
-                raise BadInputError(f"{self.path}: {e}") from e
-            raise
         except UnicodeEncodeError:   # a lone surrogate in an id or a search: text SQLite cannot store
             raise BadInputError("text is not valid Unicode (lone surrogate)") from None
-        finally:
-            c.close()
 
     # --- conversations
 
@@ -156,9 +109,12 @@ class Conversations:
         now = time.time()
         conv = Conversation(f"c{secrets.token_hex(8)}", _title(title) if title else "New chat", model,
                             system_prompt or "", _temperature(temperature), bool(deepthink), now, now)
+        size = _conv_size(conv.title, conv.model, conv.system_prompt)
         with self._tx() as c:
-            c.execute(f"INSERT INTO web_conversations (key_id, {_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (owner, conv.id, conv.title, conv.model, conv.system_prompt, conv.temperature,
+            self.store.charge_storage(c, owner, size)
+            c.execute(f"INSERT INTO web_conversations (key_id, size, {_CONV_COLS}) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (owner, size, conv.id, conv.title, conv.model, conv.system_prompt, conv.temperature,
                        int(conv.deepthink), conv.created_at, conv.updated_at))
         return conv
 
@@ -197,17 +153,23 @@ class Conversations:
         if "system_prompt" in settings:
             settings["system_prompt"] = settings["system_prompt"] or ""
         with self._tx() as c:
-            self._get(c, owner, conv_id)
+            conv = self._get(c, owner, conv_id)
             if settings:
+                new = {"title": conv.title, "model": conv.model, "system_prompt": conv.system_prompt, **settings}
+                size = _conv_size(new["title"], new["model"], new["system_prompt"])
+                self.store.charge_storage(c, owner, size - self._size(c, conv_id))
                 cols = ", ".join(f"{k} = ?" for k in settings)
-                c.execute(f"UPDATE web_conversations SET {cols}, updated_at = ? WHERE id = ?",
-                          (*settings.values(), time.time(), conv_id))
+                c.execute(f"UPDATE web_conversations SET {cols}, size = ?, updated_at = ? WHERE id = ?",
+                          (*settings.values(), size, time.time(), conv_id))
         return self.get(owner, conv_id)
 
     def delete(self, owner: int | None, conv_id: str) -> None:
         with self._tx() as c:
             self._get(c, owner, conv_id)
-            c.execute("DELETE FROM web_conversations WHERE id = ?", (conv_id,))
+            freed = self._size(c, conv_id) + c.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM web_messages WHERE conversation_id = ?", (conv_id,)).fetchone()[0]
+            c.execute("DELETE FROM web_conversations WHERE id = ?", (conv_id,))   # messages: ON DELETE CASCADE
+            self.store.charge_storage(c, owner, -freed)
 
     # --- messages
 
@@ -219,14 +181,19 @@ class Conversations:
         if not isinstance(content, str):
             raise BadInputError("message content must be a string")
         now = time.time()
+        stats_json = json.dumps(stats) if stats else None
+        size = stored_size(content, reasoning, stats_json)
         with self._tx() as c:
             conv = self._get(c, owner, conv_id)
-            cur = c.execute(f"INSERT INTO web_messages (conversation_id, {_MSG_COLS.removeprefix('id, ')}) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (conv_id, role, content, reasoning, json.dumps(stats) if stats else None, now))
-            title = conv.title
+            title, grown = conv.title, size
             if role == "user" and title == "New chat":
                 title = default_title(content)
+                conv_size = _conv_size(title, conv.model, conv.system_prompt)
+                grown += conv_size - self._size(c, conv_id)
+                c.execute("UPDATE web_conversations SET size = ? WHERE id = ?", (conv_size, conv_id))
+            self.store.charge_storage(c, owner, grown)   # before the insert: an over-quota text is never written
+            cur = c.execute(f"INSERT INTO web_messages (conversation_id, size, {_MSG_COLS.removeprefix('id, ')}) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (conv_id, size, role, content, reasoning, stats_json, now))
             c.execute("UPDATE web_conversations SET updated_at = ?, title = ? WHERE id = ?", (now, title, conv_id))
         return Message(cur.lastrowid, role, content, reasoning, stats, now)
 
@@ -237,8 +204,11 @@ class Conversations:
             if c.execute("SELECT 1 FROM web_messages WHERE id = ? AND conversation_id = ?",
                          (message_id, conv_id)).fetchone() is None:
                 raise NotFoundError(f"conversation {conv_id} has no message {message_id}")
+            freed = c.execute("SELECT COALESCE(SUM(size), 0) FROM web_messages WHERE conversation_id = ? AND id >= ?",
+                              (conv_id, message_id)).fetchone()[0]
             n = c.execute("DELETE FROM web_messages WHERE conversation_id = ? AND id >= ?",
                           (conv_id, message_id)).rowcount
+            self.store.charge_storage(c, owner, -freed)
             c.execute("UPDATE web_conversations SET updated_at = ? WHERE id = ?", (time.time(), conv_id))
         return n
 
@@ -249,6 +219,14 @@ class Conversations:
         if row is None:
             raise NotFoundError(f"no conversation {conv_id!r}")
         return _conversation(row)
+
+    @staticmethod
+    def _size(c: sqlite3.Connection, conv_id: str) -> int:
+        return c.execute("SELECT size FROM web_conversations WHERE id = ?", (conv_id,)).fetchone()[0]
+
+
+def _conv_size(title: str, model: str | None, system_prompt: str) -> int:
+    return stored_size(title, model, system_prompt)
 
 
 def _title(title) -> str:

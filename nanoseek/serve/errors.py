@@ -43,7 +43,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from nanoseek.engine.sampling import json_kind   # OpenAI's JSON type words; shared so both layers say "a string"
-from nanoseek.errors import BadInputError, NanoseekError, NotFoundError, QueueFullError, UnsupportedError
+from nanoseek.errors import (BadInputError, InsufficientBalanceError, NanoseekError, NotFoundError, QueueFullError,
+                             QuotaExceededError, UnsupportedError)
 
 SCHEMA_STATUS = 422   # a body that doesn't fit the schema (see the module docstring)
 
@@ -166,13 +167,18 @@ _PARAM_IN_MESSAGE = re.compile(r"^Invalid (?:type for |value for )?'([^']+)'")
 
 def from_nanoseek(err: NanoseekError) -> ApiError:
     """A NanoseekError raised while handling a request: bad input 400, unsupported 400, not found 404,
-    full request queue 503."""
+    insufficient balance 402, storage quota full 413, full request queue 503."""
     message = str(err)
     param = getattr(err, "param", None)
     if param is None and (m := _PARAM_IN_MESSAGE.match(message)):
         param = m.group(1)
     if isinstance(err, QueueFullError):
         return ApiError.overloaded(message=message)
+    if isinstance(err, InsufficientBalanceError):
+        return ApiError.insufficient_balance(message)
+    if isinstance(err, QuotaExceededError):
+        # 413, not 429: waiting frees nothing (only deleting does), and SDKs retry 429s on their own.
+        return ApiError(413, message, param=param, code="storage_quota_exceeded")
     if isinstance(err, NotFoundError):
         return ApiError.not_found(message, param=param)
     if isinstance(err, UnsupportedError):

@@ -1,15 +1,38 @@
-"""The server's embedded store: API keys, the usage ledger and prices, in one SQLite file.
+"""The server's embedded store: API keys, the usage ledger, budgets and their reservations, per-key
+quotas, and the tables of the chat web app, in one SQLite file.
 
-Owns the data directory (`data_dir`), the schema and its migrations, and every read and write of
-`nanoseek.db`. The HTTP server and the `nanoseek keys` / `nanoseek usage` commands both go through
-`Store`; nothing else opens the file. Rate limiting is in-memory and lives in `limits.py`.
+Owns the data directory (`data_dir`), the schema and its migrations, every connection to `nanoseek.db`
+and the money arithmetic. The HTTP server, `conversations.py` (through `Store.read`/`Store.write`) and
+the `nanoseek keys` / `nanoseek usage` commands all go through `Store`; nothing else opens the file.
+Rate limiting is in-memory and lives in `limits.py`.
 
 SQLite because the server is one machine and one process: no daemon to run, one file to back up,
 and WAL mode lets readers (balance, usage) proceed while a writer records a request.
+
+Budgets, in one paragraph (finding 1 of issue 13: 50 parallel requests all passed a check that read the
+spend before any of them was billed). A generating request *reserves* its worst-case cost at admission
+(`reserve`): in one BEGIN IMMEDIATE transaction the store reads budget − spent − every outstanding
+reservation and inserts a reservation row, so parallel admissions queue on the write lock and cannot
+all see the same remaining money. When the remainder is below the worst case, the grant is *clamped*:
+`max_tokens` shrinks to what the budget covers (the response then ends with finish_reason "length"),
+and only a request that cannot afford its prompt plus one output token per choice is refused
+(InsufficientBalanceError → 402). Clamping rather than refusing lets a key spend its last cents, and a
+client asking for max_tokens=8192 out of habit is not refused while it could still get an answer.
+The request ends with `settle` (usage row written and reservation deleted in one transaction) or
+`release` (it never ran). Money is compared in integer nano-dollars, so float noise cannot let a sixth
+request through a budget of exactly five, and a balance is clamped at 0 and floored to cents.
+
+Crashes (finding 9). A reservation row carries a progress count (`progress`), and it belongs to the
+*session* of the Store that made it. A live session holds an exclusive flock on
+`<data dir>/live/<session>.lock`; the kernel drops it when the process dies, kill -9 included. Every
+Store open (server start, `nanoseek usage`) bills the reservations of dead sessions as usage rows with
+finish_reason "interrupted" and deletes them in the same transaction, so each is billed exactly once,
+and a CLI run beside a live server leaves the server's reservations alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -21,18 +44,24 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from decimal import ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
-from nanoseek.errors import BadInputError, NotFoundError, UnsupportedError
+from nanoseek.errors import (BadInputError, InsufficientBalanceError, NotFoundError, QuotaExceededError,
+                             UnsupportedError)
 
 DB_FILENAME = "nanoseek.db"
 SECRET_PREFIX = "sk-ns-"
 DISPLAY_PREFIX_LEN = len(SECRET_PREFIX) + 8  # "sk-ns-AbCd1234": enough to tell keys apart, 48 of 256 bits
 BUSY_TIMEOUT_MS = 5000  # writes are single short transactions; 5 s of contention means something is stuck
+LIVE_DIR = "live"  # <data dir>/live/<session>.lock: one per Store that holds reservations (see the docstring)
+INTERRUPTED = "interrupted"  # finish_reason of a request billed at restart because its server died under it
+ROW_OVERHEAD_BYTES = 64  # charged per stored row on top of its text, so a flood of empty rows is metered too
+NANO_PER_USD = 10**9
+_NANO, _CENT = Decimal("1e-9"), Decimal("0.01")
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -63,8 +92,29 @@ class PriceTable:
 
     def cost(self, cache_hit_tokens: int, cache_miss_tokens: int, output_tokens: int) -> float:
         """USD for one request. Output includes reasoning tokens: DeepSeek bills the CoT as output."""
-        return (cache_hit_tokens * self.input_cache_hit + cache_miss_tokens * self.input_cache_miss
-                + output_tokens * self.output) / 1_000_000
+        return float(self.exact_cost(cache_hit_tokens, cache_miss_tokens, output_tokens))
+
+    def exact_cost(self, cache_hit_tokens: int, cache_miss_tokens: int, output_tokens: int) -> Decimal:
+        """The same cost as an exact Decimal: each price is read as the decimal it was written as (0.27,
+        not 0.2700000000000000177…), so budget arithmetic has no float noise."""
+        return (cache_hit_tokens * _dec(self.input_cache_hit) + cache_miss_tokens * _dec(self.input_cache_miss)
+                + output_tokens * _dec(self.output)) / 1_000_000
+
+
+def _dec(x: float | int) -> Decimal:
+    return Decimal(repr(float(x)))
+
+
+def to_nano(usd: float | Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
+    """USD → integer nano-dollars, the unit budgets are compared in (DeepSeek prices are whole multiples of
+    1e-8 USD per token, so their costs convert exactly)."""
+    return int((usd if isinstance(usd, Decimal) else _dec(usd)).quantize(_NANO, rounding=rounding) * NANO_PER_USD)
+
+
+def cents(nano: int, rounding: str = ROUND_FLOOR) -> str:
+    """Nano-dollars → DeepSeek's money string ("0.30"). Balances round down (never overstate what is left),
+    spend rounds up (never understate it), so balance + spend = budget for a budget in whole cents."""
+    return str((Decimal(nano) / NANO_PER_USD).quantize(_CENT, rounding=rounding))
 
 
 # DeepSeek's published prices (R1 launch). Off-peak discounts are not modelled: a local server
@@ -186,6 +236,52 @@ class UsageSummary:
     mean_latency_s: float
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Money held for one generating request, from `Store.reserve` until `settle` or `release`."""
+
+    id: int
+    key_id: int | None
+    model: str
+    prompt_tokens: int
+    choices: int  # sequences generated (n, or prompts × n): each may run to max_tokens
+    requested_max_tokens: int
+    max_tokens: int  # granted, per choice: the request's, or fewer when the budget covers fewer
+    reserved_usd: float  # the grant's worst case: every prompt token a cache miss, every choice at max_tokens
+    prices: PriceTable  # fixed at admission: settle and a restart bill at these
+    created_at: float  # unix seconds
+
+    @property
+    def clamped(self) -> bool:
+        return self.max_tokens < self.requested_max_tokens
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Quotas the store enforces inside its own write transactions."""
+
+    # Conversations (and whatever else is stored for a caller, e.g. stored responses) per API key, and
+    # for the open server's local user. None: no cap.
+    stored_bytes_per_owner: int | None = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        v = self.stored_bytes_per_owner
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise BadInputError(f"stored_bytes_per_owner must be a whole number of bytes ≥ 0, got {v!r}")
+
+
+def stored_size(*texts: str | None) -> int:
+    """What one stored row counts against its owner's quota: its UTF-8 text plus ROW_OVERHEAD_BYTES.
+    (Migration 2 → 3 computes the same rule in SQL for rows written before quotas existed.)"""
+    return ROW_OVERHEAD_BYTES + sum(len(t.encode("utf-8")) for t in texts if t)
+
+
+def _owner(key_id: int | None) -> int:
+    """owner_totals' key: the key id, or 0 for the open server's local user (key ids start at 1).
+    A plain integer rather than NULL so the row is unique and upsertable."""
+    return 0 if key_id is None else key_id
+
+
 _KEY_COLS = "id, name, prefix, rpm, tpm, budget_usd, created_at, revoked_at"
 _USAGE_COLS = ("id, key_id, ts, model, prompt_cache_hit_tokens, prompt_cache_miss_tokens, completion_tokens, "
                "reasoning_tokens, latency_s, finish_reason, cost_usd")
@@ -226,7 +322,80 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX usage_by_key_ts ON usage(key_id, ts)",
         "CREATE INDEX usage_by_ts ON usage(ts)",
     ),
-    # 1 → 2 will be the chat web app's conversations and messages tables; add them as a new entry here.
+    (  # 1 → 2: the chat web app's conversations (serve/conversations.py holds their logic). IF NOT EXISTS:
+        # before this entry, conversations.py created these same tables itself, so files at version 1 may
+        # already hold them, with data, and must keep both.
+        """CREATE TABLE IF NOT EXISTS web_conversations (
+            id            TEXT PRIMARY KEY,                 -- random, so ids say nothing about other users' chats
+            key_id        INTEGER REFERENCES api_keys(id),  -- NULL: the local user of a server without keys
+            title         TEXT NOT NULL,
+            model         TEXT,                             -- NULL: the server's default model
+            system_prompt TEXT NOT NULL DEFAULT '',
+            temperature   REAL,                             -- NULL: the server's default
+            deepthink     INTEGER NOT NULL DEFAULT 0,
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS web_conversations_by_owner ON web_conversations(key_id, updated_at)",
+        # AUTOINCREMENT: ids are never reused after a regenerate deletes the tail, so a stale client id can
+        # only miss, never hit a newer message.
+        """CREATE TABLE IF NOT EXISTS web_messages (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES web_conversations(id) ON DELETE CASCADE,
+            role            TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content         TEXT NOT NULL,
+            reasoning       TEXT,                           -- the reply's reasoning_content, if any
+            stats           TEXT,                           -- JSON: usage, timings, model, finish reason
+            created_at      REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS web_messages_by_conversation ON web_messages(conversation_id, id)",
+    ),
+    (  # 2 → 3: budget reservations, per-owner running totals, and stored sizes for the storage quota
+        """CREATE TABLE reservations (
+            id               INTEGER PRIMARY KEY,
+            key_id           INTEGER REFERENCES api_keys(id),  -- NULL: the open server's local user
+            session          TEXT NOT NULL,     -- the Store holding it; dead sessions are billed at open
+            model            TEXT NOT NULL,
+            prompt_tokens    INTEGER NOT NULL,
+            choices          INTEGER NOT NULL,
+            max_tokens       INTEGER NOT NULL,  -- granted, per choice
+            price_hit        REAL NOT NULL,     -- USD per 1M tokens at admission: what settle/restart bill at
+            price_miss       REAL NOT NULL,
+            price_output     REAL NOT NULL,
+            reserved_nano    INTEGER NOT NULL,  -- worst-case cost in 1e-9 USD, held against the budget
+            generated_tokens INTEGER NOT NULL DEFAULT 0,  -- progress, for billing a request its server died under
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            created_at       REAL NOT NULL,
+            updated_at       REAL NOT NULL
+        )""",
+        "CREATE INDEX reservations_by_key ON reservations(key_id)",
+        "CREATE INDEX reservations_by_session ON reservations(session)",
+        # One row per owner (0: the local user), kept in step by every write that changes them, in the same
+        # transaction. Counters, not SUMs: at 100k usage rows SUM(cost_usd) took 24 ms and at a 64 MiB owner
+        # SUM(size) 15 ms, both held under the write lock on every admission or append.
+        """CREATE TABLE owner_totals (
+            owner        INTEGER PRIMARY KEY,       -- api_keys.id, or 0 for the local user
+            spent_nano   INTEGER NOT NULL DEFAULT 0,  -- SUM(usage.cost_usd) in 1e-9 USD
+            stored_bytes INTEGER NOT NULL DEFAULT 0   -- SUM(size) of everything stored for the owner
+        )""",
+        "ALTER TABLE web_conversations ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE web_messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+        # stored_size() for the rows already there (CAST AS BLOB: length in UTF-8 bytes, not characters).
+        """UPDATE web_conversations SET size = 64 + length(CAST(title AS BLOB))
+            + IFNULL(length(CAST(model AS BLOB)), 0) + length(CAST(system_prompt AS BLOB))""",
+        """UPDATE web_messages SET size = 64 + length(CAST(content AS BLOB))
+            + IFNULL(length(CAST(reasoning AS BLOB)), 0) + IFNULL(length(CAST(stats AS BLOB)), 0)""",
+        """INSERT INTO owner_totals (owner, spent_nano, stored_bytes)
+            SELECT owner, SUM(spent), SUM(stored) FROM (
+                SELECT IFNULL(key_id, 0) AS owner, CAST(ROUND(SUM(cost_usd) * 1e9) AS INTEGER) AS spent,
+                       0 AS stored FROM usage GROUP BY 1
+                UNION ALL
+                SELECT IFNULL(key_id, 0), 0, SUM(size) FROM web_conversations GROUP BY 1
+                UNION ALL
+                SELECT IFNULL(c.key_id, 0), 0, SUM(m.size) FROM web_messages m
+                    JOIN web_conversations c ON c.id = m.conversation_id GROUP BY 1
+            ) GROUP BY owner""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -270,22 +439,91 @@ def _db_error(path: Path, e: sqlite3.Error) -> BadInputError:
     return BadInputError(f"{path}: {msg}")
 
 
+def _insert_usage(c: sqlite3.Connection, key_id: int | None, model: str, hit: int, miss: int, completion: int,
+                  reasoning: int, latency_s: float, finish_reason: str | None, cost_nano: int, ts: float) -> int:
+    """The one way a usage row is written: the row and the owner's running spend, in the caller's transaction."""
+    counts = (hit, miss, completion, reasoning)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+        raise ValueError(f"token counts must be non-negative ints, got {counts}")
+    cur = c.execute(f"INSERT INTO usage ({_USAGE_COLS.removeprefix('id, ')}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key_id, ts, model, *counts, float(latency_s), finish_reason, cost_nano / NANO_PER_USD))
+    c.execute("INSERT INTO owner_totals (owner, spent_nano) VALUES (?, ?) ON CONFLICT (owner) "
+              "DO UPDATE SET spent_nano = spent_nano + excluded.spent_nano", (_owner(key_id), cost_nano))
+    return cur.lastrowid
+
+
+def _spent_nano(c: sqlite3.Connection, key_id: int | None) -> int:
+    row = c.execute("SELECT spent_nano FROM owner_totals WHERE owner = ?", (_owner(key_id),)).fetchone()
+    return row[0] if row else 0
+
+
+def _held_nano(c: sqlite3.Connection, key_id: int | None) -> int:
+    """Money held by the key's reservations in flight (a handful of rows: only running requests)."""
+    return c.execute("SELECT COALESCE(SUM(reserved_nano), 0) FROM reservations WHERE key_id IS ?",
+                     (key_id,)).fetchone()[0]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+_SESSION = re.compile(r"[0-9a-f]{32}")
+
+
+@contextmanager
+def _lock_if_dead(live: Path, session: str) -> Iterator[bool]:
+    """Yields whether `session`'s owner is dead, holding its lock file (then removed) while the caller
+    bills it. A live owner holds an exclusive flock on it, which the kernel drops at its death; a missing
+    file means the owner is long gone. Locks, not pids: a container restarts its server as pid 1 again."""
+    if not _SESSION.fullmatch(session):  # not one of ours (a hand-edited file): nothing can be holding it
+        yield True
+        return
+    path = live / f"{session}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+        path.unlink(missing_ok=True)  # under the lock: a later open finds nothing, so never bills twice
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------------- store
 
 class Store:
-    """Keys, usage and balances in `<data dir>/nanoseek.db`. Safe to share across threads.
+    """Keys, usage, budgets, quotas and the web app's tables in `<data dir>/nanoseek.db`. Safe to share
+    across threads.
 
     Each thread gets its own connection (sqlite3 connections must not be used concurrently), all in
     autocommit mode; every write is one explicit BEGIN IMMEDIATE … COMMIT, which takes the write
     lock up front so concurrent writers queue on busy_timeout instead of failing on lock upgrade.
+    Other modules that keep tables here (conversations.py) use `read()` and `write()`.
+
+    Durability: WAL with synchronous=NORMAL. A COMMIT has reached the WAL file through write(2) when it
+    returns, so it is in the kernel's page cache and survives the process being killed (kill -9, OOM):
+    what finding 9 needs. Only an OS crash or power loss can drop the last few commits (no fsync per
+    commit); those drops are atomic, and a lost settle takes its reservation's deletion with it, so
+    that request is billed at restart from its last progress instead. FULL would add an fsync to
+    every request for that case alone.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, *, limits: StoreLimits | None = None) -> None:
         self.dir = data_dir(directory)
         self.path = self.dir / DB_FILENAME
+        self.limits = limits or StoreLimits()
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []  # every thread's connection, so close() reaches them all
         self._conns_lock = threading.Lock()
+        self._session: str | None = None  # made on the first reserve(); see _own_session
+        self._session_fd: int | None = None
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self.path.exists():
@@ -295,9 +533,11 @@ class Store:
         except OSError as e:
             raise BadInputError(f"{e.filename or self.dir}: cannot create the data directory "
                                 f"({e.strerror})") from None
-        # Open and migrate now, so a bad file fails at startup rather than on the first request.
-        with self._tx(write=False) as c:
+        # Open and migrate now, so a bad file fails at startup rather than on the first request; then bill
+        # what a killed server left in flight, before anyone reads a balance.
+        with self._connection() as c:
             migrate(c, self.path)
+        self.recover_interrupted()
 
     # --- connections and transactions
 
@@ -310,8 +550,8 @@ class Store:
             try:
                 c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 c.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap to repeat
-                c.execute("PRAGMA foreign_keys = ON")  # per connection, off by default
-                # WAL + NORMAL: never corrupt, no fsync per commit; an OS crash may drop the last few commits.
+                c.execute("PRAGMA foreign_keys = ON")  # per connection, off by default; makes ON DELETE CASCADE work
+                # WAL + NORMAL: never corrupt, no fsync per commit; see the class docstring for what that risks.
                 c.execute("PRAGMA synchronous = NORMAL")
             except BaseException:
                 c.close()
@@ -322,19 +562,10 @@ class Store:
         return c
 
     @contextmanager
-    def _tx(self, write: bool) -> Iterator[sqlite3.Connection]:
-        """A connection for this thread; `write` wraps the block in one transaction. Maps SQLite failures."""
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, in autocommit, with SQLite failures mapped to one-line errors."""
         try:
-            c = self._conn()
-            if write:
-                c.execute("BEGIN IMMEDIATE")
-            try:
-                yield c
-                if write:
-                    c.execute("COMMIT")
-            except BaseException:
-                _rollback(c)
-                raise
+            yield self._conn()
         except sqlite3.DatabaseError as e:
             # Corruption, locks and I/O are the user's to fix and get one line naming the file;
             # integrity and programming errors are our bugs and keep their traceback.
@@ -342,8 +573,44 @@ class Store:
                 raise _db_error(self.path, e) from e
             raise
 
+    @contextmanager
+    def _tx(self, begin: str) -> Iterator[sqlite3.Connection]:
+        with self._connection() as c:
+            c.execute(begin)
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                _rollback(c)
+                raise
+
+    def write(self) -> AbstractContextManager[sqlite3.Connection]:
+        """`with store.write() as c:` one write transaction (BEGIN IMMEDIATE … COMMIT, ROLLBACK on any
+        exception) on this thread's connection. Keep it short: every writer in every process waits on it.
+        Do not nest it, or read(), inside another transaction."""
+        return self._tx("BEGIN IMMEDIATE")
+
+    def read(self) -> AbstractContextManager[sqlite3.Connection]:
+        """`with store.read() as c:` one read transaction: every SELECT inside sees the same snapshot."""
+        return self._tx("BEGIN")
+
     def close(self) -> None:
-        """Close every thread's connection (call when no thread is mid-call). Later calls reopen lazily."""
+        """Close every thread's connection (call when no thread is mid-call). Later calls reopen lazily.
+
+        Reservations still open stay in the file and are billed as interrupted by the next Store to open
+        it: a server closing its store under running requests has cut them off."""
+        fd, session = self._session_fd, self._session
+        if fd is not None:
+            try:
+                with self.read() as c:
+                    left = c.execute("SELECT EXISTS (SELECT 1 FROM reservations WHERE session = ?)",
+                                     (session,)).fetchone()[0]
+                if not left:  # nothing for a later Store to bill: leave no lock file behind
+                    (self.dir / LIVE_DIR / f"{session}.lock").unlink(missing_ok=True)
+            except (BadInputError, OSError):
+                pass  # the file stays; the next open finds it unlocked and cleans it up
+            os.close(fd)  # releases the lock
+            self._session = self._session_fd = None
         with self._conns_lock:
             for c in self._conns:
                 c.close()
@@ -357,11 +624,11 @@ class Store:
         self.close()
 
     def schema_version(self) -> int:
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             return c.execute("PRAGMA user_version").fetchone()[0]
 
     def journal_mode(self) -> str:
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             return c.execute("PRAGMA journal_mode").fetchone()[0]
 
     # --- keys
@@ -386,7 +653,7 @@ class Store:
                                        or not math.isfinite(budget_usd) or budget_usd < 0):
             raise BadInputError(f"budget must be a non-negative amount of USD, got {budget_usd!r}")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)  # 32 random bytes → 43 url-safe characters
-        with self._tx(write=True) as c:
+        with self.write() as c:
             cur = c.execute("INSERT INTO api_keys (name, prefix, secret_hash, rpm, tpm, budget_usd, created_at) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (name, secret[:DISPLAY_PREFIX_LEN], self._hash(secret), rpm, tpm,
@@ -401,20 +668,20 @@ class Store:
         """
         if not isinstance(secret, str) or not secret:
             return None
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             row = c.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE secret_hash = ? AND revoked_at IS NULL",
                             (self._hash(secret),)).fetchone()
         return KeyRecord(*row) if row else None
 
     def get_key(self, key_id: int) -> KeyRecord | None:
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             row = c.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return KeyRecord(*row) if row else None
 
     def find_key(self, id_or_prefix: int | str) -> KeyRecord:
         """A key by id ("3"), displayed prefix ("sk-ns-AbCd1234") or whole secret. NotFoundError otherwise."""
         ref = str(id_or_prefix).strip().rstrip("…")  # `keys list` shows prefixes with an ellipsis
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             if ref.isdigit():
                 rows = c.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ?", (int(ref),)).fetchall()
             else:
@@ -430,13 +697,13 @@ class Store:
 
     def list_keys(self) -> list[KeyRecord]:
         """All keys, revoked ones included, oldest first."""
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             return [KeyRecord(*r) for r in c.execute(f"SELECT {_KEY_COLS} FROM api_keys ORDER BY id")]
 
     def revoke_key(self, id_or_prefix: int | str) -> KeyRecord:
         """Revoke a key (idempotent: a revoked key keeps its first revocation time); returns it as now stored."""
         key = self.find_key(id_or_prefix)
-        with self._tx(write=True) as c:
+        with self.write() as c:
             c.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                       (time.time(), key.id))
         return self.get_key(key.id)
@@ -444,7 +711,7 @@ class Store:
     def any_keys(self) -> bool:
         """Whether the server must demand a key. Revoked keys count: revoking the last key must not
         quietly turn an authenticated server into an open one."""
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             return c.execute("SELECT EXISTS (SELECT 1 FROM api_keys)").fetchone()[0] == 1
 
     # --- usage ledger
@@ -453,46 +720,233 @@ class Store:
                      prompt_cache_miss_tokens: int, completion_tokens: int, reasoning_tokens: int,
                      latency_s: float, finish_reason: str | None, cost_usd: float, *,
                      ts: float | None = None) -> int:
-        """Append one served request to the ledger; returns its row id. `ts` defaults to now."""
-        counts = (prompt_cache_hit_tokens, prompt_cache_miss_tokens, completion_tokens, reasoning_tokens)
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
-            raise ValueError(f"token counts must be non-negative ints, got {counts}")
+        """Append one served request to the ledger; returns its row id. `ts` defaults to now.
+        A request admitted with `reserve` ends with `settle` instead, which calls this rule."""
         try:
-            with self._tx(write=True) as c:
-                cur = c.execute(f"INSERT INTO usage ({_USAGE_COLS.removeprefix('id, ')}) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (key_id, time.time() if ts is None else ts, model, *counts, float(latency_s),
-                                 finish_reason, float(cost_usd)))
+            with self.write() as c:
+                return _insert_usage(c, key_id, model, prompt_cache_hit_tokens, prompt_cache_miss_tokens,
+                                     completion_tokens, reasoning_tokens, latency_s, finish_reason,
+                                     to_nano(cost_usd), time.time() if ts is None else ts)
         except sqlite3.IntegrityError:  # the foreign key: no such key id
             raise NotFoundError(f"no API key with id {key_id}") from None
-        return cur.lastrowid
 
     def spent_usd(self, key_id: int | None) -> float:
-        with self._tx(write=False) as c:
-            return c.execute("SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE key_id IS ?",
-                             (key_id,)).fetchone()[0]
+        """Everything the key (None: the open server's local user) has been billed, in USD."""
+        with self._connection() as c:
+            return _spent_nano(c, key_id) / NANO_PER_USD
 
     def remaining_usd(self, key_id: int) -> float | None:
-        """Budget minus spend (negative once a final request overshoots), or None for an unlimited key."""
+        """Budget minus spend (negative once a request overshoots), or None for an unlimited key.
+        Ignores reservations in flight: `reserve` is the admission check, this is for reports."""
         key = self.get_key(key_id)
         if key is None:
             raise NotFoundError(f"no API key with id {key_id}")
         return None if key.budget_usd is None else key.budget_usd - self.spent_usd(key_id)
 
-    def balance(self, key_id: int) -> dict | None:
-        """The key's remaining budget as DeepSeek's GET /user/balance body, or None for an unlimited key.
+    def balance(self, key_id: int | None) -> dict:
+        """The caller's GET /user/balance body, in DeepSeek's shape, for a key or (None) the open server.
 
-        The budget is reported as granted balance (DeepSeek spends grants first and we have no
-        top-ups). Amounts are strings with two decimals, rounded down so they never overstate.
+        DeepSeek: {"is_available", "balance_infos": [{"currency", "total_balance", "granted_balance",
+        "topped_up_balance"}]}, amounts as strings. The budget is reported as granted balance (DeepSeek
+        spends grants first and we have no top-ups): what is left, clamped at 0 and rounded down to the
+        cent. `balance_infos` is never empty: an unlimited key and the open server report "0.00" with
+        is_available true. Extra fields in the entry, which DeepSeek clients ignore: "budget" (null:
+        unlimited), "spent" (rounded up), and "reserved" (held by requests in flight). is_available:
+        a live key with money left beyond what its requests in flight hold.
         """
-        remaining = self.remaining_usd(key_id)
-        if remaining is None:
-            return None
-        # Round to micro-dollars first so float noise (0.30000000004) can't floor a cent away.
-        amount = str(Decimal(f"{remaining:.6f}").quantize(Decimal("0.01"), rounding=ROUND_FLOOR))
-        return {"is_available": remaining > 0 and not self.get_key(key_id).revoked,
-                "balance_infos": [{"currency": "USD", "total_balance": amount, "granted_balance": amount,
-                                   "topped_up_balance": "0.00"}]}
+        with self.read() as c:
+            budget, revoked = None, False
+            if key_id is not None:
+                row = c.execute("SELECT budget_usd, revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no API key with id {key_id}")
+                budget, revoked = row[0], row[1] is not None
+            spent, held = _spent_nano(c, key_id), _held_nano(c, key_id)
+        info = {"currency": "USD", "total_balance": "0.00", "granted_balance": "0.00", "topped_up_balance": "0.00",
+                "budget": None, "spent": cents(spent, ROUND_CEILING), "reserved": cents(held, ROUND_CEILING)}
+        available = not revoked
+        if budget is not None:
+            left = max(0, to_nano(budget) - spent)
+            info.update(total_balance=cents(left), granted_balance=cents(left), budget=cents(to_nano(budget)))
+            available = available and left - held > 0
+        return {"is_available": available, "balance_infos": [info]}
+
+    # --- budget reservations (see the module docstring)
+
+    def reserve(self, key_id: int | None, model: str, prices: PriceTable, prompt_tokens: int, max_tokens: int,
+                *, choices: int = 1) -> Reservation:
+        """Hold the worst-case cost of a request before it runs; returns the Reservation to settle or release.
+
+        Worst case: every prompt token a cache miss, each of `choices` sequences running to `max_tokens`.
+        If the key's budget (minus its spend and its other reservations) covers less, the grant is
+        clamped: `Reservation.max_tokens` is the most output tokens per choice it does cover, and the
+        caller must generate no more. Raises InsufficientBalanceError (402) when it cannot cover the
+        prompt plus one output token per choice, NotFoundError for an unknown key. A key without a
+        budget, and the open server (key_id None), always get the full grant; their reservation still
+        bills them if the server dies under the request.
+        """
+        for label, v, low in (("prompt_tokens", prompt_tokens, 0), ("max_tokens", max_tokens, 1),
+                              ("choices", choices, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{label} must be an int ≥ {low}, got {v!r}")
+        session = self._own_session()
+        prompt_cost = prices.exact_cost(0, prompt_tokens, 0)
+        per_token = prices.exact_cost(0, 0, choices)  # one more output token in every choice
+        now = time.time()
+        with self.write() as c:
+            granted = max_tokens
+            if key_id is not None:
+                row = c.execute("SELECT budget_usd, prefix FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no API key with id {key_id}")
+                budget, prefix = row
+                if budget is not None:
+                    spent, held = _spent_nano(c, key_id), _held_nano(c, key_id)
+                    left = Decimal(to_nano(budget) - spent - held) / NANO_PER_USD
+                    affordable = left - prompt_cost
+                    if per_token > 0 and affordable >= 0:
+                        granted = min(max_tokens, int(affordable // per_token))
+                    elif affordable < 0:
+                        granted = 0
+                    if granted < 1:
+                        need = prompt_cost + per_token
+                        raise InsufficientBalanceError(
+                            f"Insufficient balance: key {prefix}… has ${max(left, Decimal(0)):.6f} left of its "
+                            f"${budget:.2f} budget" + (f" (${Decimal(held) / NANO_PER_USD:.6f} is held by "
+                                                       "its requests in progress)" if held else "")
+                            + f"; this request needs at least ${need:.6f}: {prompt_tokens} prompt tokens and "
+                            f"one output token{' per choice' if choices > 1 else ''}.")
+            # Rounded up: with the floor above, the held amount never exceeds what was left.
+            worst = to_nano(prompt_cost + per_token * granted, ROUND_CEILING)
+            cur = c.execute(
+                "INSERT INTO reservations (key_id, session, model, prompt_tokens, choices, max_tokens, price_hit, "
+                "price_miss, price_output, reserved_nano, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, session, model, prompt_tokens, choices, granted, prices.input_cache_hit,
+                 prices.input_cache_miss, prices.output, worst, now, now))
+        return Reservation(cur.lastrowid, key_id, model, prompt_tokens, choices, max_tokens, granted,
+                           worst / NANO_PER_USD, prices, now)
+
+    def progress(self, reservation: Reservation, generated_tokens: int, reasoning_tokens: int = 0) -> None:
+        """Record how many tokens the request has generated so far (all choices), so a server killed under
+        it bills them at restart. One small write transaction (~0.1 ms, no fsync under WAL + NORMAL);
+        calling it once a second per running request costs nothing noticeable. Never lowers the count."""
+        with self.write() as c:
+            c.execute("UPDATE reservations SET generated_tokens = MAX(generated_tokens, ?), "
+                      "reasoning_tokens = MAX(reasoning_tokens, ?), updated_at = ? WHERE id = ?",
+                      (int(generated_tokens), int(reasoning_tokens), time.time(), reservation.id))
+
+    def settle(self, reservation: Reservation, *, cache_hit_tokens: int, completion_tokens: int,
+               reasoning_tokens: int = 0, finish_reason: str | None, latency_s: float | None = None) -> int | None:
+        """The request is over: write its usage row and drop its reservation, in one transaction, at the
+        prices it was admitted with. Durable against a process kill when it returns (see the class
+        docstring), so call it before sending the final chunk. Prompt tokens are the reserved ones:
+        `cache_hit_tokens` of them hit the prefix cache, the rest are billed as misses. `latency_s`
+        defaults to the time since `reserve`.
+
+        Returns the usage row id, or None (writing nothing) when the reservation is already gone: settled,
+        released, or billed as interrupted. So a second settle of the same request never bills twice.
+        """
+        if isinstance(cache_hit_tokens, bool) or not isinstance(cache_hit_tokens, int) \
+                or not 0 <= cache_hit_tokens <= reservation.prompt_tokens:
+            raise ValueError(f"cache_hit_tokens must be an int in [0, {reservation.prompt_tokens}], "
+                             f"got {cache_hit_tokens!r}")
+        miss = reservation.prompt_tokens - cache_hit_tokens
+        cost = to_nano(reservation.prices.exact_cost(cache_hit_tokens, miss, completion_tokens))
+        now = time.time()
+        with self.write() as c:
+            if c.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,)).rowcount == 0:
+                return None
+            return _insert_usage(c, reservation.key_id, reservation.model, cache_hit_tokens, miss,
+                                 completion_tokens, min(reasoning_tokens, completion_tokens),
+                                 now - reservation.created_at if latency_s is None else latency_s,
+                                 finish_reason, cost, now)
+
+    def release(self, reservation: Reservation) -> bool:
+        """Drop a reservation without billing: for a request that never reached the engine (a later check
+        refused it). Returns whether it was still there."""
+        with self.write() as c:
+            return c.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,)).rowcount == 1
+
+    def recover_interrupted(self) -> int:
+        """Bill the reservations of dead sessions (a server killed under running requests) and delete them;
+        returns how many usage rows that wrote. Runs at every open; cheap when there is nothing to do.
+
+        Each becomes a usage row with finish_reason "interrupted": its prompt billed as cache misses
+        (which hits it had was never recorded), its last recorded progress as output, at its admission
+        prices, dated at its last progress. Rows and their deletion share one transaction, and a
+        session is billed only while this Store holds its lock, so each is billed exactly once.
+        """
+        live = self.dir / LIVE_DIR
+        with self._connection() as c:
+            sessions = {r[0] for r in c.execute("SELECT DISTINCT session FROM reservations")}
+        try:
+            sessions |= {p.stem for p in live.glob("*.lock")}
+        except OSError:
+            pass
+        sessions.discard(self._session)
+        billed = 0
+        for session in sorted(sessions):
+            with _lock_if_dead(live, session) as dead:
+                if dead:
+                    billed += self._bill_session(session)
+        return billed
+
+    def _bill_session(self, session: str) -> int:
+        with self.write() as c:
+            rows = c.execute("SELECT id, key_id, model, prompt_tokens, price_hit, price_miss, price_output, "
+                             "generated_tokens, reasoning_tokens, created_at, updated_at "
+                             "FROM reservations WHERE session = ? ORDER BY id", (session,)).fetchall()
+            for (_, key_id, model, prompt, hit_p, miss_p, out_p, generated, reasoning, created, updated) in rows:
+                cost = to_nano(PriceTable(hit_p, miss_p, out_p).exact_cost(0, prompt, generated))
+                _insert_usage(c, key_id, model, 0, prompt, generated, min(reasoning, generated), updated - created,
+                              INTERRUPTED, cost, updated)
+            c.execute("DELETE FROM reservations WHERE session = ?", (session,))
+        return len(rows)
+
+    def _own_session(self) -> str:
+        """This Store's session id, holding its lock file; made on first use, so processes that never
+        reserve (the CLI) leave no lock behind. The lock is taken before any row names the session."""
+        with self._conns_lock:
+            if self._session is None:
+                live = self.dir / LIVE_DIR
+                session = secrets.token_hex(16)
+                try:
+                    live.mkdir(mode=0o700, exist_ok=True)
+                    fd = os.open(live / f"{session}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+                except OSError as e:
+                    raise BadInputError(f"{e.filename or live}: cannot create a lock file ({e.strerror})") from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh random name: nobody else holds it
+                self._session, self._session_fd = session, fd
+            return self._session
+
+    # --- per-owner storage quota (conversations now; stored responses later)
+
+    def charge_storage(self, conn: sqlite3.Connection, key_id: int | None, delta_bytes: int) -> int:
+        """Inside a `write()` transaction (`conn` is its connection): add `delta_bytes` (negative frees) to
+        what the owner stores, and return the new total. Growth past `limits.stored_bytes_per_owner`
+        raises QuotaExceededError (413), which rolls back the caller's whole transaction, so check-and-
+        write is atomic. Shrinking is always allowed, even above a lowered cap."""
+        if not conn.in_transaction:
+            raise RuntimeError("charge_storage must run inside Store.write()")
+        owner = _owner(key_id)
+        row = conn.execute("SELECT stored_bytes FROM owner_totals WHERE owner = ?", (owner,)).fetchone()
+        total = (row[0] if row else 0) + delta_bytes
+        cap = self.limits.stored_bytes_per_owner
+        if delta_bytes > 0 and cap is not None and total > cap:
+            raise QuotaExceededError(
+                f"Storage quota exceeded: this {'key' if key_id is not None else 'server'} stores "
+                f"{_mib(total - delta_bytes)} of its {_mib(cap)}, and this change needs {_mib(delta_bytes)} more. "
+                "Delete conversations to make room.")
+        conn.execute("INSERT INTO owner_totals (owner, stored_bytes) VALUES (?, ?) ON CONFLICT (owner) "
+                     "DO UPDATE SET stored_bytes = stored_bytes + excluded.stored_bytes", (owner, delta_bytes))
+        return max(0, total)
+
+    def stored_bytes(self, key_id: int | None) -> int:
+        """What the owner (a key id, or None for the local user) stores, as counted against its quota."""
+        with self._connection() as c:
+            row = c.execute("SELECT stored_bytes FROM owner_totals WHERE owner = ?", (_owner(key_id),)).fetchone()
+        return row[0] if row else 0
 
     def _usage_filter(self, key: int | str | None, since: float | str | datetime | None) -> tuple[str, list]:
         where, args = [], []
@@ -509,7 +963,7 @@ class Store:
         """Ledger rows, oldest first. `key`: id or prefix; `since`: unix time, datetime or parse_since text."""
         where, args = self._usage_filter(key, since)
         cols = ", ".join("u." + col for col in _USAGE_COLS.split(", "))
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             rows = c.execute(f"SELECT {cols} FROM usage u{where} ORDER BY u.ts, u.id", args).fetchall()
         return [UsageRow(*r) for r in rows]
 
@@ -517,7 +971,7 @@ class Store:
                       since: float | str | datetime | None = None) -> list[UsageSummary]:
         """Totals per (key, model), requests without a key first; same filters as usage_rows."""
         where, args = self._usage_filter(key, since)
-        with self._tx(write=False) as c:
+        with self._connection() as c:
             rows = c.execute(
                 "SELECT u.key_id, k.name, k.prefix, u.model, COUNT(*), SUM(u.prompt_cache_hit_tokens), "
                 "SUM(u.prompt_cache_miss_tokens), SUM(u.completion_tokens), SUM(u.reasoning_tokens), "

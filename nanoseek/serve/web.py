@@ -275,7 +275,7 @@ def web_router(models: dict, store: Store | None, *, require_auth: bool) -> APIR
     live in `store`'s database, so without a store the page works but cannot keep conversations."""
     router = APIRouter()
     renderer = MarkdownRenderer()
-    conversations = Conversations(store.path) if store is not None else None
+    conversations = Conversations(store) if store is not None else None
     static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}   # a fixed allowlist: no path tricks
 
     async def owner(request: Request) -> KeyRecord | None:
