@@ -10,7 +10,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.errors import BadInputError, NotFoundError, UnsupportedError
-from nanoseek.serve.limits import RateLimiter, RequestTooLarge
+from nanoseek.serve.limits import Hold, RateLimiter, RequestTooLarge
 from nanoseek.serve.store import (DB_FILENAME, SCHEMA_VERSION, PriceTable, Prices, Store, data_dir,
                                   parse_since)
 
@@ -299,6 +299,35 @@ def test_rate_limiter_tokens_per_minute():
         rl.check(2, 101, tpm=100)
     with pytest.raises(ValueError):
         rl.check(2, 1, rpm=0)
+
+
+def test_rate_limiter_holds_max_tokens_until_settled():
+    """Finding 10: charging completions after the fact let parallel requests put 828 tokens through tpm=300.
+    Holding prompt + max_tokens at admission keeps parallel admissions within the limit."""
+    clock = FakeClock()
+    rl = RateLimiter(clock=clock)
+    holds = [rl.reserve("k", 20, 50, tpm=300) for _ in range(10)]   # 10 parallel requests of at most 70
+    admitted = [h for h in holds if isinstance(h, Hold)]
+    assert len(admitted) == 4 and all(h == pytest.approx(60) for h in holds[4:])   # 4 × 70 = 280
+    clock.t = 5
+    rl.settle(admitted[0], 30)   # it stopped early: 40 of its tokens come back at once
+    assert rl.reserve("k", 20, 50, tpm=300) == pytest.approx(55)   # 240 + 70 > 300 still
+    rl.settle(admitted[1], 30)
+    late = rl.reserve("k", 20, 50, tpm=300)   # 200 + 70 = 270
+    assert isinstance(late, Hold)
+    for h in (*admitted[2:], late):
+        rl.settle(h, 70)
+    assert rl.check("k", 30, tpm=300) is None   # settled: 30 + 30 + 70 × 3 = 270 in the window, room for 30
+    assert rl.check("k", 1, tpm=300) > 0
+    # More than the whole tpm asked for: it holds the whole tpm, so it runs alone, and is not refused.
+    clock.t = 100
+    big = rl.reserve("k", 100, 8192, tpm=300)
+    assert isinstance(big, Hold) and big.held == 300 and rl.reserve("k", 1, 1, tpm=300) > 0
+    clock.t = 170   # a hold that outlived the window has counted a whole window: settling changes nothing
+    rl.settle(big, 250)
+    assert rl.check("k", 300, tpm=300) is None
+    with pytest.raises(RequestTooLarge):
+        rl.reserve("k", 301, 0, tpm=300)
 
 
 def _run(capsys, *argv):

@@ -7,6 +7,13 @@ changed limit applies at once with nothing to invalidate here.
 State is per process and forgotten on restart, which at worst lets a key burst once. That is fine
 for a limiter whose job is sharing one machine fairly; money (budgets) is enforced from the SQLite
 ledger instead, which does survive restarts.
+
+Tokens per minute are reserved, like budgets (finding 10 of issue 13: charging completions only after
+the fact let parallel requests put 828 tokens through a 300 tpm key). `reserve` holds the prompt plus
+max_tokens at admission and `settle` lowers the hold to what the request really used. The one burst
+allowed: a request whose prompt + max_tokens exceeds the whole tpm holds the whole tpm (so it runs
+with nothing else of its key in the window) rather than being refused; if it really generates more,
+the window goes over by that excess and the key's next requests wait it out.
 """
 
 from __future__ import annotations
@@ -23,13 +30,22 @@ class RequestTooLarge(BadInputError):
     """One request needs more tokens than the key's whole per-minute allowance: no wait can help."""
 
 
+class Hold:
+    """Tokens one admitted request holds against its key's tpm, from `reserve` to `settle`."""
+
+    __slots__ = ("key_id", "event", "held")
+
+    def __init__(self, key_id: Hashable, event: list, held: int) -> None:
+        self.key_id, self.event, self.held = key_id, event, held
+
+
 class _Window:
     """Events still inside the window, oldest first, with running totals so a check is O(1) when it passes."""
 
     __slots__ = ("events", "requests", "tokens")
 
     def __init__(self) -> None:
-        self.events: deque[tuple[float, int, int]] = deque()  # (time, requests 0|1, tokens)
+        self.events: deque[list] = deque()  # [time, requests 0|1, tokens]; a list so settle can lower tokens
         self.requests = 0
         self.tokens = 0
 
@@ -58,6 +74,35 @@ class RateLimiter:
         rejected request costs the client nothing. None limits mean unlimited. Raises RequestTooLarge
         when `tokens` alone exceeds `tpm`.
         """
+        admitted = self._admit(key_id, tokens, tokens, rpm, tpm)
+        return admitted if isinstance(admitted, float) else None
+
+    def reserve(self, key_id: Hashable, prompt_tokens: int, max_tokens: int, *, rpm: int | None = None,
+                tpm: int | None = None) -> Hold | float:
+        """Admit a request holding its worst case, prompt + max_tokens (at most the whole tpm), against
+        the key's tpm; returns its Hold, to `settle` when it ends. Otherwise, as `check`: the seconds to
+        wait, with nothing recorded. RequestTooLarge when the prompt alone exceeds `tpm`."""
+        if max_tokens < 0:
+            raise ValueError("max_tokens must be non-negative")
+        held = prompt_tokens + max_tokens if tpm is None else min(prompt_tokens + max_tokens, tpm)
+        return self._admit(key_id, prompt_tokens, held, rpm, tpm)
+
+    def settle(self, hold: Hold, used_tokens: int) -> None:
+        """The request is over and used `used_tokens` (prompt + generated): its hold becomes that, as of
+        its admission. A hold that has already left the window (a request longer than the window) has
+        counted at its worst case for a whole window; it changes nothing more."""
+        if used_tokens < 0:
+            raise ValueError("used_tokens must be non-negative")
+        with self._lock:
+            now = self._clock()
+            w = self._prune(hold.key_id, now)
+            if hold.event[0] > now - self.window_s:  # still in the window (pruning just dropped older ones)
+                w.tokens += used_tokens - hold.event[2]
+                hold.event[2] = used_tokens
+            hold.held = used_tokens
+
+    def _admit(self, key_id: Hashable, tokens: int, held: int, rpm: int | None, tpm: int | None) -> Hold | float:
+        """Admit a request that needs `tokens` (RequestTooLarge past tpm) and records `held` ≥ tokens."""
         if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1):
             raise ValueError("rpm and tpm must be at least 1 (None means unlimited)")
         if tokens < 0:
@@ -71,12 +116,11 @@ class RateLimiter:
             waits = []
             if rpm is not None and w.requests + 1 > rpm:
                 waits.append(self._wait_until_freed(w, now, requests=w.requests + 1 - rpm))
-            if tpm is not None and w.tokens + tokens > tpm:
-                waits.append(self._wait_until_freed(w, now, tokens=w.tokens + tokens - tpm))
+            if tpm is not None and w.tokens + held > tpm:
+                waits.append(self._wait_until_freed(w, now, tokens=w.tokens + held - tpm))
             if waits:
-                return max(waits)
-            self._add(w, now, 1, tokens)
-            return None
+                return float(max(waits))
+            return Hold(key_id, self._add(w, now, 1, held), held)
 
     def charge(self, key_id: Hashable, tokens: int) -> None:
         """Count tokens learned after admission (the completion) against the key, as of now.
@@ -101,10 +145,12 @@ class RateLimiter:
             w.tokens -= k
         return w
 
-    def _add(self, w: _Window, now: float, requests: int, tokens: int) -> None:
-        w.events.append((now, requests, tokens))
+    def _add(self, w: _Window, now: float, requests: int, tokens: int) -> list:
+        event = [now, requests, tokens]
+        w.events.append(event)
         w.requests += requests
         w.tokens += tokens
+        return event
 
     def _wait_until_freed(self, w: _Window, now: float, requests: int = 0, tokens: int = 0) -> float:
         """Seconds until the oldest events holding at least `requests` requests and `tokens` tokens expire."""

@@ -101,7 +101,7 @@ class PriceTable:
                 + output_tokens * _dec(self.output)) / 1_000_000
 
 
-def _dec(x: float | int) -> Decimal:
+def _dec(x: float) -> Decimal:
     return Decimal(repr(float(x)))
 
 
