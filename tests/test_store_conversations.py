@@ -13,6 +13,7 @@ from nanoseek.serve import store as store_mod
 from nanoseek.serve.conversations import Conversations
 from nanoseek.serve.errors import error_response
 from nanoseek.serve.store import DB_FILENAME, SCHEMA_VERSION, Store, StoreLimits, stored_size
+from nanoseek.serve.auth import Gate
 from nanoseek.serve.web import web_router
 
 CAP = 4000
@@ -92,7 +93,7 @@ def test_quota_is_a_413_from_the_web_app(tmp_path):
         status, headers, body = error_response(exc)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    app.include_router(web_router({}, st, require_auth=False))
+    app.include_router(web_router({}, Gate(st, require_auth=False)))
     with TestClient(app) as client:
         cid = client.post("/app/api/conversations", json={}).json()["id"]
         ok = client.post(f"/app/api/conversations/{cid}/messages", json={"role": "user", "content": "x" * 3000})

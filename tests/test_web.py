@@ -18,7 +18,7 @@ from nanoseek.models.config import DenseConfig
 from nanoseek.serve.app import ServedModel, create_app
 from nanoseek.serve.conversations import Conversations, default_title
 from nanoseek.serve.store import PriceTable, Store
-from nanoseek.serve.web import MarkdownRenderer, sanitize
+from nanoseek.serve.render import MarkdownRenderer, sanitize
 from test_chat import CHATML, make_tokenizer
 
 CONTEXT = 256

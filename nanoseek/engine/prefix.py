@@ -28,10 +28,12 @@ import torch
 from nanoseek.engine.cache import Cache
 
 
-def block_hashes(tokens: Sequence[int], block_size: int) -> list[bytes]:
-    """Chained digests of the full blocks of `tokens`: h_i = H(h_{i-1} ‖ tokens of block i). A 128-bit digest,
-    not Python's hash(): a collision would silently hand one prompt another prompt's keys and values."""
-    out, prev = [], b""
+def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"") -> list[bytes]:
+    """Chained digests of the full blocks of `tokens`: h_i = H(h_{i-1} ‖ tokens of block i), with h_{-1} = salt.
+    A 128-bit digest, not Python's hash(): a collision would silently hand one prompt another prompt's keys and
+    values. The salt is a namespace: prompts under different salts never share a block, which is how the
+    server keeps one API key's cached prompts invisible to another's guesses (timing included)."""
+    out, prev = [], salt
     arr = np.asarray(tokens[:len(tokens) // block_size * block_size], dtype=np.int64)
     for i in range(0, len(arr), block_size):
         prev = hashlib.blake2b(prev + arr[i:i + block_size].tobytes(), digest_size=16).digest()
@@ -66,10 +68,10 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for pools in self._pools for p in pools)
 
-    def match(self, prompt: Sequence[int]) -> tuple[int, list[int]]:
-        """(cached tokens, their pool blocks) for the longest cached prefix of `prompt`, leaving at least the
-        last prompt token to compute (its logits start generation)."""
-        hashes = block_hashes(prompt[:len(prompt) - 1], self.block_size)
+    def match(self, prompt: Sequence[int], salt: bytes = b"") -> tuple[int, list[int]]:
+        """(cached tokens, their pool blocks) for the longest cached prefix of `prompt` stored under `salt`,
+        leaving at least the last prompt token to compute (its logits start generation)."""
+        hashes = block_hashes(prompt[:len(prompt) - 1], self.block_size, salt)
         blocks = []
         for h in hashes:
             b = self._blocks.get(h)
@@ -93,10 +95,10 @@ class PrefixCache:
             for view, pool in zip(layer.span(row, 0, n), pools):
                 view.copy_(pool.index_select(0, idx).movedim(0, pd).flatten(pd, pd + 1))
 
-    def store(self, cache: Cache, row: int, tokens: Sequence[int]) -> int:
+    def store(self, cache: Cache, row: int, tokens: Sequence[int], salt: bytes = b"") -> int:
         """Keep the full blocks of `tokens` (whose keys and values are at positions [0, len(tokens)) of cache
-        row `row`) that the pool lacks. Returns how many blocks were written."""
-        hashes = block_hashes(tokens, self.block_size)
+        row `row`) that the pool lacks, under `salt`. Returns how many blocks were written."""
+        hashes = block_hashes(tokens, self.block_size, salt)
         new = [i for i, h in enumerate(hashes) if h not in self._blocks]
         new = new[:self.num_blocks]  # a chain longer than the whole pool keeps its head
         slots, chain = [], set(hashes)

@@ -54,8 +54,9 @@ class RequestHandle:
     whole `Completion`. Both raise the engine's exception if the loop failed while running the request.
     Timestamps are `time.monotonic()` seconds: submitted, admitted (got a row), first_token, finished."""
 
-    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, on_delta):
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, on_delta, cache_salt: bytes = b""):
         self.id, self.prompt, self.params = rid, prompt, params
+        self.cache_salt = cache_salt      # the prefix-cache namespace this request reads and writes
         self._on_delta = on_delta
         self._deltas: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
@@ -194,10 +195,12 @@ class Scheduler:
     # -- client side ------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               on_delta: Callable[[Delta], None] | None = None) -> RequestHandle:
+               on_delta: Callable[[Delta], None] | None = None, cache_salt: bytes = b"") -> RequestHandle:
         """Queue a request. Raises BadInputError for bad params or prompt, QueueFullError when `max_queue`
         requests are already waiting. `on_delta`, if given, is called on the loop thread with every delta
-        (e.g. to hand it to an asyncio loop with call_soon_threadsafe); keep it cheap and non-blocking."""
+        (e.g. to hand it to an asyncio loop with call_soon_threadsafe); keep it cheap and non-blocking.
+        `cache_salt`: the prefix-cache namespace (engine/prefix.py); requests share cached prefixes only
+        within one namespace."""
         prompt = [int(t) for t in prompt_ids]
         params.validate()
         check_prompt(prompt, self.max_len, "this server's context")
@@ -208,7 +211,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry shortly")
             rid = next(self._ids)
-            handle = RequestHandle(rid, prompt, params, on_delta)
+            handle = RequestHandle(rid, prompt, params, on_delta, cache_salt)
             handle._wake = self._wake
             self._waiting.append(handle)
             self._cond.notify()
@@ -339,7 +342,7 @@ class Scheduler:
             if self.prefix is not None:
                 # Prompt blocks another request already computed are copied in; prefill starts after them.
                 try:
-                    slot.filled, blocks = self.prefix.match(h.prompt)
+                    slot.filled, blocks = self.prefix.match(h.prompt, h.cache_salt)
                     self._reserve(slot.filled)
                     self.prefix.load(self.cache, slot.row, blocks)
                 except Exception as e:  # e.g. out of memory growing the rows: fail this request, not the queue
@@ -369,7 +372,7 @@ class Scheduler:
                 self._prompt_tokens += n
             if slot.decoding:
                 if self.prefix is not None:  # shareable now, while this request is still decoding
-                    self.prefix.store(self.cache, slot.row, prompt)
+                    self.prefix.store(self.cache, slot.row, prompt, slot.handle.cache_salt)
                 d = self._decoding
                 if slot.row != d:
                     self._swap(slot.row, d)
@@ -413,7 +416,7 @@ class Scheduler:
         with self._cond:
             self._finished[out.finish_reason] += 1
         if self.prefix is not None:  # keep the reply too: the next turn of a chat starts with it
-            self.prefix.store(self.cache, slot.row, slot.cached_tokens())
+            self.prefix.store(self.cache, slot.row, slot.cached_tokens(), slot.handle.cache_salt)
         # Free the row before telling the client: whoever reads stats() after a result sees the row free.
         self._free(slot.row)
         slot.handle._finish(out)

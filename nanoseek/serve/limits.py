@@ -122,6 +122,14 @@ class RateLimiter:
                 return float(max(waits))
             return Hold(key_id, self._add(w, now, 1, held), held)
 
+    def room(self, key_id: Hashable, tpm: int | None) -> int | None:
+        """Tokens the key could still hold in its window now (None: unlimited). The server shrinks an omitted
+        max_tokens to this, so a default never turns into the whole-tpm burst above."""
+        if tpm is None:
+            return None
+        with self._lock:
+            return max(0, tpm - self._prune(key_id, self._clock()).tokens)
+
     def charge(self, key_id: Hashable, tokens: int) -> None:
         """Count tokens learned after admission (the completion) against the key, as of now.
 

@@ -1,24 +1,19 @@
-"""The chat web app at `/`: its page and static files, its conversation endpoints, and Markdown rendering.
+"""The chat web app at `/`: its page and static files, and its conversation and render endpoints.
 
 Owns:
   * GET / (the page) and GET /app/static/… (its own JS and CSS, plus Pygments' CSS generated at start-up).
-  * /app/api/…: the signed-in caller's conversations (serve/conversations.py stores them), exports, the
-    model facts the picker and cost display need, and POST /app/api/render.
-  * `MarkdownRenderer`: model output → safe HTML, on the server, with markdown-it-py (CommonMark + tables +
-    strikethrough), Pygments (code), latex2mathml (math, as MathML the browser draws itself) and nh3
-    (Ammonia) as the last word on which tags and attributes survive.
+  * /app/api/…: the signed-in caller's conversations (serve/conversations.py keeps them in the store), exports,
+    the model facts the picker and cost display need, and POST /app/api/render (Markdown → safe HTML in
+    serve/render.py's worker process, bounded and rate-limited per caller).
 
 The page generates with the same public API as any client (/v1/chat/completions, /v1/models); nothing here
-runs a model. Authentication is the API's: a Bearer key when the server has keys, else the local user.
-Everything works offline: no CDN, no external font, no third-party bundle.
+runs a model. Authentication is the API's own (serve/auth.py's Gate): a Bearer key when the server has keys,
+else the local user. Everything works offline: no CDN, no external font, no third-party bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import functools
-import html
 import json
 import math
 import re
@@ -26,193 +21,29 @@ from dataclasses import asdict
 from pathlib import Path as FilePath
 from typing import Literal
 
-import nh3
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from latex2mathml.converter import convert as latex_to_mathml
-from markdown_it import MarkdownIt
-from mdit_py_plugins.dollarmath import dollarmath_plugin
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pygments import highlight
-from pygments.formatters import HtmlFormatter
-from pygments.lexers import get_lexer_by_name
-from pygments.util import ClassNotFound
 
+from nanoseek.serve.auth import Gate
 from nanoseek.serve.conversations import Conversation, Conversations, to_markdown
 from nanoseek.serve.errors import ApiError
-from nanoseek.serve.store import KeyRecord, Store
+from nanoseek.serve.limits import Hold, RateLimiter
+from nanoseek.serve.render import MAX_RENDER_CHARS, RenderError, RenderWorker, pygments_css
+from nanoseek.serve.store import KeyRecord
 
 WEB_DIR = FilePath(__file__).with_name("web")
 STATIC_DIR = WEB_DIR / "static"
-MAX_RENDER_CHARS = 400_000        # per render call: a long reply is ~100 KB; this only stops abuse
 MAX_MESSAGE_CHARS = 2_000_000
-LIGHT_CODE_STYLE, DARK_CODE_STYLE = "default", "github-dark"
+# Per caller and minute. The page renders each finished reply once (and a conversation's history when it is
+# opened), so a person stays far below these; a script looping on worst-case input does not.
+RENDER_RPM = 120
+RENDER_CHARS_PM = 2_000_000
 
 # The page may load only its own scripts and styles, talk only to this server, and be framed by nobody.
 # A second line of defence behind the sanitizer: an injected inline handler or <script> would not run.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Markdown → safe HTML
-
-# MathML elements and the presentation attributes latex2mathml writes (mathcolor/style are left out: output
-# must not restyle the page).
-_MATHML = {
-    "math": {"display", "xmlns"}, "mrow": set(), "mi": {"mathvariant"}, "mn": set(), "mtext": set(),
-    "ms": set(), "mspace": {"width"}, "mo": {"stretchy", "fence", "separator", "form", "lspace", "rspace",
-                                              "largeop", "movablelimits", "accent", "minsize", "maxsize"},
-    "mfrac": {"linethickness"}, "msqrt": set(), "mroot": set(), "msub": set(), "msup": set(),
-    "msubsup": set(), "munder": {"accentunder"}, "mover": {"accent"}, "munderover": set(),
-    "mtable": {"columnalign", "rowalign", "columnspacing", "rowspacing", "columnlines", "rowlines", "frame"},
-    "mtr": set(), "mtd": {"columnalign", "columnspan", "rowspan"}, "mstyle": {"displaystyle", "scriptlevel"},
-    "menclose": {"notation"}, "mpadded": {"width", "height", "depth", "lspace", "voffset"}, "mphantom": set(),
-    "merror": set(), "semantics": set(), "annotation": {"encoding"},
-}
-# Markdown's own output, minus <img>: a model-written image URL would be fetched the moment the reply shows,
-# which is how prompt-injected text leaks a conversation; images are rendered as links instead.
-_TAGS = {"p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "s", "del", "code", "pre",
-         "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td", "span", "div"}
-_ATTRIBUTES = {"a": {"href", "title"}, "code": {"class"}, "span": {"class"}, "div": {"class"},
-               "ol": {"start"}, "th": {"class"}, "td": {"class"}, **_MATHML}
-
-# \( … \) inline, \[ … \] display: the delimiters DeepSeek models write. The inline form of \[ … \] catches
-# display math that starts mid-paragraph, which a block rule cannot. Our own rules rather than texmath's
-# regexes: a lazy regex rescans to the end of the text for every unclosed opener, so a reply of many "\("
-# cost quadratic time (8k openers: 2 s); here each text's closers are indexed once and found by bisection.
-
-
-def _closer(env: dict, src: str, close: str, start: int) -> int:
-    """Position of the first `close` at or after `start` in `src`, or -1 (index cached per text in env)."""
-    cache = env.setdefault("math_closers", {})
-    hit = cache.get(close)
-    if hit is None or hit[0] is not src:
-        positions, i = [], src.find(close)
-        while i >= 0:
-            positions.append(i)
-            i = src.find(close, i + len(close))
-        hit = cache[close] = (src, positions)
-    positions = hit[1]
-    k = bisect.bisect_left(positions, start)
-    return positions[k] if k < len(positions) else -1
-
-
-def _inline_math(name: str, open_: str, close: str):
-    def rule(state, silent: bool) -> bool:
-        pos, src = state.pos, state.src
-        if not src.startswith(open_, pos):
-            return False
-        end = _closer(state.env, src, close, pos + len(open_))
-        if end <= pos + len(open_):   # unclosed, or nothing inside
-            return False
-        if not silent:
-            token = state.push(name, "math", 0)
-            token.content, token.markup = src[pos + len(open_):end], open_
-        state.pos = end + len(close)
-        return True
-    return rule
-
-
-def _block_math(name: str, open_: str, close: str):
-    def rule(state, begin_line: int, end_line: int, silent: bool) -> bool:
-        begin = state.bMarks[begin_line] + state.tShift[begin_line]
-        if not state.src.startswith(open_, begin):
-            return False
-        end = _closer(state.env, state.src, close, begin + len(open_))
-        if end <= begin + len(open_):
-            return False
-        last = end + len(close) - 1
-        line = bisect.bisect_left(state.eMarks, last, begin_line, end_line)   # the line holding the closer
-        if line >= end_line or last < state.bMarks[line]:
-            return False   # the closer lies outside this block
-        if not silent:
-            token = state.push(name, "math", 0)
-            token.block, token.content, token.markup = True, state.src[begin + len(open_):end], open_
-        state.line = line + 1
-        return True
-    return rule
-
-
-def _math(tex: str, display: bool) -> str:
-    try:
-        return latex_to_mathml(tex.strip(), display="block" if display else "inline")
-    except Exception:   # latex2mathml raises many kinds on bad TeX; the reader gets the source instead
-        return f'<code class="math-error">{html.escape(tex)}</code>'
-
-
-def _highlight(code: str, lang: str, _attrs) -> str:
-    """Pygments spans for a fenced block with a known language; "" lets markdown-it escape it plainly."""
-    if not lang:
-        return ""
-    try:
-        lexer = get_lexer_by_name(lang.split()[0])
-    except ClassNotFound:
-        return ""
-    return highlight(code, lexer, HtmlFormatter(nowrap=True))
-
-
-class MarkdownRenderer:
-    """Model output → HTML that is safe to put in the page with innerHTML.
-
-    Raw HTML in the text is never interpreted (markdown-it `html: False` escapes it, so `<script>` shows as
-    text), markdown-it refuses javascript:/data: links, and nh3 then removes any tag or attribute outside the
-    allowlist above, whatever a renderer bug might have let through.
-    """
-
-    def __init__(self) -> None:
-        md = MarkdownIt("commonmark", {"html": False, "highlight": _highlight}).enable(["table", "strikethrough"])
-        # Pandoc's rules for $: no space inside the delimiters and no digit after the closing one, so
-        # "it costs $5 and $6" stays text.
-        dollarmath_plugin(md, double_inline=True, allow_space=False, allow_digits=False, allow_labels=False,
-                          renderer=lambda tex, opts: _math(tex, opts["display_mode"]))
-        md.inline.ruler.before("escape", "math_paren", _inline_math("math_paren", "\\(", "\\)"))
-        md.inline.ruler.before("escape", "math_bracket_inline", _inline_math("math_bracket_inline", "\\[", "\\]"))
-        md.block.ruler.before("fence", "math_bracket_block", _block_math("math_bracket_block", "\\[", "\\]"))
-        md.add_render_rule("math_paren", lambda self, t, i, o, e: _span_math(t[i].content, False))
-        md.add_render_rule("math_bracket_inline", lambda self, t, i, o, e: _span_math(t[i].content, True))
-        md.add_render_rule("math_bracket_block",
-                           lambda self, t, i, o, e: f'<div class="math block">{_math(t[i].content, True)}</div>\n')
-        md.add_render_rule("image", _image_as_link)
-        md.core.ruler.push("align_classes", _align_classes)
-        self.md = md
-
-    def render(self, text: str) -> str:
-        return sanitize(self.md.render(text))
-
-
-def _span_math(tex: str, display: bool) -> str:
-    return f'<span class="math {"display" if display else "inline"}">{_math(tex, display)}</span>'
-
-
-def _align_classes(state) -> None:
-    """Table alignment as a class: the page's CSP refuses style attributes, and the sanitizer drops them."""
-    for tok in state.tokens:
-        style = tok.attrGet("style") if tok.type in ("th_open", "td_open") else None
-        if style:
-            del tok.attrs["style"]
-            tok.attrSet("class", "align-" + style.removeprefix("text-align:"))
-
-
-def _image_as_link(self, tokens, idx, options, env) -> str:
-    tok = tokens[idx]
-    alt = self.renderInlineAsText(tok.children or [], options, env) or tok.attrGet("src")
-    return f'<a href="{html.escape(tok.attrGet("src") or "", quote=True)}">[image: {html.escape(alt)}]</a>'
-
-
-def sanitize(fragment: str) -> str:
-    """Keep only the allowlisted tags/attributes; links get rel=noopener and open in a new tab."""
-    return nh3.clean(fragment, tags=_TAGS | set(_MATHML), attributes=_ATTRIBUTES,
-                     url_schemes={"http", "https", "mailto"}, link_rel="noopener noreferrer nofollow",
-                     set_tag_attribute_values={"a": {"target": "_blank"}}, strip_comments=True)
-
-
-@functools.cache
-def pygments_css() -> str:
-    """Code colours for both themes, generated from Pygments' styles instead of a copied stylesheet."""
-    light = HtmlFormatter(style=LIGHT_CODE_STYLE).get_style_defs(".md pre")
-    dark = HtmlFormatter(style=DARK_CODE_STYLE).get_style_defs(':root[data-theme="dark"] .md pre')
-    return f"/* generated from Pygments styles {LIGHT_CODE_STYLE!r} and {DARK_CODE_STYLE!r} */\n{light}\n{dark}\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,32 +101,26 @@ class RenderRequest(_Body):
 # Router
 
 
-def web_router(models: dict, store: Store | None, *, require_auth: bool) -> APIRouter:
+def web_router(models: dict, gate: Gate, renderer: RenderWorker | None = None,
+               render_limits: RateLimiter | None = None) -> APIRouter:
     """The app's routes. `models` are the app's ServedModels (for reasoning flags and prices); conversations
-    live in `store`'s database, so without a store the page works but cannot keep conversations."""
+    live in the gate's store, so without a store the page works but cannot keep conversations. `renderer`
+    (default: a RenderWorker started on first use) and `render_limits` (per caller: RENDER_RPM calls and
+    RENDER_CHARS_PM characters a minute) bound the render endpoint."""
     router = APIRouter()
-    renderer = MarkdownRenderer()
+    store = gate.store
+    renderer = renderer or RenderWorker()
+    render_limits = render_limits or RateLimiter()
     conversations = Conversations(store) if store is not None else None
     static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}   # a fixed allowlist: no path tricks
 
     async def owner(request: Request) -> KeyRecord | None:
-        """The same rule as the API: no keys (and auth not required) → the local user; else a live key.
-        The app's guard (serve/app.py) runs this before the body is read and leaves the answer in the
-        request state, so a bad key gets 401 before a bad body gets 400."""
+        """The API's rule (Gate.caller). The app's guard (serve/app.py) runs this before the body is read
+        and leaves the answer in the request state, so a bad key gets 401 before a bad body gets 400."""
         known = getattr(request.state, "web_owner", _UNSET)
         if known is not _UNSET:
             return known
-        if store is None:
-            return None
-        if not require_auth and not await asyncio.to_thread(store.any_keys):
-            return None
-        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise ApiError.authentication("Authentication failed: send the API key as 'Authorization: Bearer KEY'.")
-        key = await asyncio.to_thread(store.authenticate, secret.strip())
-        if key is None:
-            raise ApiError.authentication()
-        return key
+        return (await gate.caller(request)).key
 
     def convs() -> Conversations:
         if conversations is None:
@@ -379,11 +204,18 @@ def web_router(models: dict, store: Store | None, *, require_auth: bool) -> APIR
                         headers={"Content-Disposition": f'attachment; filename="{name}.md"'})
 
     @router.post("/app/api/render")
-    def render(body: RenderRequest, _key: KeyRecord | None = Depends(owner)):
-        if sum(len(t) for t in body.texts) > MAX_RENDER_CHARS:
+    async def render(body: RenderRequest, key: KeyRecord | None = Depends(owner)):
+        chars = sum(len(t) for t in body.texts)
+        if chars > MAX_RENDER_CHARS:
             raise ApiError.bad_request(f"Invalid 'texts': more than {MAX_RENDER_CHARS} characters in one call.",
                                        param="texts")
-        return {"html": [renderer.render(t) for t in body.texts]}
+        got = render_limits.reserve(oid(key), chars, 0, rpm=RENDER_RPM, tpm=RENDER_CHARS_PM)
+        if not isinstance(got, Hold):
+            raise ApiError.rate_limited(got)
+        try:
+            return {"html": await asyncio.to_thread(renderer.render, body.texts)}
+        except RenderError as e:
+            raise ApiError(422, f"Cannot render these texts: {e}.", param="texts", code="render_failed") from None
 
     router.owner = owner
     return router
