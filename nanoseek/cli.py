@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.set_defaults(fn=cmd_usage)
 
-    p = sub.add_parser("eval", help="accuracy on a task: pass@1 over k samples, maj@k, greedy, with 95% CIs")
+    p = sub.add_parser("eval", help="accuracy on a task: pass@1 over k samples, maj@k, greedy, with 95%% CIs")
     _task_args(p)
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--samples", "-k", type=int, default=4, help="samples per problem (pass@1 averages them)")
