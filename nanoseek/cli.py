@@ -97,7 +97,8 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from nanoseek.chat_cli import run_chat
 
-    return run_chat(_session(a), _params(a), system=a.system, think=a.think == "on")
+    params = _params(a)   # bad sampling arguments are refused before the model loads
+    return run_chat(_session(a), params, system=a.system, think=a.think == "on")
 
 
 def cmd_convert(a) -> int:
