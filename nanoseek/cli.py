@@ -97,7 +97,8 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from nanoseek.chat_cli import run_chat
 
-    return run_chat(_session(a), _params(a), system=a.system, think=a.think == "on")
+    params = _params(a)   # bad sampling arguments are refused before the model loads
+    return run_chat(_session(a), params, system=a.system, think=a.think == "on")
 
 
 def cmd_convert(a) -> int:
@@ -532,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.set_defaults(fn=cmd_usage)
 
-    p = sub.add_parser("eval", help="accuracy on a task: pass@1 over k samples, maj@k, greedy, with 95% CIs")
+    p = sub.add_parser("eval", help="accuracy on a task: pass@1 over k samples, maj@k, greedy, with 95%% CIs")
     _task_args(p)
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--samples", "-k", type=int, default=4, help="samples per problem (pass@1 averages them)")

@@ -67,6 +67,8 @@ def test_no_server_errors(api_schema, path, method):
     {"messages": [{"role": "user", "content": "hi"}], "top_p": 5e-324},         # zero once rounded to float32
     {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 5e-324},
     {"messages": [{"role": "user", "content": "hi"}], "temperature": 3e-122},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-40},   # subnormal in float32
+    {"messages": [{"role": "user", "content": "hi"}], "top_p": 1e-45},
 ])
 def test_what_fuzzing_found_is_a_400(app, body):
     with TestClient(app) as client:

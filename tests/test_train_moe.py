@@ -46,6 +46,62 @@ def test_bias_update_lowers_load_imbalance(data, tmp_path):
     assert imbalance[0.01] < 0.9 * imbalance[0.0], imbalance
 
 
+def _hand_balance_loss(moe) -> torch.Tensor:
+    """V3 eq. 17–20 from one MoE's last routing, written out: per sequence Σ_i f_i·P_i, f_i = E/(K·T)·(times
+    expert i was chosen), P_i = the mean over tokens of its scores normalized over experts; mean over sequences."""
+    scores, idx, k = moe.last_scores, moe.last_idx, moe.gate.top_k
+    b, t, e = scores.shape
+    chosen = torch.nn.functional.one_hot(idx, e).sum((1, 2)).float()   # [B, E]
+    f = chosen * e / (k * t)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()
+
+
+def test_trainer_adds_alpha_times_the_balance_loss(tmp_path):
+    """One step from the same weights on the same batch with α = 0 and α = 0.5: the logged loss and every
+    router's gradient must differ by exactly α·Σ_layers L_bal and its gradient (main stack and MTP MoEs)."""
+    from nanoseek.train.config import RunConfig, TrainConfig
+    from nanoseek.train.loop import Trainer
+    from nanoseek.train.sft import SFTBatches
+
+    torch.manual_seed(0)
+    stream = torch.randint(0, 61, (3, 17))
+    x, y = stream[:, :-1], stream[:, 1:]
+    alpha = 0.5
+
+    def fresh(a: float):
+        torch.manual_seed(1)
+        model = build_model(_tiny(seq_aux_alpha=a))
+        init_weights(model, 0.2)
+        return model
+
+    def step(a: float):
+        model = fresh(a)
+        grads = {}
+        for i, moe in enumerate(model.moe_layers()):   # the gradient as backward computes it, before the step
+            moe.gate.weight.register_hook(lambda g, i=i: grads.__setitem__(i, g.clone()))
+        cfg = TrainConfig(optim=OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.0),
+                          train=RunConfig(steps=1, device="cpu", out_dir=str(tmp_path / f"alpha{a}"), eval_every=0,
+                                          ckpt_every=0, plots=False, log_every=1000))
+        rec = Trainer(cfg, model, LanguageModeling(mtp_weight=0.3), SFTBatches(x, y, batch_size=3)).train_step()
+        return rec, grads
+
+    (off, g_off), (on, g_on) = step(0.0), step(alpha)
+    # By hand: the same forward, then α·Σ L_bal from each MoE's routing and its gradient.
+    model = fresh(alpha).train()
+    LanguageModeling(mtp_weight=0.3).loss(LMForward(model), (x, y))
+    moes = model.moe_layers()
+    assert len(moes) == 2 and all(m.last_scores is not None for m in moes)   # layer 1 and the MTP module
+    bal = sum(_hand_balance_loss(m) for m in moes)
+    want = torch.autograd.grad(alpha * bal, [m.gate.weight for m in moes])
+    assert "balance" not in off and on["balance"] == pytest.approx(float(bal.detach()), rel=1e-5)
+    assert on["loss"] - off["loss"] == pytest.approx(alpha * float(bal.detach()), rel=1e-4)
+    assert set(g_on) == set(g_off) == {0, 1}
+    for i, w in enumerate(want):
+        assert w.abs().max() > 1e-4
+        assert torch.allclose(g_on[i] - g_off[i], w, atol=1e-6, rtol=1e-4), i
+
+
 def test_mtp_loss_is_the_shifted_cross_entropy():
     torch.manual_seed(0)
     cfg = _tiny()

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.cache import Cache
 from nanoseek.engine.detok import IncrementalDetokenizer
 from nanoseek.engine.sampling import Sampler, SamplerState, SamplingParams
 from nanoseek.engine.stops import StopMatcher
 from nanoseek.errors import BadInputError
+from nanoseek.models.cache import Cache
 
 
 @dataclass

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from nanoseek.engine.cache import Cache
+from nanoseek.models.cache import Cache
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"") -> list[bytes]:

@@ -1,7 +1,8 @@
 """Logits → next tokens for a batch of requests, each row with its own sampling parameters.
 
 Owns three things:
-  * `SamplingParams`: what one request asks for, and its OpenAI-worded validation.
+  * `SamplingParams`: what one request asks for, and its OpenAI-worded validation: the one copy of each
+    sampling rule, which the engine, scheduler, CLI, eval, GRPO and the HTTP schemas all call.
   * `SamplerState`: one request's running state — output-token counts (frequency/presence penalties), the
     set of seen tokens (repetition penalty) and its random generator. It outlives any one batch, so a request
     can leave a batch and join another (continuous batching, preemption) without losing its history or its
@@ -41,6 +42,7 @@ from nanoseek.errors import BadInputError
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+F32 = torch.finfo(torch.float32)   # the sampler's arithmetic, whatever dtype the logits arrive in
 
 
 
@@ -102,15 +104,17 @@ class SamplingParams:
         """Raise BadInputError for the first out-of-range field; return self so calls can chain."""
         check_integer("max_tokens", self.max_tokens, ge=1)
         _number("temperature", self.temperature, ge=0, le=2)
-        if self.temperature > 0 and _vanishes_in_f32(self.temperature):
-            raise BadInputError(f"Invalid 'temperature': {self.temperature} is too small (it rounds to 0 in "
-                                "float32); use 0 for greedy decoding.")
+        if self.temperature != 0:      # 0 means greedy; any other value divides the logits
+            _normal_f32("temperature", self.temperature, "; use 0 for greedy decoding")
         _number("top_p", self.top_p, gt=0, le=1)
+        _normal_f32("top_p", self.top_p)
         check_integer("top_k", self.top_k, ge=-1)
         _number("min_p", self.min_p, ge=0, le=1)
         _number("presence_penalty", self.presence_penalty, ge=-2, le=2)
         _number("frequency_penalty", self.frequency_penalty, ge=-2, le=2)
-        _number("repetition_penalty", self.repetition_penalty, gt=0)
+        # Unbounded by OpenAI, but above F32.max it is inf in float32, and a seen logit of 0 times inf is NaN.
+        _number("repetition_penalty", self.repetition_penalty, gt=0, le=F32.max)
+        _normal_f32("repetition_penalty", self.repetition_penalty)
         if self.seed is not None:
             check_integer("seed", self.seed)
         _array("stop", self.stop, max_len=MAX_STOP_STRINGS)
@@ -170,13 +174,20 @@ def _number(name: str, value, **bounds) -> None:
     if not math.isfinite(value):
         raise BadInputError(f"Invalid '{name}': expected a finite number, but got {value} instead.")
     _bounds(name, value, "decimal", **bounds)
-    if bounds.get("gt") == 0 and value > 0 and _vanishes_in_f32(value):
-        raise BadInputError(f"Invalid '{name}': {value} is too small (it rounds to 0 in float32).")
 
 
-def _vanishes_in_f32(value: float) -> bool:
-    """The sampler works in float32: a positive value that rounds to 0 there would divide by zero."""
-    return float(torch.tensor(value, dtype=torch.float32)) == 0
+def _normal_f32(name: str, value: float, hint: str = "") -> None:
+    """The one rule for the positive values the sampler divides by or compares against in float32
+    (temperature, top_p, repetition_penalty): they must be normal float32 numbers, >= F32.tiny (1.18e-38).
+
+    Below that a value is 0 there (a division by zero: inf/NaN logits, then an out-of-range token) or
+    subnormal, which devices may flush to 0 (GPU kernels built with flush-to-zero, CPU under
+    torch.set_flush_denormal) and which has lost most of its precision anyway. The sampler is written so
+    that every normal value is safe: it divides max-shifted logits by the temperature and clamps the
+    penalised ones (see `Sampler._draw`), so a tiny temperature or penalty cannot overflow into NaN."""
+    if 0 < value < F32.tiny:
+        raise BadInputError(f"Invalid '{name}': {value} is too small. Sampling computes in float32, where a "
+                            f"positive value must be at least {F32.tiny:.4g}{hint}.")
 
 
 def check_integer(name: str, value, **bounds) -> None:
@@ -366,7 +377,12 @@ class Sampler:
 
     def _draw(self, x: torch.Tensor) -> torch.Tensor:
         greedy_tokens = x.argmax(-1) if self._any_greedy else None
-        x = x / self._temperature[:, None]
+        # Shift each row so its largest logit is 0, then divide: the quotient is <= 0 and can only overflow
+        # to -inf (probability 0, the right limit), never to +inf, whose inf - inf in the softmax is NaN.
+        # x / T alone overflows once |x| > T·3.4e38, i.e. for any logit > 4 at temperature 1.2e-38. The
+        # clamp keeps the shift finite when a repetition penalty < 1 has already pushed a logit to ±inf.
+        x = x.clamp(-F32.max, F32.max)
+        x = (x - x.amax(-1, keepdim=True)) / self._temperature[:, None]
         if self._k_max:
             # Keep logits >= the row's k-th largest (ties at the boundary survive, as in vLLM/HF).
             kth = x.topk(self._k_max, dim=-1).values.gather(-1, self._k_index[:, None])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.engine.cache import Cache
+from nanoseek.models.cache import Cache
 from nanoseek.models.layers import RMSNorm, Rotary
 
 

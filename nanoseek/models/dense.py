@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.engine.cache import KVLayer, Positions
 from nanoseek.models.base import CausalLM, DecoderStack
+from nanoseek.models.cache import KVLayer, Positions
 from nanoseek.models.config import DenseConfig
 from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, fuse_linears
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.engine.cache import Positions
+from nanoseek.models.cache import Positions
 from nanoseek.models.config import RopeConfig
 
 

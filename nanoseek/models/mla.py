@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.engine.cache import LatentLayer, Positions
+from nanoseek.models.cache import LatentLayer, Positions
 from nanoseek.models.config import DeepseekConfig
 from nanoseek.models.layers import RMSNorm, apply_rotary, yarn_mscale
 

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # SamplingParams' own range check and wording, reused for n & co.
@@ -39,9 +38,6 @@ from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError, from_nanoseek, from_validation_errors
 
 MAX_N = 16
-# Sampling runs in float32: a positive value below this divides by zero there (found by schemathesis:
-# top_p / repetition_penalty / temperature of 5e-324 failed the whole engine step).
-FLOAT32_TINY = torch.finfo(torch.float32).tiny
 CHAT_DEFAULT_MAX_TOKENS = 4096        # DeepSeek's default when max_tokens is unset
 COMPLETION_DEFAULT_MAX_TOKENS = 16    # OpenAI's (and vLLM's) default for legacy /completions
 
@@ -296,11 +292,6 @@ class _Request(_Body):
             if self.stream_options is not None and not self.stream:
                 raise ApiError.bad_request("'stream_options' is only allowed when 'stream' is true.",
                                            param="stream_options")
-            for name in ("temperature", "top_p", "repetition_penalty"):
-                v = getattr(self, name)
-                if v is not None and 0 < v < FLOAT32_TINY:
-                    raise ApiError.bad_request(f"Invalid '{name}': {v} is below the smallest float32 value "
-                                               f"({FLOAT32_TINY:.3g}) that sampling can compute with.", param=name)
             self._check_values()
             to_sampling_params(self)   # the rest: ranges in SamplingParams' words
         except BadInputError as err:

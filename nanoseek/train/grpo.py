@@ -64,6 +64,12 @@ class GRPOConfig:
             raise BadInputError(f"aggregation {self.aggregation!r}: grpo, dapo or dr_grpo")
         if self.beta < 0 or self.eps_low <= 0 or (self.eps_high is not None and self.eps_high <= 0):
             raise BadInputError("beta must be ≥ 0 and the clip ranges > 0")
+        if self.temperature == 0:
+            # Greedy rollouts make a group's completions identical (zero advantages), and the loss divides
+            # the logits by the temperature.
+            raise BadInputError("GRPO samples its completions: temperature must be > 0")
+        # The rollouts' sampling rule, checked now rather than at the first rollout, after the model loads.
+        SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p).validate()
         return self
 
 

@@ -1,15 +1,47 @@
-"""Preallocated per-layer caches: full K/V for GQA models, the compressed latent for MLA.
+"""What a forward pass reads and writes besides the weights: per-layer caches and token positions.
+
+Owns the cache kinds (`KVLayer`: full K/V for GQA models; `LatentLayer`: MLA's compressed latent), the
+`Cache` that holds one per layer, and `Positions`, which says where a forward pass's tokens sit and which
+cached keys each one reads. The models build and fill these; the engine (batching, prefix reuse) only
+moves rows and spans around through the `CacheLayer` interface, so it never depends on what a kind stores.
+These types live with the models, which must import nothing above them (engine, serve, train).
 
 A cache holds `batch` rows of `max_len` positions. Row b holds one sequence; position p is the token at
 absolute position p. Rows can be narrowed (`rows`) so one sequence prefills into its row of a batch cache
 without copying. Stale entries past a row's length are never read: attention masks keys by position.
+
+Adding a kind (a new attention's cache): a dataclass of tensors, batch first, that implements `CacheLayer`
+plus its own `write`, created by that attention's `new_cache`. `Cache` and the engine then handle it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class CacheLayer(Protocol):
+    """One layer's cache, whatever it stores. Every tensor field is batch-first ([B, …]), which is what
+    `Cache.nbytes` and the row operations rely on."""
+
+    span_pos_dim: int   # the positions dimension of each tensor `span` returns (one row, batch dim dropped)
+
+    @property
+    def batch(self) -> int: ...
+
+    def rows(self, start: int, n: int) -> CacheLayer:
+        """Rows [start, start + n) as views (no copy)."""
+
+    def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
+        """Views of positions [start, start + n) of one row, one per stored tensor."""
+
+    def select(self, keep: torch.Tensor) -> CacheLayer:
+        """A copy holding only rows `keep`, in that order."""
+
+    def resized(self, length: int) -> CacheLayer:
+        """A copy with `length` positions per row, holding this one's first positions."""
 
 
 @dataclass
@@ -18,6 +50,10 @@ class KVLayer:
 
     k: torch.Tensor
     v: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
 
     def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, T, H, D] at positions pos [B, T]."""
@@ -50,6 +86,10 @@ class LatentLayer:
     kv: torch.Tensor
     kv_lora: int
 
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[0]
+
     def write(self, pos: torch.Tensor, latent_and_rope: torch.Tensor) -> None:
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
         self.kv[rows, pos] = latent_and_rope
@@ -81,13 +121,15 @@ def _resized(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 
 @dataclass
 class Cache:
-    layers: list
+    """One `CacheLayer` per decoder layer (kinds may differ between layers), all with the same rows and
+    `max_len` positions."""
+
+    layers: list[CacheLayer]
     max_len: int
 
     @property
     def batch(self) -> int:
-        first = self.layers[0]
-        return (first.k if isinstance(first, KVLayer) else first.kv).shape[0]
+        return self.layers[0].batch
 
     def rows(self, start: int, n: int = 1) -> Cache:
         return Cache([layer.rows(start, n) for layer in self.layers], self.max_len)
