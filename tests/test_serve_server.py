@@ -120,6 +120,18 @@ def test_one_byte_after_a_response_does_not_hold_a_kept_alive_connection(running
     s.close()
 
 
+@pytest.mark.parametrize("running", [ServerLimits(header_timeout_s=0.5, idle_timeout_s=5)], indirect=True)
+def test_a_body_finished_after_its_response_does_not_hold_the_connection(running):
+    """The app answered before reading the body; the body's last bytes then arrive and the connection
+    waits for a next request with no timer at all in uvicorn."""
+    s = running.connect(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n")
+    _read_ok(s)
+    s.sendall(b"abcde")
+    data, closed_after = _read_until_closed(s, timeout=1.5)
+    assert closed_after is not None and data == b""
+    s.close()
+
+
 @pytest.mark.parametrize("running", [ServerLimits(header_timeout_s=5, idle_timeout_s=0.3)], indirect=True)
 def test_idle_kept_alive_connection_is_closed(running):
     s = running.connect(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

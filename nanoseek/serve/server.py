@@ -171,7 +171,11 @@ class _Protocol(H11Protocol):
         if self.conn.their_state is h11.IDLE:
             self._arm_head_timer()     # the first bytes of the next request on a kept-alive connection
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:
+        if self.conn.their_state is h11.IDLE:
+            # Waiting for a head again with no timer of uvicorn's running: the rest of a body that came in
+            # after its response was sent (uvicorn's keep-alive timer stops at any byte).
+            self._arm_head_timer()
+        else:
             self._cancel_head_timer()
 
     def on_response_complete(self) -> None:
