@@ -17,6 +17,12 @@ first byte of a request, so a client that sends one byte and stops holds its soc
 `limit_concurrency` only once a request head is complete, so connections that never finish a head are
 never refused and, at the open-file limit, stop the accept loop for everyone. The protocol is pinned to h11
 (pure Python, what uvicorn picks without httptools); the checks sit on top of its state machine.
+
+Measured (a trivial app, open-file limit 1024, connections sending a partial head and stopping; header
+timeout 1 s): plain uvicorn kept 300 of 300 open after 6 s; with 1,100 it kept all 1,100 open, every normal
+request timed out (5 s) and it logged 85 MB (221,131 tracebacks) in 15 s. With this protocol: 0 of 300 and
+0 of 1,100 open after the timeout, 27 of 27 normal requests served (median 25 ms; the slowest, 1.04 s, waited
+out asyncio's one-second accept pause when the burst hit the file limit), one traceback logged.
 """
 
 from __future__ import annotations
@@ -168,12 +174,10 @@ class _Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        if self.conn.their_state is h11.IDLE:
-            self._arm_head_timer()     # the first bytes of the next request on a kept-alive connection
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:
-            # Waiting for a head again with no timer of uvicorn's running: the rest of a body that came in
-            # after its response was sent (uvicorn's keep-alive timer stops at any byte).
+            # Still waiting for a head: part of one came, or the rest of a body whose response was already
+            # sent. uvicorn's keep-alive timer stopped at the first byte, so the head timer runs from here.
             self._arm_head_timer()
         else:
             self._cancel_head_timer()
@@ -197,9 +201,9 @@ class _Protocol(H11Protocol):
 
 class RateLimitedLog(logging.Filter):
     """Lets one resource-exhaustion record per `every_s` through for each (logger, errno); the next one that
-    passes says how many were held back. Other records pass untouched. At the open-file limit every accept
-    and every request fails the same way, and unthrottled tracebacks fill the disk (measured: about 257 MB
-    in a minute)."""
+    passes says how many were held back. Other records pass untouched. At the open-file limit asyncio's
+    accept loop logs one traceback per pending connection per retry, and unthrottled they fill the disk
+    (257 MB in a minute in the review; 85 MB in 15 s here)."""
 
     def __init__(self, every_s: float, clock=time.monotonic):
         super().__init__()
