@@ -211,13 +211,21 @@ def _parse_model_specs(specs: list[str] | None, default: str) -> dict[str, str]:
     return out
 
 
+def serve_access(host: str):
+    """(require_auth, GuardConfig) for a server bound to `host`. Never run an open server where others can
+    reach it: off loopback (127.0.0.0/8, ::1, localhost) a key is required even before one exists (create one
+    with `nanoseek keys create`). On loopback, without keys, the server trusts whoever reaches it, so it
+    accepts only loopback Host names: a page elsewhere cannot reach it by DNS rebinding."""
+    from nanoseek.serve.guard import GuardConfig, is_loopback_host
+
+    loopback = is_loopback_host(host)
+    return not loopback, GuardConfig(loopback_only=loopback)
+
+
 def cmd_serve(a) -> int:
-    import ipaddress
-
-    import uvicorn
-
     from nanoseek.engine.scheduler import Scheduler
     from nanoseek.serve.app import ServedModel, create_app
+    from nanoseek.serve.server import ServerLimits, run
     from nanoseek.serve.store import Prices, Store
     from nanoseek.session import LoadOptions, Session
 
@@ -226,15 +234,15 @@ def cmd_serve(a) -> int:
     if unknown:
         raise BadInputError(f"--reasoning-model {', '.join(sorted(unknown))}: not a served model "
                             f"({', '.join(specs)})")
+    given = {"header_timeout_s": a.header_timeout, "idle_timeout_s": a.idle_timeout,
+             "max_connections": a.max_connections}
+    try:
+        limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise BadInputError(f"serve: {e}") from None
     prices = Prices.load(a.prices) if a.prices else Prices()
     store = Store(a.data_dir)
-    try:
-        loopback = ipaddress.ip_address(a.host).is_loopback
-    except ValueError:
-        loopback = a.host == "localhost"
-    # Never run an open server where others can reach it: off loopback a key is required even before one
-    # exists (create one with `nanoseek keys create`).
-    require_auth = not loopback
+    require_auth, guard = serve_access(a.host)
     served = {}
     try:
         for name, source in specs.items():
@@ -247,16 +255,12 @@ def cmd_serve(a) -> int:
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "
                   f"{a.max_batch} rows)", file=sys.stderr)
-        # Bound to loopback without required auth, the server trusts whoever reaches it: accept only loopback
-        # Host names, so a page elsewhere cannot reach it by DNS rebinding. (IPv6 literals are left alone:
-        # Starlette's host check cannot parse "[::1]:port".)
-        trusted = ["localhost", "127.0.0.1", a.host] if loopback and ":" not in a.host else None
         app = create_app(served, store, require_auth=require_auth, mirror_reasoning=a.mirror_reasoning,
-                         trusted_hosts=trusted)
+                         guard=guard, docs=a.docs, isolate_prefix_cache=not a.shared_prefix_cache)
         if require_auth and not store.any_keys():
             print("nanoseek: warning: no API keys exist yet; every request will get 401 until you run "
                   "`nanoseek keys create --name NAME`", file=sys.stderr)
-        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+        run(app, a.host, a.port, limits)
     finally:
         for m in served.values():
             m.scheduler.stop(timeout=5)
@@ -507,6 +511,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", default=None, help="a .toml/.json price file (USD per 1M tokens per model)")
     p.add_argument("--mirror-reasoning", action="store_true",
                    help="also send reasoning as `reasoning` (vLLM/Ollama's field) besides reasoning_content")
+    # Defaults (None here) are ServerLimits' (serve/server.py), which the parser does not import: it pulls in
+    # the server's dependencies.
+    p.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                   help="seconds a client has to send a request's headers before the connection is closed "
+                        "(default 10)")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="seconds a kept-alive connection may wait for its next request (default 5)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections beyond which new ones get an immediate 503; kept below the "
+                        "open-file limit (default 1000)")
+    p.add_argument("--shared-prefix-cache", action="store_true",
+                   help="let every key's prompts hit every other key's cached prefixes (faster for keys that "
+                        "share system prompts); by default each key's cache is its own, so neither usage nor "
+                        "latency tells one key what another sent")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the interactive API docs at /docs and /redoc; their pages load Swagger UI and "
+                        "ReDoc scripts from a CDN into the origin where the web app keeps your API key, so they "
+                        "are off by default (/openapi.json is always served)")
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
 

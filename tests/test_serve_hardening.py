@@ -30,7 +30,7 @@ PROMPT = [{"role": "user", "content": "A private system prompt that nobody else 
 def models():
     served = {"tiny": _served("tiny", CHATML, max_batch=8),
               "slow": _served("slow", CHATML, slow_s=0.02, max_batch=4)}
-    served["tiny"].prices = PriceTable(0.0, 1000.0, 1000.0)   # $0.001 a token: budgets of a few requests
+    served["tiny"].prices = PriceTable(1000.0, 1000.0, 1000.0)   # $0.001 a token, cache hits too
     yield served
     for m in served.values():
         m.scheduler.stop(timeout=5)
@@ -58,7 +58,7 @@ def test_parallel_requests_cannot_overspend_a_budget(keyed):
     s, st = keyed
     prompt_tokens = httpx.post(s.url + "/v1/tokenize", json={"model": "tiny", "messages": HELLO},
                                headers={"Authorization": f"Bearer {_key(st, 'probe')}"}).json()["count"]
-    worst = PriceTable(0.0, 1000.0, 1000.0).cost(0, prompt_tokens, 8)
+    worst = PriceTable(1000.0, 1000.0, 1000.0).cost(0, prompt_tokens, 8)
     key_id, secret = st.create_key("race", budget_usd=round(5 * worst, 9))
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     with ThreadPoolExecutor(50) as pool:

@@ -17,6 +17,7 @@ from nanoseek.models import build_model
 from nanoseek.models.config import DenseConfig
 from nanoseek.serve.app import ServedModel, create_app
 from nanoseek.serve.conversations import Conversations, default_title
+from nanoseek.serve.guard import GuardConfig
 from nanoseek.serve.store import PriceTable, Store
 from nanoseek.serve.render import MarkdownRenderer, sanitize
 from test_chat import CHATML, make_tokenizer
@@ -412,7 +413,7 @@ def test_open_loopback_server_checks_the_host_header(models, data_dir):
     """With no keys the server trusts its caller; `nanoseek serve` on loopback passes trusted hosts so a page
     elsewhere cannot reach it through DNS rebinding and read the local user's conversations."""
     store = Store(data_dir)
-    app = create_app(models, store, require_auth=False, trusted_hosts=["localhost", "127.0.0.1"])
+    app = create_app(models, store, require_auth=False, guard=GuardConfig(loopback_only=True))
     with TestClient(app, base_url="http://127.0.0.1:8000") as ok:
         assert ok.get("/app/api/conversations").status_code == 200
     with TestClient(app, base_url="http://attacker.example:8000") as evil:

@@ -6,7 +6,7 @@ Owns `ServedModel` (one model as the server exposes it) and `create_app`, which 
   * serve/routes.py — the API routes (served with and without `/v1`), serve/streams.py — SSE and logprobs;
   * serve/web.py — the chat web app at `/`;
   * serve/errors.py — every failure as an OpenAI error body; serve/metrics.py — Prometheus;
-  * the request guard below, which runs before any route reads a body.
+  * serve/guard.py — the checks made before any route reads a body (size, Host, Origin, web-app auth).
 The contract itself (what a body may say, every response shape) is serve/schemas.py; the thread↔asyncio
 hand-off is serve/bridge.py. The engine runs on each Scheduler's own thread; handlers only submit, await
 deltas and do cheap bookkeeping.
@@ -23,12 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.errors import NanoseekError
 from nanoseek.serve.auth import Gate
 from nanoseek.serve.errors import ApiError, error_response
+from nanoseek.serve.guard import Guard, GuardConfig
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.routes import RouteSettings, api_router
 from nanoseek.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -36,9 +36,6 @@ from nanoseek.serve.store import PriceTable, Store
 from nanoseek.serve.web import web_router
 
 log = logging.getLogger(__name__)
-# A 128k-token prompt is well under 1 MB of JSON; the limit only stops a client from making the server
-# buffer arbitrary amounts before any check runs.
-MAX_BODY_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -77,17 +74,20 @@ class ServedModel:
 
 def create_app(models: dict[str, ServedModel], store: Store | None, *, require_auth: bool,
                mirror_reasoning: bool = False, keepalive_s: float = 10.0, poll_s: float = 0.5,
-               trusted_hosts: list[str] | None = None, isolate_prefix_cache: bool = True) -> FastAPI:
+               guard: GuardConfig | None = None, docs: bool = False, isolate_prefix_cache: bool = True) -> FastAPI:
     """The app. Schedulers must already be running; the caller owns starting and stopping them.
-    trusted_hosts: Host header values to accept (None: any). An open loopback server sets them, so a web
-    page on another origin cannot reach it through DNS rebinding and read the local user's conversations.
+    guard: the body limit and the Host check (serve/guard.py; None: the defaults). An open loopback server
+    sets loopback_only, so a web page on another origin cannot reach it through DNS rebinding and read the
+    local user's conversations. docs: serve /docs and /redoc (their pages load scripts from a CDN;
+    /openapi.json is always served).
     keepalive_s: silence after which a waiting stream gets a `: keep-alive` comment; poll_s: how often an
     idle request checks for a disconnected client or a failed engine step. isolate_prefix_cache: a key's
     prompts reuse only its own cached prefixes (see Caller.cache_salt)."""
     if not models:
         raise ValueError("serve at least one model")
     gate = Gate(store, require_auth)
-    app = FastAPI(title="nanoseek", description="DeepSeek/OpenAI-compatible API served by nanoseek.")
+    app = FastAPI(title="nanoseek", description="DeepSeek/OpenAI-compatible API served by nanoseek.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     metrics = ServerMetrics({n: m.scheduler.stats for n, m in models.items()})
     app.state.metrics = metrics
     app.state.gate = gate
@@ -99,39 +99,8 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
     app.include_router(router)
     web = web_router(models, gate)   # the chat web app at /
     app.include_router(web)
-    app.add_middleware(_Guard, web_owner=web.owner)
-    if trusted_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))
+    app.add_middleware(Guard, config=guard or GuardConfig(), web_owner=web.owner, is_open=gate.is_open)
     return app
-
-
-class _Guard:
-    """Checks made before any route reads a body (pure ASGI, so streaming and disconnects pass untouched):
-    a declared body over MAX_BODY_BYTES is a 413, and the web app's endpoints authenticate first (a bad key
-    is a 401 even when the body is also bad, as on the API routes)."""
-
-    def __init__(self, app, web_owner):
-        self.app, self.web_owner = app, web_owner
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-                err = ApiError(413, f"Request body too large: the limit is {MAX_BODY_BYTES} bytes.",
-                               code="request_too_large")
-                return await _error(err)(scope, receive, send)
-            if scope["path"].startswith("/app/api/"):
-                try:
-                    scope.setdefault("state", {})["web_owner"] = await self.web_owner(Request(scope))
-                except Exception as e:
-                    return await _error(e)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-def _error(err: BaseException) -> JSONResponse:
-    status, headers, body = error_response(err)
-    return JSONResponse(body, status_code=status, headers=headers)
-
 
 
 def _register_error_handlers(app: FastAPI) -> None:

@@ -141,14 +141,17 @@ class Gate:
         self.store, self.require_auth = store, require_auth
         self.limiter = limiter or RateLimiter()
 
+    async def is_open(self) -> bool:
+        """No key is asked for: no store, or no key was ever created and the server listens on loopback."""
+        store = self.store
+        return store is None or (not self.require_auth and not await asyncio.to_thread(store.any_keys))
+
     async def caller(self, request: Request) -> Caller:
         """Who is calling: a live key from 'Authorization: Bearer KEY', or the local user on an open server.
         Raises a 401 ApiError otherwise."""
         store = self.store
-        if store is None:
+        if await self.is_open():
             return Caller(None)
-        if not self.require_auth and not await asyncio.to_thread(store.any_keys):
-            return Caller(None)      # an open server: no keys were ever created and it listens on loopback
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise ApiError.authentication("Authentication failed: send the API key as 'Authorization: Bearer KEY'.")
