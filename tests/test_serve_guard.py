@@ -17,7 +17,7 @@ import pytest
 
 from nanoseek.cli import serve_access
 from nanoseek.serve.app import create_app
-from nanoseek.serve.guard import MAX_BODY_BYTES, GuardConfig, split_host
+from nanoseek.serve.guard import MAX_BODY_BYTES, Guard, GuardConfig, split_host
 from nanoseek.serve.server import ServerLimits, build_server
 from nanoseek.serve.store import Store
 from test_web import tiny_served
@@ -94,6 +94,30 @@ def test_body_limit_is_configurable_and_a_body_within_it_passes(models, store):
             yield small[i:i + 7]
     r = _send(app, "POST", "/v1/chat/completions", content=in_pieces())
     assert r.status_code == 200, r.text
+
+
+def test_body_over_the_limit_after_the_response_started_reads_as_a_disconnect():
+    """A status line cannot be taken back: an app that answers first and reads after is told the client is
+    gone once the body passes the limit, and nothing more is read."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        await send({"type": "http.response.body", "body": message["type"].encode()})
+
+    async def nobody(request):
+        return None
+
+    async def is_open():
+        return True
+
+    guarded = Guard(app, config=GuardConfig(max_body_bytes=4096), web_owner=nobody, is_open=is_open)
+    body = _Chunks(n=100, size=1024)
+    r = _send(guarded, "POST", "/upload", content=body)
+    assert (r.status_code, r.text) == (200, "http.disconnect")
+    assert body.sent <= 5
 
 
 def test_chunked_body_over_the_limit_on_a_real_socket(models, store):
