@@ -50,7 +50,7 @@ def test_every_measurement_runs_and_writes_a_row(tmp_path):
     assert [int(n) for n, _, _ in rows] == [1, 2, 3, 4, 5, 6], text
     assert "ERROR" not in text and "skipped" not in text, text
     figures = {int(n): f for n, _, f in rows}
-    assert re.search(r"served \d+/6 .* spend \$[\d.]+ vs budget \$[\d.]+", figures[1])
+    assert re.search(r"served \d+/6 .* spend \$\S+ vs budget \$\S+", figures[1])
     assert re.search(r"A's own repeat hit \d+/\d+", figures[2])
     assert re.search(r"chat HTTP \d+ in [\d.]+ s, tokenize HTTP \d+ in [\d.]+ s; worst stall [\d.]+ s", figures[3])
     assert re.search(r"HTTP \d+ after [\d.]+ MiB of 1.0 MiB sent .*server RSS \+", figures[4])

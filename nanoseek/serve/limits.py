@@ -130,19 +130,6 @@ class RateLimiter:
         with self._lock:
             return max(0, tpm - self._prune(key_id, self._clock()).tokens)
 
-    def charge(self, key_id: Hashable, tokens: int) -> None:
-        """Count tokens learned after admission (the completion) against the key, as of now.
-
-        The server knows the prompt size when it checks but the output size only at the end; charging
-        it afterwards keeps tpm honest without guessing from max_tokens. Charged tokens can push a
-        key past its tpm; its next requests then wait until they age out.
-        """
-        if tokens <= 0:
-            return
-        with self._lock:
-            now = self._clock()
-            self._add(self._prune(key_id, now), now, 0, tokens)
-
     def _prune(self, key_id: Hashable, now: float) -> _Window:
         # One window per key ever seen, emptied but kept: the store's key count bounds the memory.
         w = self._windows.setdefault(key_id, _Window())
