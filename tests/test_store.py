@@ -283,7 +283,7 @@ def test_rate_limiter_tokens_per_minute():
     assert rl.check(1, 50, tpm=100) == pytest.approx(30)  # needs the t=0 tokens gone
     assert rl.check(1, 40, tpm=100) is None  # exactly fills the window
     clock.t = 31
-    rl.charge(1, 50)  # completion tokens learned after the fact: window now holds 150
+    rl.settle(rl.reserve(1, 0, 0, tpm=100), 50)  # a request that used more than it held: window now holds 150
     clock.t = 59
     # 150 + 10 - 100 = 60 must leave: the t=0 event (60 tokens) is enough → at t=60
     assert rl.check(1, 10, tpm=100) == pytest.approx(1)
@@ -293,7 +293,7 @@ def test_rate_limiter_tokens_per_minute():
     # 100 + 20 - 100 = 20: the t=30 event (40) expires at t=90
     assert rl.check(1, 20, tpm=100) == pytest.approx(1)
     # both limits: the longer wait wins
-    assert rl.check(1, 20, rpm=2, tpm=100) == pytest.approx(1)
+    assert rl.check(1, 20, rpm=2, tpm=100) == pytest.approx(2)  # rpm: the t=31 request leaves at t=91
     assert rl.check(1, 0, rpm=1, tpm=100) == pytest.approx(31)  # the t=60 request holds the only slot
     with pytest.raises(RequestTooLarge, match="101 tokens"):
         rl.check(2, 101, tpm=100)
