@@ -62,7 +62,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from serve import machine_line, start_server, words, write_atomic  # benchmarks/: scripts import their neighbours
+from serve import DONE, machine_line, sse_data, start_server, words, write_atomic  # benchmarks/: scripts import their neighbours
 from soak import rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,13 +211,9 @@ async def run_stream(c: httpx.AsyncClient, t: Target, content: str, max_tokens: 
             if r.status_code != 200:
                 probe.error = f"HTTP {r.status_code}: {(await r.aread())[:160]!r}"
                 return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_data(r):
+                if chunk is DONE:
                     return
-                chunk = json.loads(data)
                 if "error" in chunk:
                     probe.error = str(chunk["error"].get("message"))[:160]
                     return

@@ -185,6 +185,22 @@ class Result:
         return (self.end - self.first_content) / (self.completion_tokens - 1)
 
 
+DONE = object()   # what sse_data yields for `data: [DONE]`
+
+
+async def sse_data(response):
+    """The JSON chunks of an OpenAI-style SSE stream, then DONE if the stream says [DONE] (blank separators and
+    `: keep-alive` comments skipped). Shared by serve.py, soak.py and abuse.py."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield DONE
+            return
+        yield json.loads(data)
+
+
 async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int,
                       extra: dict | None = None) -> Result:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -195,14 +211,10 @@ async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue             # blank separators and `: keep-alive` comments
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_data(r):
+                if chunk is DONE:
                     res.ok = res.error == ""
                     break
-                chunk = json.loads(data)
                 now = time.perf_counter()
                 if "error" in chunk:
                     res.error = str(chunk["error"].get("message"))

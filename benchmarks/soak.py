@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from serve import client_for, machine_line, served_model, start_server, words, write_atomic
+from serve import DONE, client_for, machine_line, served_model, sse_data, start_server, words, write_atomic
 
 
 def rss_bytes(pid: int) -> int:
@@ -76,14 +76,10 @@ async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random,
             if r.status_code != 200:
                 tally.failed.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                 return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_data(r):
+                if chunk is DONE:
                     tally.completed += 1
                     return
-                chunk = json.loads(data)
                 if "error" in chunk:
                     tally.failed.append(f"stream error: {chunk['error'].get('message')}")
                     return

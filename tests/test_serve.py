@@ -20,6 +20,7 @@ from nanoseek.engine.scheduler import Scheduler
 from nanoseek.models import build_model
 from nanoseek.models.config import DenseConfig
 from nanoseek.serve.app import ServedModel, create_app
+from nanoseek.serve.server import ServerLimits, build_server
 from nanoseek.serve.store import Store
 from test_chat import CHATML, R1_LIKE, make_tokenizer
 
@@ -86,16 +87,23 @@ def metric(scraped, name: str, model: str, absent: float | None = None, **labels
 
 
 class _Server:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    """An app served on a free port from a thread. With `limits`, through nanoseek's own server (serve/server.py:
+    timeouts, connection cap); without, through plain uvicorn."""
+
+    def __init__(self, app, host: str = "127.0.0.1", limits: ServerLimits | None = None):
+        if limits is None:
+            self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+        else:
+            self.server = build_server(app, host, 0, limits, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
+            assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]   # port 0: the OS picked a free one
-        self.url = f"http://127.0.0.1:{port}"
+        self.host = host
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]   # port 0: the OS picked a free one
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def client(self, key="none", **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)

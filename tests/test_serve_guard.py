@@ -9,7 +9,6 @@ the Host check on an IPv6 loopback server.
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -18,8 +17,9 @@ import pytest
 from nanoseek.cli import serve_access
 from nanoseek.serve.app import create_app
 from nanoseek.serve.guard import MAX_BODY_BYTES, Guard, GuardConfig, split_host
-from nanoseek.serve.server import ServerLimits, build_server
+from nanoseek.serve.server import ServerLimits
 from nanoseek.serve.store import Store
+from test_serve import _Server
 from test_web import tiny_served
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -124,16 +124,9 @@ def test_chunked_body_over_the_limit_on_a_real_socket(models, store):
     """Through uvicorn: the client gets the 413 while it is still sending, and the connection closes."""
     TOTAL = 32 * 2**20
     app = create_app(models, store, require_auth=False, guard=GuardConfig(max_body_bytes=64 * 1024))
-    server = build_server(app, "127.0.0.1", 0, ServerLimits(), log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = _Server(app, limits=ServerLimits())
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%s\r\n" % (16384, b"x" * 16384)
@@ -168,8 +161,7 @@ def test_chunked_body_over_the_limit_on_a_real_socket(models, store):
         assert b'"request_too_large"' in reply
         assert chunks, f"sent all {sent} bytes before the server answered"
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
 
 
 # -- Host check ------------------------------------------------------------------------------------------------
@@ -223,21 +215,14 @@ def test_ipv6_loopback_server_checks_the_host_header(models, store):
         pytest.skip(f"cannot bind ::1 here: {e}")
     require_auth, guard = serve_access("::1")
     app = create_app(models, store, require_auth=require_auth, guard=guard)
-    server = build_server(app, "::1", 0, ServerLimits(), log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = _Server(app, host="::1", limits=ServerLimits())
+    url = server.url
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        url = f"http://[::1]:{server.servers[0].sockets[0].getsockname()[1]}"
         assert httpx.get(url + "/app/api/conversations", timeout=10).status_code == 200
         r = httpx.get(url + "/app/api/conversations", headers={"Host": "attacker.example"}, timeout=10)
         _error(r, 400, "invalid_host")
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
 
 
 # -- cross-site requests to an open server ---------------------------------------------------------------------

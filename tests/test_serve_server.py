@@ -9,13 +9,13 @@ import json
 import logging
 import resource
 import socket
-import threading
 import time
 
 import httpx
 import pytest
 
-from nanoseek.serve.server import RateLimitedLog, ServerLimits, build_server, raise_open_file_limit
+from nanoseek.serve.server import RateLimitedLog, ServerLimits, raise_open_file_limit
+from test_serve import _Server
 
 PARTIAL_HEAD = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 OK = b'{"status":"ok"}'
@@ -40,27 +40,17 @@ def _read_ok(s: socket.socket) -> None:
     assert data.startswith(b"HTTP/1.1 200 "), data
 
 
-class _Running:
+class _Running(_Server):
+    """`_ok_app` behind nanoseek's own server with `limits`, and raw sockets to it."""
+
     def __init__(self, limits: ServerLimits):
-        self.server = build_server(_ok_app, "127.0.0.1", 0, limits, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(_ok_app, limits=limits)
 
     def connect(self, first_bytes: bytes = b"") -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         if first_bytes:
             s.sendall(first_bytes)
         return s
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,15 +50,15 @@ class ServedModel:
     prices: PriceTable = field(default_factory=PriceTable)
     root: str | None = None          # what the weights were loaded from (vLLM's tokenizer hint)
     created: int = field(default_factory=lambda: int(time.time()))
+    # An upper bound on the UTF-8 bytes one token stands for: its vocabulary entry's own spelling, which is
+    # never shorter than its text (byte-level BPE writes each byte as one or two UTF-8 bytes, SentencePiece
+    # writes a space as the 3-byte '▁' and a raw byte as '<0xNN>'). Computed once here, at start-up, so the
+    # request path only multiplies.
+    max_token_bytes: int = field(init=False)
 
-    @cached_property
-    def max_token_bytes(self) -> int:
-        """An upper bound on the UTF-8 bytes one token stands for: its vocabulary entry's own spelling, which
-        is never shorter than its text (byte-level BPE writes each byte as one or two UTF-8 bytes,
-        SentencePiece writes a space as the 3-byte '▁' and a raw byte as '<0xNN>')."""
-        tok = self.tokenizer
-        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        return max(1, max(len(p.encode(errors="surrogatepass")) for p in pieces if isinstance(p, str)))
+    def __post_init__(self) -> None:
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        self.max_token_bytes = max(1, max(len(p.encode(errors="surrogatepass")) for p in pieces if isinstance(p, str)))
 
     def check_text_fits(self, text_bytes: int, param: str) -> None:
         """A 400 for text that cannot fit the context even if every token were the longest one: decided from
