@@ -264,10 +264,12 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
 
 
 async def _run_to_end(job: Job, bill: _Bill) -> JSONResponse | None:
-    """Wait for a non-streamed job. None when it finished; a 499 for a client that left (billed all the same)."""
+    """Wait for a non-streamed job, noting its progress as a stream does (a server killed under it bills what
+    was generated). None when it finished; a 499 for a client that left (billed all the same)."""
     try:
-        async for _ in job.events():
-            pass
+        async for ev in job.events():
+            if ev is not None:
+                bill.progress()
     except ClientGone:
         bill.dropped()
         return JSONResponse({}, status_code=499)   # nobody is listening; the status is for the log
