@@ -43,6 +43,7 @@ from nanoseek.errors import BadInputError
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 F32 = torch.finfo(torch.float32)   # the sampler's arithmetic, whatever dtype the logits arrive in
+OVERFLOW_DIVISOR = 1e-6            # below this, a temperature or repetition penalty may overflow the logits
 
 
 
@@ -310,6 +311,10 @@ class Sampler:
         self._greedy = col(greedy, torch.bool)
         # Greedy rows divide by 1 so the shared division stays finite; their draw is discarded anyway.
         self._temperature = col([p.temperature or 1.0 for p in params])
+        # Only a divisor this small can overflow float32 with real logits (|x| / 1e-6 stays finite up to
+        # |x| = 3.4e32): batches without one keep the plain division, the decode step's common case.
+        self._guard_overflow = any(0 < p.temperature < OVERFLOW_DIVISOR or p.repetition_penalty < OVERFLOW_DIVISOR
+                                   for p in params)
         k = [min(p.top_k, V) if p.top_k > 0 and not p.greedy else 0 for p in params]
         self._k_max = max(k)
         self._k_index = col([max(x, 1) - 1 for x in k], torch.long)
@@ -377,12 +382,16 @@ class Sampler:
 
     def _draw(self, x: torch.Tensor) -> torch.Tensor:
         greedy_tokens = x.argmax(-1) if self._any_greedy else None
-        # Shift each row so its largest logit is 0, then divide: the quotient is <= 0 and can only overflow
+        # With a tiny temperature or penalty in the batch (see _guard_overflow): shift each row so its largest
+        # logit is 0, then divide: the quotient is <= 0 and can only overflow
         # to -inf (probability 0, the right limit), never to +inf, whose inf - inf in the softmax is NaN.
         # x / T alone overflows once |x| > T·3.4e38, i.e. for any logit > 4 at temperature 1.2e-38. The
         # clamp keeps the shift finite when a repetition penalty < 1 has already pushed a logit to ±inf.
-        x = x.clamp(-F32.max, F32.max)
-        x = (x - x.amax(-1, keepdim=True)) / self._temperature[:, None]
+        if self._guard_overflow:
+            x = x.clamp(-F32.max, F32.max)
+            x = (x - x.amax(-1, keepdim=True)) / self._temperature[:, None]
+        else:
+            x = x / self._temperature[:, None]
         if self._k_max:
             # Keep logits >= the row's k-th largest (ties at the boundary survive, as in vLLM/HF).
             kth = x.topk(self._k_max, dim=-1).values.gather(-1, self._k_index[:, None])
