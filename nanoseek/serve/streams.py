@@ -120,10 +120,23 @@ class _StreamLogprobs:
 
 
 
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that closes its generator however the response ends. When the client hangs up,
+    Starlette sees it as a failed send and leaves the generator suspended at its `yield`; its `finally`
+    (cancel the engine requests, bill what they generated) would then wait for the garbage collector, while
+    the engine kept generating for nobody."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def sse(gen) -> StreamingResponse:
     # no-cache / no buffering: proxies must pass each event through as it is written.
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStream(gen, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _pump(job: Job, keepalive_s: float, bill):
