@@ -27,6 +27,10 @@ class CacheLayer(Protocol):
     `Cache.nbytes` and the row operations rely on."""
 
     span_pos_dim: int   # the positions dimension of each tensor `span` returns (one row, batch dim dropped)
+    # Whether positions past a row's length may simply be abandoned and written again (speculative decoding
+    # rolls back a rejected draft that way). True for per-position kinds; a kind whose state folds several
+    # positions together (a compressed window) is not, and the engine does not draft on such models.
+    rewindable: bool
 
     @property
     def batch(self) -> int: ...
@@ -65,6 +69,7 @@ class KVLayer:
         return KVLayer(self.k[start:start + n], self.v[start:start + n])
 
     span_pos_dim = 1  # positions are dim 1 of a row's [H, L, D]
+    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         """Views of positions [start, start + n) of one row: k and v [H, n, D]."""
@@ -98,6 +103,7 @@ class LatentLayer:
         return LatentLayer(self.kv[start:start + n], self.kv_lora)
 
     span_pos_dim = 0
+    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         return [self.kv[row, start:start + n]]
@@ -130,6 +136,14 @@ class Cache:
     @property
     def batch(self) -> int:
         return self.layers[0].batch
+
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in vars(self.layers[0]).values() if isinstance(t, torch.Tensor)).device
+
+    @property
+    def rewindable(self) -> bool:
+        return all(layer.rewindable for layer in self.layers)
 
     def rows(self, start: int, n: int = 1) -> Cache:
         return Cache([layer.rows(start, n) for layer in self.layers], self.max_len)
