@@ -30,6 +30,7 @@ class Completion:
     logprobs: list[dict] | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     stop_token: int | None = None  # the EOS / stop token that ended it (never part of token_ids)
+    stop_string: str | None = None  # the stop string that ended it (cut from text); Anthropic's stop_sequence
     error: str | None = None  # why the loop ended it early (finish_reason "error"), e.g. a grammar dead end
     # With `record_routing`: per cached position (prompt, then each generated token fed back), the routed
     # experts of every MoE layer [n_moe_layers, top_k], for replaying a rollout's routing in training.
@@ -102,7 +103,7 @@ class RequestState:
                 if self.stops is not None:
                     text, hit = self.stops.feed(text)
                     if hit:
-                        o.finish_reason = "stop"
+                        o.finish_reason, o.stop_string = "stop", self.stops.matched
             if o.finish_reason is None and len(o.token_ids) >= self.limit:
                 o.finish_reason = "length"
         if o.finish_reason is not None:

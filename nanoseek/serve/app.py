@@ -4,6 +4,8 @@ Owns `ServedModel` (one model as the server exposes it) and `create_app`, which 
   * serve/auth.py — who is calling, budget and rate-limit reservations, the usage ledger (the one copy,
     shared with the web app);
   * serve/routes.py — the API routes (served with and without `/v1`), serve/streams.py — SSE and logprobs;
+  * serve/anthropic.py — the Anthropic Messages API (at `/v1` and `/anthropic/v1`), serve/responses.py — the
+    OpenAI Responses API: translations over the chat route's pipeline;
   * serve/web.py — the chat web app at `/`;
   * serve/errors.py — every failure as an OpenAI error body; serve/metrics.py — Prometheus;
   * serve/guard.py — the checks made before any route reads a body (size, Host, Origin, web-app auth).
@@ -25,8 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.errors import NanoseekError
+from nanoseek.serve.anthropic import anthropic_router
 from nanoseek.serve.auth import Gate
-from nanoseek.serve.errors import ApiError, error_response
+from nanoseek.serve.errors import ApiError, dialect_of, error_response
 from nanoseek.serve.guard import Guard, GuardConfig
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.routes import RouteSettings, api_router
@@ -96,6 +99,10 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
                                                              isolate_prefix_cache))
     app.include_router(router, prefix="/v1")
     app.include_router(router)
+    # The other API dialects, each a translation over the chat route's pipeline (routes.ChatService)
+    messages = anthropic_router(router.chat_service, store)
+    app.include_router(messages, prefix="/v1")
+    app.include_router(messages, prefix="/anthropic/v1")   # DeepSeek's base URL for the Anthropic SDK
     web = web_router(models, gate)   # the chat web app at /
     app.include_router(web)
     app.add_middleware(Guard, config=guard or GuardConfig(), web_owner=web.owner, is_open=gate.is_open)
@@ -107,7 +114,7 @@ def _register_error_handlers(app: FastAPI) -> None:
     and those are logged with their traceback since the body says nothing about them."""
 
     async def handle(request: Request, exc: Exception):
-        status, headers, body = error_response(exc)
+        status, headers, body = error_response(exc, dialect_of(request.url.path))
         if status >= 500 and not isinstance(exc, ApiError):
             log.error("error handling %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(body, status_code=status, headers=headers)

@@ -147,15 +147,16 @@ class Gate:
         return store is None or (not self.require_auth and not await asyncio.to_thread(store.any_keys))
 
     async def caller(self, request: Request) -> Caller:
-        """Who is calling: a live key from 'Authorization: Bearer KEY', or the local user on an open server.
-        Raises a 401 ApiError otherwise."""
+        """Who is calling: a live key from 'Authorization: Bearer KEY' or 'x-api-key: KEY' (the Anthropic
+        SDK's header), or the local user on an open server. Raises a 401 ApiError otherwise."""
         store = self.store
         if await self.is_open():
             return Caller(None)
-        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise ApiError.authentication("Authentication failed: send the API key as 'Authorization: Bearer KEY'.")
-        key = await asyncio.to_thread(store.authenticate, secret.strip())
+        secret = _presented_key(request.headers)
+        if secret is None:
+            raise ApiError.authentication("Authentication failed: send the API key as 'Authorization: Bearer KEY' "
+                                          "or 'x-api-key: KEY'.")
+        key = await asyncio.to_thread(store.authenticate, secret)
         if key is None:
             raise ApiError.authentication()
         return Caller(key)
@@ -205,6 +206,16 @@ class Gate:
                 raise ApiError.rate_limited(got)
             hold = got
         return Ticket(self, caller, model, prices, prompt_tokens, granted, reservation, hold)
+
+
+def _presented_key(headers) -> str | None:
+    """The key a request presents. Bearer wins when both headers are sent; a client sending two different
+    keys gets the Bearer one checked, never a fallback to the other after a failure."""
+    scheme, _, secret = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and secret.strip():
+        return secret.strip()
+    secret = headers.get("x-api-key", "").strip()
+    return secret or None
 
 
 def _no_funds(key: KeyRecord) -> ApiError:

@@ -9,7 +9,11 @@ Owns:
     `error` key inside a stream).
   * `ErrorResponse`: the body as a pydantic model, for the OpenAPI spec.
 
-Body shape (OpenAI's, which DeepSeek also uses): {"error": {"message", "type", "param", "code"}}.
+Body shape (OpenAI's, which DeepSeek also uses): {"error": {"message", "type", "param", "code"}}. The
+Anthropic Messages routes (serve/anthropic.py; `dialect_of(path)` says which paths) get Anthropic's shape
+instead, {"type": "error", "error": {"type", "message"}}, with Anthropic's type names and its statuses
+(a schema error is a 400 there, and an over-long prompt says "prompt is too long", which agent clients match
+on to compact their history).
 
 400 or 422 — decided by what the DeepSeek API of the R1 era actually answered, which is also where every
 other server agrees:
@@ -80,6 +84,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.lengths: tuple[int, int] | None = None   # (prompt tokens, context) of a context_length_exceeded
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -109,9 +114,11 @@ class ApiError(Exception):
     @classmethod
     def context_length_exceeded(cls, prompt_tokens: int, max_model_len: int, param: str = "messages") -> ApiError:
         """400: the prompt leaves no room for even one generated token."""
-        return cls(400, f"The prompt is {prompt_tokens} tokens long, but this model's context length is "
+        err = cls(400, f"The prompt is {prompt_tokens} tokens long, but this model's context length is "
                         f"{max_model_len} tokens, and at least one token must remain for the completion. "
                         f"Shorten the {param}.", param=param, code="context_length_exceeded")
+        err.lengths = (prompt_tokens, max_model_len)
+        return err
 
     @classmethod
     def authentication(cls, message: str = "Authentication failed: the API key is missing or invalid.") -> ApiError:
@@ -333,7 +340,37 @@ def to_api_error(err: BaseException) -> ApiError:
     return ApiError.server_error()
 
 
-def error_response(err: BaseException) -> tuple[int, dict[str, str], dict[str, Any]]:
+OPENAI, ANTHROPIC = "openai", "anthropic"
+ANTHROPIC_PATHS = ("/anthropic/", "/v1/messages")   # serve/app.py mounts the Messages API under these
+
+
+def dialect_of(path: str) -> str:
+    """Which error body a request path gets: Anthropic's on the Messages API, OpenAI's everywhere else."""
+    return ANTHROPIC if path.startswith(ANTHROPIC_PATHS) else OPENAI
+
+
+# Anthropic's error `type` per status (docs.anthropic.com "Errors"); 402 is its billing_error.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(api: ApiError) -> tuple[int, dict[str, Any]]:
+    """(status, body) of `api` in Anthropic's dialect. A schema error (422 here) is a 400 there."""
+    status = 400 if api.status == SCHEMA_STATUS else api.status
+    message = api.message
+    if api.code == "context_length_exceeded":
+        # Anthropic's wording, which Claude Code and other agents look for before compacting a conversation
+        message = (f"prompt is too long: {api.lengths[0]} tokens > {api.lengths[1] - 1} maximum"
+                   if api.lengths else f"prompt is too long: {message}")
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(err: BaseException, dialect: str = OPENAI) -> tuple[int, dict[str, str], dict[str, Any]]:
     """(status, headers, body) for `err`, ready for JSONResponse(body, status_code=status, headers=headers)."""
     api = to_api_error(err)
+    if dialect == ANTHROPIC:
+        status, body = anthropic_error(api)
+        return status, dict(api.headers), body
     return api.status, dict(api.headers), api.body()

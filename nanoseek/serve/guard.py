@@ -30,7 +30,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from nanoseek.serve.errors import ApiError, error_response
+from nanoseek.serve.errors import ApiError, dialect_of, error_response
 
 # A 128k-token prompt is well under 1 MB of JSON; the limit only stops a client from making the server
 # buffer arbitrary amounts before any check runs.
@@ -208,5 +208,5 @@ class _CountedBody:
 
 
 async def _refuse(err: BaseException, scope, receive, send) -> None:
-    status, headers, body = error_response(err)
+    status, headers, body = error_response(err, dialect_of(scope["path"]))
     await JSONResponse(body, status_code=status, headers={**headers, "Connection": "close"})(scope, receive, send)

@@ -13,6 +13,7 @@ freeze every other stream (issue 13, finding 3).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fastapi import APIRouter, Request
@@ -39,6 +40,26 @@ class RouteSettings:
     keepalive_s: float = 10.0     # silence after which a queued stream gets a `: keep-alive` comment
     poll_s: float = 0.5           # how often an idle request checks for a gone client or a failed engine step
     isolate_prefix_cache: bool = True
+
+
+@dataclass
+class ChatRun:
+    """What one chat request ran as, for the API dialects that translate it (serve/anthropic.py,
+    serve/responses.py): its prompt, and its engine job (whose handles hold each choice's Completion)."""
+
+    prompt: Prompt | None = None
+    job: Job | None = None
+
+
+@dataclass(frozen=True)
+class ChatService:
+    """The chat pipeline as the other API dialects reuse it: the same auth Gate, model choice, and
+    `run(caller, req, sm, request, run=None)` — reservation, engine, billing, body or SSE stream — as
+    POST /chat/completions, so no dialect has its own copy of any of them."""
+
+    gate: Gate
+    pick: Callable
+    run: Callable
 
 
 class _Bill:
@@ -172,12 +193,19 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
     @router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         caller, req, sm = await read(request, ChatCompletionRequest)
+        return await run_chat(caller, req, sm, request)
+
+    async def run_chat(caller: Caller, req: ChatCompletionRequest, sm, request: Request, run: ChatRun | None = None):
+        """A chat request of an authenticated caller, start to end: the JSON response or the SSE stream.
+        `run`, if given, is told the prompt and the job (the other API dialects read them)."""
         sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in req.messages), "messages")
         prompt = await asyncio.to_thread(_chat_prompt, sm, req)
         params = to_sampling_params(req, prompt_tokens=len(prompt.ids), max_model_len=sm.context)
         n = req.n or 1
         job, bill = await run_job(sm, caller, request, [prompt.ids] * n, choice_params(params, n), n,
                                   req.requested_max_tokens is not None, len(prompt.ids))
+        if run is not None:
+            run.prompt, run.job = prompt, job
         name = req.model or sm.name
         split = sm.reasoning or prompt.starts_in_reasoning
         mirror = settings.mirror_reasoning if req.mirror_reasoning is None else req.mirror_reasoning
@@ -260,6 +288,7 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         totals = usage(prompt_tokens, sum(job.generated), cached_tokens=hits(job, prompt_tokens, n))
         return JSONResponse(Completion(model=name, choices=choices, usage=totals).model_dump(mode="json"))
 
+    router.chat_service = ChatService(gate, pick, run_chat)
     return router
 
 

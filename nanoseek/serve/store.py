@@ -263,11 +263,17 @@ class StoreLimits:
     # Conversations (and whatever else is stored for a caller, e.g. stored responses) per API key, and
     # for the open server's local user. None: no cap.
     stored_bytes_per_owner: int | None = 64 * 2**20
+    # How long a stored Responses-API response (POST /v1/responses with store: true) is kept; OpenAI keeps
+    # them 30 days. Expired ones are deleted, and their bytes freed, on the owner's next store or read.
+    response_retention_s: float = 30 * 86400
 
     def __post_init__(self) -> None:
         v = self.stored_bytes_per_owner
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise BadInputError(f"stored_bytes_per_owner must be a whole number of bytes ≥ 0, got {v!r}")
+        r = self.response_retention_s
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or math.isinf(r):
+            raise BadInputError(f"response retention must be a positive number of seconds, got {r!r}")
 
 
 def stored_size(*texts: str | None) -> int:
@@ -395,6 +401,21 @@ MIGRATIONS: list[tuple[str, ...]] = [
                 SELECT IFNULL(c.key_id, 0), 0, SUM(m.size) FROM web_messages m
                     JOIN web_conversations c ON c.id = m.conversation_id GROUP BY 1
             ) GROUP BY owner""",
+    ),
+    (  # 3 → 4: stored Responses-API responses (serve/responses.py), and secrets the server keeps
+        """CREATE TABLE responses (
+            id         TEXT PRIMARY KEY,                 -- resp_… (random)
+            key_id     INTEGER REFERENCES api_keys(id),  -- NULL: the open server's local user
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            size       INTEGER NOT NULL,                 -- stored_size(body, history): counted in owner_totals
+            body       TEXT NOT NULL,                    -- JSON: the response object as it was returned
+            history    TEXT NOT NULL                     -- JSON: the chat messages it answered, then its reply
+        )""",
+        "CREATE INDEX responses_by_owner_expiry ON responses(key_id, expires_at)",
+        # name → random bytes made on first use, e.g. the HMAC key that signs Anthropic thinking blocks, so
+        # that a signature stays valid across restarts of the server that made it.
+        "CREATE TABLE server_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -920,7 +941,7 @@ class Store:
                 self._session, self._session_fd = session, fd
             return self._session
 
-    # --- per-owner storage quota (conversations now; stored responses later)
+    # --- per-owner storage quota (conversations and stored responses)
 
     def charge_storage(self, conn: sqlite3.Connection, key_id: int | None, delta_bytes: int) -> int:
         """Inside a `write()` transaction (`conn` is its connection): add `delta_bytes` (negative frees) to
@@ -947,6 +968,57 @@ class Store:
         with self._connection() as c:
             row = c.execute("SELECT stored_bytes FROM owner_totals WHERE owner = ?", (_owner(key_id),)).fetchone()
         return row[0] if row else 0
+
+    # --- server secrets
+
+    def secret(self, name: str, nbytes: int = 32) -> bytes:
+        """The persistent random secret called `name`, made on first use (two processes racing to make it
+        agree on one: INSERT OR IGNORE, then read back)."""
+        with self.write() as c:
+            c.execute("INSERT OR IGNORE INTO server_secrets (name, value) VALUES (?, ?)",
+                      (name, secrets.token_bytes(nbytes)))
+            return bytes(c.execute("SELECT value FROM server_secrets WHERE name = ?", (name,)).fetchone()[0])
+
+    # --- stored responses (the Responses API; serve/responses.py owns their shape)
+
+    def _purge_responses(self, c: sqlite3.Connection, key_id: int | None, now: float) -> None:
+        freed = c.execute("SELECT COALESCE(SUM(size), 0) FROM responses WHERE key_id IS ? AND expires_at <= ?",
+                          (key_id, now)).fetchone()[0]
+        if freed:
+            c.execute("DELETE FROM responses WHERE key_id IS ? AND expires_at <= ?", (key_id, now))
+            self.charge_storage(c, key_id, -freed)
+
+    def put_response(self, key_id: int | None, response_id: str, body: str, history: str) -> None:
+        """Keep a response for `limits.response_retention_s`, counted against the owner's storage quota
+        (QuotaExceededError, 413, when it does not fit: the caller's response is then not stored)."""
+        now = time.time()
+        size = stored_size(body, history)
+        with self.write() as c:
+            self._purge_responses(c, key_id, now)
+            self.charge_storage(c, key_id, size)
+            c.execute("INSERT INTO responses (id, key_id, created_at, expires_at, size, body, history) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (response_id, key_id, now, now + self.limits.response_retention_s, size, body, history))
+
+    def get_response(self, key_id: int | None, response_id: str) -> tuple[str, str]:
+        """(body, history) of the owner's live response `response_id`; NotFoundError (404) for another
+        owner's, an expired or an unknown one alike, so ids say nothing about other keys."""
+        with self.write() as c:   # a write: expired rows of this owner go now
+            self._purge_responses(c, key_id, time.time())
+            row = c.execute("SELECT body, history FROM responses WHERE id = ? AND key_id IS ?",
+                            (response_id, key_id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No response found with id '{response_id}'.")
+        return row[0], row[1]
+
+    def delete_response(self, key_id: int | None, response_id: str) -> None:
+        with self.write() as c:
+            row = c.execute("SELECT size FROM responses WHERE id = ? AND key_id IS ? AND expires_at > ?",
+                            (response_id, key_id, time.time())).fetchone()
+            if row is None:
+                raise NotFoundError(f"No response found with id '{response_id}'.")
+            c.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            self.charge_storage(c, key_id, -row[0])
 
     def _usage_filter(self, key: int | str | None, since: float | str | datetime | None) -> tuple[str, list]:
         where, args = [], []
