@@ -226,7 +226,7 @@ def cmd_serve(a) -> int:
     from nanoseek.engine.scheduler import Scheduler
     from nanoseek.serve.app import ServedModel, create_app
     from nanoseek.serve.server import ServerLimits, run
-    from nanoseek.serve.store import Prices, Store
+    from nanoseek.serve.store import Prices, Store, StoreLimits
     from nanoseek.session import LoadOptions, Session
 
     specs = _parse_model_specs(a.model, "smollm2-135m")
@@ -241,7 +241,7 @@ def cmd_serve(a) -> int:
     except ValueError as e:
         raise BadInputError(f"serve: {e}") from None
     prices = Prices.load(a.prices) if a.prices else Prices()
-    store = Store(a.data_dir)
+    store = Store(a.data_dir, limits=StoreLimits(response_retention_s=a.response_retention_days * 86400))
     require_auth, guard = serve_access(a.host)
     served = {}
     try:
@@ -529,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the interactive API docs at /docs and /redoc; their pages load Swagger UI and "
                         "ReDoc scripts from a CDN into the origin where the web app keeps your API key, so they "
                         "are off by default (/openapi.json is always served)")
+    p.add_argument("--response-retention-days", type=float, default=30.0, metavar="DAYS",
+                   help="how long POST /v1/responses keeps a stored response (store: true, the default) for "
+                        "GET and previous_response_id; stored responses count against the key's storage quota")
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
 

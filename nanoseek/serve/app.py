@@ -32,6 +32,7 @@ from nanoseek.serve.auth import Gate
 from nanoseek.serve.errors import ApiError, dialect_of, error_response
 from nanoseek.serve.guard import Guard, GuardConfig
 from nanoseek.serve.metrics import ServerMetrics
+from nanoseek.serve.responses import responses_router
 from nanoseek.serve.routes import RouteSettings, api_router
 from nanoseek.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from nanoseek.serve.store import PriceTable, Store
@@ -103,6 +104,9 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
     messages = anthropic_router(router.chat_service, store)
     app.include_router(messages, prefix="/v1")
     app.include_router(messages, prefix="/anthropic/v1")   # DeepSeek's base URL for the Anthropic SDK
+    responses = responses_router(router.chat_service, store)
+    app.include_router(responses, prefix="/v1")
+    app.include_router(responses)
     web = web_router(models, gate)   # the chat web app at /
     app.include_router(web)
     app.add_middleware(Guard, config=guard or GuardConfig(), web_owner=web.owner, is_open=gate.is_open)

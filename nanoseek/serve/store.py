@@ -958,7 +958,7 @@ class Store:
             raise QuotaExceededError(
                 f"Storage quota exceeded: this {'key' if key_id is not None else 'server'} stores "
                 f"{_mib(total - delta_bytes)} of its {_mib(cap)}, and this change needs {_mib(delta_bytes)} more. "
-                "Delete conversations to make room.")
+                "Delete conversations or stored responses to make room.")
         conn.execute("INSERT INTO owner_totals (owner, stored_bytes) VALUES (?, ?) ON CONFLICT (owner) "
                      "DO UPDATE SET stored_bytes = stored_bytes + excluded.stored_bytes", (owner, delta_bytes))
         return max(0, total)
