@@ -184,15 +184,19 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "requi
 
 def test_items_tools_and_formats_to_chat():
     req = ResponsesRequest.parse(json.dumps({
-        "model": "tiny", "instructions": "sys", "tools": [TOOL], "tool_choice": {"type": "function", "name": "get_weather"},
+        "model": "tiny", "instructions": "sys", "tools": [TOOL],
+        "tool_choice": {"type": "function", "name": "get_weather"},
         "reasoning": {"effort": "low"}, "max_output_tokens": 50, "parallel_tool_calls": False,
         "text": {"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}},
         "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
                   {"type": "reasoning", "id": "rs_1", "summary": []},
-                  {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
-                  {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+                  {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                   "arguments": '{"city":"Paris"}'},
+                  {"type": "function_call", "call_id": "call_2", "name": "get_weather",
+                   "arguments": '{"city":"Rome"}'},
                   {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
-                  {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "21 C"}]}],
+                  {"type": "function_call_output", "call_id": "call_2",
+                   "output": [{"type": "input_text", "text": "21 C"}]}],
     }).encode())
     body, conversation = chat_body(req, [{"role": "user", "content": "earlier"}])
     assert body["tools"] == [{"type": "function", "function": {
@@ -206,11 +210,14 @@ def test_items_tools_and_formats_to_chat():
         {"role": "user", "content": "earlier"},
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
         {"role": "tool", "tool_call_id": "call_2", "content": "21 C"}]
-    off = ResponsesRequest.parse(b'{"input": "hi", "reasoning": {"effort": "none"}, "text": {"format": {"type": "text"}}}')
+    off = ResponsesRequest.parse(b'{"input": "hi", "reasoning": {"effort": "none"}, '
+                                 b'"text": {"format": {"type": "text"}}}')
     body, _ = chat_body(off, [])
     assert body["thinking"] == {"type": "disabled"} and "reasoning_effort" not in body and "response_format" not in body
 
@@ -228,13 +235,15 @@ def test_tool_calls_and_reasoning_to_items():
     assert whole.reply() == {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]}
     # The same message streamed as chat deltas gives the same items and typed events
     streamed = Output()
-    chunks = [{"choices": [{"index": 0, "delta": {"reasoning_content": "th"}}]},
-              {"choices": [{"index": 0, "delta": {"reasoning_content": "ink"}}]},
-              {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                                                  "function": {"name": "get_weather", "arguments": ""}}]}}]},
-              {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}}]},
-              {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}}]},
-              {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    def delta(d, finish=None):
+        return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+    def args(fragment):
+        return delta({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+    chunks = [delta({"reasoning_content": "th"}), delta({"reasoning_content": "ink"}),
+              delta({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": ""}}]}),
+              args('{"city": '), args('"Paris"}'), delta({}, "tool_calls")]
     events = [e for c in chunks for e in streamed.feed_chunk(c)] + streamed.close()
     strip = [{k: v for k, v in i.items() if k != "id"} for i in streamed.items]
     assert strip == [{k: v for k, v in i.items() if k != "id"} for i in whole.items]
