@@ -161,16 +161,10 @@ def test_tokenize_and_detokenize_requests():
 
 
 CHAT_UNSUPPORTED = [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"), ("tool_choice", "required"),
-    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-    ("parallel_tool_calls", True), ("parallel_tool_calls", False),
     ("functions", [{"name": "f"}]), ("function_call", "auto"),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("logit_bias", {"50256": -100}), ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}),
-    ("web_search_options", {}), ("reasoning_effort", "low"), ("verbosity", "low"), ("store", True),
+    ("web_search_options", {}), ("verbosity", "low"), ("store", True),
     ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("min_tokens", 10),
     ("use_beam_search", True), ("prompt_logprobs", 1), ("include_stop_str_in_output", True), ("echo", True),
     ("chat_template_kwargs", {"enable_thinking": False}), ("chat_template", "{{ messages }}"),
@@ -213,8 +207,8 @@ def test_non_text_content_part_is_400_naming_it():
 
 
 def test_unsupported_wins_over_type_errors():
-    err = refused(ChatCompletionRequest, {"messages": "oops", "temperature": "hot", "tools": [{"type": "function"}]})
-    assert (err.status, err.param) == (400, "tools")
+    err = refused(ChatCompletionRequest, {"messages": "oops", "temperature": "hot", "functions": [{"name": "f"}]})
+    assert (err.status, err.param) == (400, "functions")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,18 +368,16 @@ def test_empty_messages_is_400():
     assert (err.status, err.param) == (400, "messages")
 
 
-def test_r1_rule_refuses_reasoning_content_in_history():
-    body = {"messages": [{"role": "user", "content": "a"},
-                         {"role": "assistant", "content": "b", "reasoning_content": "thought"},
-                         {"role": "user", "content": "c"}]}
-    err = refused(ChatCompletionRequest, body)
-    assert (err.status, err.param) == (400, "messages[1].reasoning_content")
-    assert "prefix" in err.message
-    # null is no reasoning at all; a final assistant message without prefix may not carry it either
-    chat(messages=[*USER, {"role": "assistant", "content": "b", "reasoning_content": None}, *USER])
-    err = refused(ChatCompletionRequest, {"messages": [*USER, {"role": "assistant", "content": "b",
-                                                               "reasoning_content": "t"}]})
-    assert err.param == "messages[1].reasoning_content"
+def test_reasoning_content_in_history_kept_only_for_tool_call_turns():
+    """DeepSeek's thinking-mode replay rule replaces the R1-launch 400: reasoning sent back is accepted; it
+    stays in the history for a turn that made tool calls, and is dropped for any other turn."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    req = chat(messages=[*USER, {"role": "assistant", "content": "b", "reasoning_content": "thought"},
+                         {"role": "user", "content": "c"},
+                         {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "why"},
+                         {"role": "tool", "content": "42", "tool_call_id": "call_1"}])
+    msgs = req.template_messages()
+    assert "reasoning_content" not in msgs[1] and msgs[3]["reasoning_content"] == "why"
 
 
 @pytest.mark.parametrize("messages, param", [
@@ -573,7 +565,8 @@ def test_request_schema_publishes_ranges_but_not_unsupported_fields():
     props = ChatCompletionRequest.model_json_schema()["properties"]
     assert props["temperature"]["maximum"] == 2 and props["top_logprobs"]["maximum"] == 20
     assert props["n"]["maximum"] == 16
-    assert "tools" not in props and "messages" in props and "max_completion_tokens" in props
+    assert "functions" not in props and "messages" in props and "max_completion_tokens" in props
+    assert "tools" in props and "response_format" in props
 
 
 # ---------------------------------------------------------------------------------------------------------

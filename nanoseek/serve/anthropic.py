@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nanoseek.serve.errors import ApiError, anthropic_error, from_validation_errors
-from nanoseek.serve.routes import ChatRun, ChatService, _chat_prompt, _message_bytes
+from nanoseek.serve.routes import ChatRun, ChatService, _chat_plan, _message_bytes
 from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
 from nanoseek.serve.streams import sse
 from nanoseek.serve.store import Store
@@ -508,7 +508,7 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
         chat.gate.count_request(caller)
         chat_req = to_chat(req, signer)
         sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in chat_req.messages), "messages")
-        prompt = await asyncio.to_thread(_chat_prompt, sm, chat_req)
+        prompt = (await asyncio.to_thread(_chat_plan, sm, chat_req)).prompt
         return {"input_tokens": len(prompt.ids)}
 
     return router

@@ -16,6 +16,7 @@ deltas and do cheap bookkeeping.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,14 @@ class ServedModel:
     def __post_init__(self) -> None:
         pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         self.max_token_bytes = max(1, max(len(p.encode(errors="surrogatepass")) for p in pieces if isinstance(p, str)))
+
+    @functools.cached_property
+    def grammar(self):
+        """The model's grammar compiler (engine/grammar.py), built on the first constrained request: wrapping
+        the tokenizer for llguidance takes a second or two, once."""
+        from nanoseek.engine.grammar import GrammarCompiler
+        runner = self.scheduler.runner
+        return GrammarCompiler(self.tokenizer, runner.vocab_size, runner.eos_token_ids)
 
     def check_text_fits(self, text_bytes: int, param: str) -> None:
         """A 400 for text that cannot fit the context even if every token were the longest one: decided from
