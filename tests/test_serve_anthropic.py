@@ -13,13 +13,16 @@ import time
 import anthropic
 import httpx
 import pytest
+import torch
 
 from nanoseek.engine.scheduler import Scheduler
+from nanoseek.models import build_model
+from nanoseek.models.config import DenseConfig
 from nanoseek.serve.anthropic import AnthropicStream, MessagesRequest, Signer, chat_body, from_chat
 from nanoseek.serve.app import ServedModel, create_app
 from nanoseek.serve.routes import ChatRun
 from nanoseek.serve.store import Store
-from test_chat import CHATML, R1_LIKE
+from test_chat import CHATML, R1_LIKE, make_tokenizer
 from test_serve import _served, _Server
 from test_serve_reasoning import CONTENT, REASONING
 from test_serve_reasoning import CHATML as PLAIN_TEMPLATE
@@ -278,7 +281,8 @@ def test_tools_and_blocks_to_chat():
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "Let me look.", "tool_calls": [
             {"id": "toolu_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+         "reasoning_content": "use the tool"},   # verified, and kept behind the calls (the replay rule)
         {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"},
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: gone"},
         {"role": "user", "content": "Thanks"}]
@@ -286,6 +290,11 @@ def test_tools_and_blocks_to_chat():
         req = MessagesRequest.parse(json.dumps({"max_tokens": 4, "messages": HELLO, "tools": TOOLS,
                                                 "tool_choice": {"type": choice}}).encode())
         assert chat_body(req, signer)["tool_choice"] == want
+    # a thinking budget becomes the largest reasoning_effort step not above it
+    for budget, effort in ((100, "minimal"), (1024, "low"), (5000, "medium"), (10**6, "xhigh")):
+        req = MessagesRequest.parse(json.dumps({"max_tokens": budget + 1, "messages": HELLO, "thinking": {
+            "type": "enabled", "budget_tokens": budget}}).encode())
+        assert chat_body(req, signer)["reasoning_effort"] == effort
 
 
 def _run():
@@ -333,3 +342,63 @@ def test_tool_call_deltas_to_events():
     assert events[-2]["delta"]["stop_reason"] == "tool_use" and events[-2]["usage"]["output_tokens"] == 9
     assert "".join(e["delta"]["partial_json"] for e in events if e.get("delta", {}).get("type") == "input_json_delta") \
         == '{"a": 1}'
+
+
+# --- tools end to end: a random model held to a valid call by the chat route's grammar
+
+
+def long_served(name: str, context: int = 1024) -> ServedModel:
+    """A tiny random model with room for a tool-description prompt (the generic tool format takes ~600 byte
+    tokens); test_serve's models stop at 256 positions."""
+    tok = make_tokenizer(CHATML)
+    torch.manual_seed(0)
+    cfg = DenseConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, eos_token_id=None)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    sched = Scheduler(model.eval(), tok, max_batch=2, max_len=context).start()
+    return ServedModel(name, tok, sched, sched.max_len)
+
+
+@pytest.fixture(scope="module")
+def tool_server():
+    models = {"tool": long_served("tool")}
+    s = _Server(create_app(models, None, require_auth=False, poll_s=0.05))
+    yield s
+    s.stop()
+    models["tool"].scheduler.stop(timeout=5)
+
+
+CITY_TOOLS = [{"name": "get_weather", "description": "Weather for a city.", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_tool_use_loop(tool_server):
+    client = _client(tool_server)
+    kw = dict(model="tool", max_tokens=200, tools=CITY_TOOLS, **GREEDY)
+    m = client.messages.create(messages=ASK, tool_choice={"type": "tool", "name": "get_weather"}, **kw)
+    assert m.stop_reason == "tool_use"
+    (call,) = [b for b in m.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and call.input in ({"city": "Paris"}, {"city": "Rome"})
+    # Streamed, the same call arrives as input_json_delta fragments
+    with client.messages.stream(messages=ASK, tool_choice={"type": "tool", "name": "get_weather"}, **kw) as s:
+        events = list(s)
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in final.content if b.type == "tool_use"] == [
+        ("tool_use", call.name, call.input)]
+    fragments = [e.delta.partial_json for e in events if e.type == "content_block_delta"
+                 and e.delta.type == "input_json_delta"]
+    assert json.loads("".join(fragments)) == call.input
+    # The loop: the result goes back as a tool_result block, and the model answers without calling
+    history = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C"}]}]
+    answer = client.messages.create(messages=history, tool_choice={"type": "none"}, **{**kw, "max_tokens": 8})
+    assert answer.stop_reason == "max_tokens" and [b.type for b in answer.content] == ["text"]
+    counted = client.messages.count_tokens(model="tool", messages=history, tools=CITY_TOOLS).input_tokens
+    assert answer.usage.input_tokens + answer.usage.cache_read_input_tokens == counted
+    assert counted > m.usage.input_tokens + m.usage.cache_read_input_tokens

@@ -22,6 +22,7 @@ from nanoseek.serve.responses import Output, ResponsesRequest, chat_body
 from nanoseek.serve.store import SCHEMA_VERSION, Store, StoreLimits
 from test_chat import CHATML, R1_LIKE
 from test_serve import _served, _Server
+from test_serve_anthropic import long_served
 
 HELLO = "Hello there"
 
@@ -232,7 +233,8 @@ def test_tool_calls_and_reasoning_to_items():
     assert whole.items[0]["content"] == [{"type": "reasoning_text", "text": "think"}]
     assert {k: whole.items[1][k] for k in ("call_id", "name", "arguments", "status")} == {
         "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}', "status": "completed"}
-    assert whole.reply() == {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]}
+    assert whole.reply() == {"role": "assistant", "content": None, "tool_calls": message["tool_calls"],
+                             "reasoning_content": "think"}   # the replay rule: reasoning behind calls is kept
     # The same message streamed as chat deltas gives the same items and typed events
     streamed = Output()
     def delta(d, finish=None):
@@ -286,3 +288,58 @@ def test_three_apis_same_greedy_tokens(models, tmp_path):
     assert chat.usage.completion_tokens == msg.usage.output_tokens == resp.usage.output_tokens == 10
     assert (chat.usage.prompt_tokens == resp.usage.input_tokens
             == msg.usage.input_tokens + msg.usage.cache_read_input_tokens)
+
+
+# --- function tools and JSON schemas end to end: a random model held to valid output by the chat grammar
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    models = {"tool": long_served("tool")}
+    with Store(tmp_path_factory.mktemp("tools")) as st:
+        s = _Server(create_app(models, st, require_auth=False, poll_s=0.05))
+        yield s
+        s.stop()
+    models["tool"].scheduler.stop(timeout=5)
+
+
+CITY = {"type": "function", "name": "get_weather", "description": "Weather for a city.", "strict": True,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                       "required": ["city"], "additionalProperties": False}}
+OK_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+             "additionalProperties": False}
+
+
+def test_function_tool_stream_and_output_loop(tool_server):
+    client = tool_server.client()
+    kw = dict(model="tool", input="Weather in Paris?", tools=[CITY], temperature=0, max_output_tokens=200,
+              tool_choice={"type": "function", "name": "get_weather"})
+    r = client.responses.create(**kw)
+    assert r.status == "completed"
+    (fc,) = [i for i in r.output if i.type == "function_call"]
+    assert fc.name == "get_weather" and json.loads(fc.arguments) in ({"city": "Paris"}, {"city": "Rome"})
+    events = list(client.responses.create(**kw, stream=True))
+    assert events[-1].type == "response.completed"
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas == done.arguments == fc.arguments
+    assert [(i.type, getattr(i, "arguments", None)) for i in events[-1].response.output] == \
+        [(i.type, getattr(i, "arguments", None)) for i in r.output]
+    # The loop: the call's output continues the stored response
+    answer = client.responses.create(model="tool", previous_response_id=r.id, tools=[CITY], tool_choice="none",
+                                     input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "18 C"}],
+                                     temperature=0, max_output_tokens=8)
+    assert [i.type for i in answer.output] == ["message"] and answer.status == "incomplete"
+    assert answer.usage.input_tokens > r.usage.input_tokens
+
+
+def test_json_schema_stream_and_not(tool_server):
+    client = tool_server.client()
+    kw = dict(model="tool", input="Is it sunny?", temperature=0,
+              text={"format": {"type": "json_schema", "name": "answer", "schema": OK_SCHEMA, "strict": True}})
+    r = client.responses.create(**kw)
+    assert r.status == "completed" and r.text.format.type == "json_schema"
+    value = json.loads(r.output_text)
+    assert set(value) == {"ok"} and isinstance(value["ok"], bool)
+    events = list(client.responses.create(**kw, stream=True))
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == r.output_text

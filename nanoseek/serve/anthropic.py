@@ -40,6 +40,7 @@ from nanoseek.serve.errors import ApiError, anthropic_error, from_validation_err
 from nanoseek.serve.routes import ChatRun, ChatService, _chat_plan, _message_bytes
 from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
 from nanoseek.serve.streams import sse
+from nanoseek.serve.structured import REASONING_BUDGETS
 from nanoseek.serve.store import Store
 
 SECRET_NAME = "anthropic_thinking_signature"
@@ -232,6 +233,8 @@ def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False) -> dic
     oc = req.output_config
     if oc is not None and oc.effort is not None:
         body["reasoning_effort"] = oc.effort
+    elif req.thinking is not None and req.thinking.budget_tokens is not None:
+        body["reasoning_effort"] = effort_for_budget(req.thinking.budget_tokens)
     if oc is not None and oc.format is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": oc.format.schema_,
                                                                           "strict": True}}
@@ -248,6 +251,14 @@ def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False) -> dic
     if stream:
         body["stream"], body["stream_options"] = True, {"include_usage": True}
     return body
+
+
+def effort_for_budget(budget_tokens: int) -> str:
+    """The chat reasoning_effort whose reasoning cap (serve/structured.py REASONING_BUDGETS) is the largest
+    not above `budget_tokens`: the model never thinks longer than asked (the smallest step, below it)."""
+    capped = sorted((cap, effort) for effort, cap in REASONING_BUDGETS.items() if cap is not None)
+    fits = [effort for cap, effort in capped if cap <= budget_tokens]
+    return fits[-1] if fits else capped[0][1]
 
 
 def _check(req: MessagesRequest) -> None:
@@ -277,7 +288,7 @@ def _chat_messages(i: int, m: InputMessage, signer: Signer) -> list[dict]:
     answer the previous turn's calls), an assistant's tool_use blocks its tool_calls."""
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
-    text, calls, results = [], [], []
+    text, calls, results, thinking = [], [], [], []
     for j, b in enumerate(m.content):
         where = f"messages.{i}.content.{j}"
         if isinstance(b, TextBlock):
@@ -298,12 +309,15 @@ def _chat_messages(i: int, m: InputMessage, signer: Signer) -> list[dict]:
                 raise ApiError.bad_request(f"{where}: thinking blocks belong to assistant messages", param=where)
             if not signer.verify(b.thinking, b.signature):
                 raise ApiError.bad_request(f"{where}: Invalid `signature` in `thinking` block", param=where)
-            # Verified, then left out: earlier reasoning is not fed back to the model (chat's R1 rule).
+            # Verified: it goes back as the turn's reasoning_content, which the chat route keeps in the prompt
+            # only behind tool calls (DeepSeek's replay rule; Anthropic's own rule for thinking with tools).
+            thinking.append(b.thinking)
     out = list(results)
     if m.role == "assistant":
         if text or calls:
             out.append({"role": "assistant", "content": "".join(text) if text else None,
-                        **({"tool_calls": calls} if calls else {})})
+                        **({"tool_calls": calls} if calls else {}),
+                        **({"reasoning_content": "".join(thinking)} if thinking else {})})
     elif text or not results:
         out.append({"role": "user", "content": "".join(text)})
     return out

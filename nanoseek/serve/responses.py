@@ -110,6 +110,7 @@ def input_messages(items: str | list[dict]) -> list[dict]:
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict] = []
+    pending_reasoning = ""
     for i, item in enumerate(items):
         where = f"input[{i}]"
         kind = item.get("type", "message")
@@ -119,22 +120,28 @@ def input_messages(items: str | list[dict]) -> list[dict]:
                 raise ApiError.invalid_schema(f"Invalid '{where}.role': expected one of user, system, developer, "
                                               f"assistant, but got {json.dumps(role)} instead.", param=f"{where}.role")
             out.append({"role": role, "content": _part_text(item.get("content"), f"{where}.content")})
+            if role == "assistant" and pending_reasoning:
+                out[-1]["reasoning_content"], pending_reasoning = pending_reasoning, ""
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
                     "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
             last = out[-1] if out else None
-            if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]):
-                last.setdefault("tool_calls", []).append(call)
-            elif last is not None and last["role"] == "assistant":
-                last["tool_calls"] = [call]    # the text of this turn, then its calls
+            if last is not None and last["role"] == "assistant" and not pending_reasoning:
+                last.setdefault("tool_calls", []).append(call)    # the text of this turn, then its calls
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if pending_reasoning:
+                    out[-1]["reasoning_content"], pending_reasoning = pending_reasoning, ""
         elif kind == "function_call_output":
             output = item.get("output")
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
                         "content": _part_text(output, f"{where}.output")})
         elif kind == "reasoning":
-            continue   # earlier reasoning is not fed back to the model (chat's R1 rule)
+            # kept as the next assistant turn's reasoning_content, which the chat route feeds back only
+            # behind tool calls (DeepSeek's replay rule)
+            parts = item.get("content") or []
+            pending_reasoning += "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            continue
         else:
             raise ApiError.unsupported(f"{where}.type", f"input items of type '{kind}' are not supported")
     return out
@@ -334,8 +341,12 @@ class Output:
         text = "".join(i["content"][0]["text"] for i in self.items if i["type"] == "message")
         calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
                  for i in self.items if i["type"] == "function_call"]
+        reasoning = "".join(i["content"][0]["text"] for i in self.items if i["type"] == "reasoning")
         return {"role": "assistant", "content": text if text or not calls else None,
-                **({"tool_calls": calls} if calls else {})}
+                **({"tool_calls": calls} if calls else {}),
+                # the replay rule: reasoning behind tool calls stays in the history (the chat route drops it
+                # from the prompt otherwise)
+                **({"reasoning_content": reasoning} if calls and reasoning else {})}
 
 
 def usage(chat_usage: dict | None) -> dict | None:
