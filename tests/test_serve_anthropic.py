@@ -137,8 +137,11 @@ def test_stop_sequence(server):
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
 
 
-def test_prompt_too_long(server):
+def test_max_tokens_is_a_cap_and_prompt_too_long(server):
     client = _client(server)
+    m = client.messages.create(model="short", max_tokens=20000, messages=[{"role": "user", "content": "Hi"}])
+    assert m.stop_reason == "max_tokens"      # clamped to the room left in the 48-token context, not a 400
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens + m.usage.output_tokens == 48
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model="short", max_tokens=4, messages=[{"role": "user", "content": "x " * 60}])
     assert e.value.status_code == 400

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nanoseek.serve.errors import ApiError, anthropic_error, from_validation_errors
-from nanoseek.serve.routes import ChatRun, ChatService, _chat_plan, _message_bytes
+from nanoseek.serve.routes import ChatRun, ChatService, _chat_plan, _message_bytes, json_body
 from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
 from nanoseek.serve.streams import sse
 from nanoseek.serve.structured import REASONING_BUDGETS
@@ -57,7 +57,8 @@ class Signer:
         return base64.b64encode(mac).decode()
 
     def verify(self, text: str, signature: str) -> bool:
-        return hmac.compare_digest(self.sign(text), signature)
+        # as bytes: compare_digest refuses non-ASCII str, and a client may send anything as a signature
+        return hmac.compare_digest(self.sign(text).encode(), signature.encode(errors="surrogatepass"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,13 +152,15 @@ class MessagesRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
-    max_tokens: int
-    messages: list[InputMessage]
+    max_tokens: int = Field(description="Required. A cap: clamped to the room the context leaves.",
+                            json_schema_extra={"minimum": 1})
+    messages: list[InputMessage] = Field(json_schema_extra={"minItems": 1})
     system: str | list[TextBlock] | None = None
     stop_sequences: list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    # bounds published for the spec; enforced by _check in Anthropic's words
+    temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 1})
+    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    top_k: int | None = Field(None, json_schema_extra={"minimum": 0})
     metadata: Metadata | None = None
     stream: bool | None = None
     tools: list[Tool] | None = None
@@ -182,16 +185,20 @@ class MessagesRequest(BaseModel):
             raise from_validation_errors(err.errors()) from None
 
 
+def _listed(value) -> list:
+    return value if isinstance(value, list) else []   # anything else is the schema check's to refuse
+
+
 def _refuse_unsupported(data: dict) -> None:
-    for i, m in enumerate(data.get("messages") or []):
+    for i, m in enumerate(_listed(data.get("messages"))):
         content = m.get("content") if isinstance(m, dict) else None
-        for j, block in enumerate(content if isinstance(content, list) else []):
+        for j, block in enumerate(_listed(content)):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind in _UNSUPPORTED_BLOCKS:
                 raise ApiError(400, f"messages.{i}.content.{j}: '{kind}' blocks are not supported "
                                     f"({_UNSUPPORTED_BLOCKS[kind]}).", param=f"messages.{i}.content.{j}",
                                code="unsupported_content_type")
-    for i, tool in enumerate(data.get("tools") or []):
+    for i, tool in enumerate(_listed(data.get("tools"))):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind not in (None, "custom"):
             raise ApiError.unsupported(f"tools.{i}.type", f"the server tool '{kind}' is not available; only "
@@ -207,20 +214,24 @@ def _text(content: str | list[TextBlock] | None) -> str:
     return content if isinstance(content, str) else "".join(b.text for b in content)
 
 
-def to_chat(req: MessagesRequest, signer: Signer, stream: bool = False) -> ChatCompletionRequest:
+def to_chat(req: MessagesRequest, signer: Signer, stream: bool = False,
+            context: int | None = None) -> ChatCompletionRequest:
     """The chat request that runs an Anthropic one."""
-    return ChatCompletionRequest.parse(chat_body(req, signer, stream))
+    return ChatCompletionRequest.parse(chat_body(req, signer, stream, context))
 
 
-def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False) -> dict:
-    """The chat request body (OpenAI's shape) for an Anthropic request."""
+def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False, context: int | None = None) -> dict:
+    """The chat request body (OpenAI's shape) for an Anthropic request. `context`: the served model's; the
+    required max_tokens is a cap there (agents send 32k or more out of habit), so it shrinks to the context,
+    where an explicit chat max_tokens above it is a 400."""
     _check(req)
     messages: list[dict] = []
     if req.system:
         messages.append({"role": "system", "content": _text(req.system)})
     for i, m in enumerate(req.messages):
         messages += _chat_messages(i, m, signer)
-    body: dict[str, Any] = {"messages": messages, "max_tokens": req.max_tokens}
+    body: dict[str, Any] = {"messages": messages,
+                            "max_tokens": req.max_tokens if context is None else min(req.max_tokens, context)}
     if req.model is not None:
         body["model"] = req.model
     for name in ("temperature", "top_p", "top_k"):
@@ -496,12 +507,12 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
     router = APIRouter()
     signer = Signer(store)
 
-    @router.post("/messages")
+    @router.post("/messages", openapi_extra=json_body(MessagesRequest))
     async def messages(request: Request):
         caller = await chat.gate.caller(request)
         req = MessagesRequest.parse(await request.body())
         sm = chat.pick(req.model)
-        chat_req = to_chat(req, signer, stream=bool(req.stream))
+        chat_req = to_chat(req, signer, stream=bool(req.stream), context=sm.context)
         run = ChatRun()
         response = await chat.run(caller, chat_req, sm, request, run)
         name = req.model or sm.name
@@ -512,7 +523,7 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
         body = json.loads(response.body)
         return JSONResponse(await asyncio.to_thread(from_chat, body, run, signer, name))
 
-    @router.post("/messages/count_tokens")
+    @router.post("/messages/count_tokens", openapi_extra=json_body(MessagesRequest))
     async def count_tokens(request: Request):
         caller = await chat.gate.caller(request)
         req = MessagesRequest.parse(await request.body(), count_only=True)
@@ -520,7 +531,7 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
         # It runs the tokenizer on the caller's text: the caller's limits apply, as to /tokenize.
         await chat.gate.check_funds(caller)
         chat.gate.count_request(caller)
-        chat_req = to_chat(req, signer)
+        chat_req = to_chat(req, signer, context=sm.context)
         sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in chat_req.messages), "messages")
         prompt = (await asyncio.to_thread(_chat_plan, sm, chat_req)).prompt
         return {"input_tokens": len(prompt.ids)}

@@ -28,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.errors import NanoseekError
-from nanoseek.serve.anthropic import anthropic_router
+from nanoseek.serve.anthropic import MessagesRequest, anthropic_router
 from nanoseek.serve.auth import Gate
 from nanoseek.serve.errors import ApiError, dialect_of, error_response
 from nanoseek.serve.guard import Guard, GuardConfig
 from nanoseek.serve.metrics import ServerMetrics
-from nanoseek.serve.responses import responses_router
+from nanoseek.serve.responses import ResponsesRequest, responses_router
 from nanoseek.serve.routes import RouteSettings, api_router
 from nanoseek.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from nanoseek.serve.store import PriceTable, Store
@@ -146,7 +146,8 @@ def _publish_request_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = build()
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest):
+            for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
+                        MessagesRequest, ResponsesRequest):
                 schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(schema.pop("$defs", {}))
                 schemas[cls.__name__] = schema

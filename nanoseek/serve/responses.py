@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nanoseek.errors import NanoseekError
 from nanoseek.serve.errors import ApiError, from_validation_errors, to_api_error
-from nanoseek.serve.routes import ChatRun, ChatService
+from nanoseek.serve.routes import ChatRun, ChatService, json_body
 from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
 from nanoseek.serve.streams import sse
 from nanoseek.serve.store import Store
@@ -139,8 +139,9 @@ def input_messages(items: str | list[dict]) -> list[dict]:
         elif kind == "reasoning":
             # kept as the next assistant turn's reasoning_content, which the chat route feeds back only
             # behind tool calls (DeepSeek's replay rule)
-            parts = item.get("content") or []
-            pending_reasoning += "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            parts = item.get("content")
+            pending_reasoning += "".join(p["text"] for p in (parts if isinstance(parts, list) else [])
+                                         if isinstance(p, dict) and isinstance(p.get("text"), str))
             continue
         else:
             raise ApiError.unsupported(f"{where}.type", f"input items of type '{kind}' are not supported")
@@ -176,7 +177,9 @@ def _tool_choice(choice: str | dict) -> str | dict:
     raise ApiError.unsupported("tool_choice", f"tool_choice of type '{choice.get('type')}' is not supported")
 
 
-def _response_format(fmt: dict) -> dict | None:
+def _response_format(fmt) -> dict | None:
+    if not isinstance(fmt, dict):
+        raise ApiError.invalid_schema("Invalid type for 'text.format': expected an object.", param="text.format")
     kind = fmt.get("type")
     if kind in (None, "text"):
         return None
@@ -408,7 +411,7 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
         except NanoseekError as e:
             raise ApiError.not_found(str(e), param="previous_response_id") from None
 
-    @router.post("/responses")
+    @router.post("/responses", openapi_extra=json_body(ResponsesRequest))
     async def create(request: Request):
         caller = await chat.gate.caller(request)
         req = ResponsesRequest.parse(await request.body())
