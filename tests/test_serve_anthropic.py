@@ -183,11 +183,17 @@ def test_keys_x_api_key_and_401(models, tmp_path):
                                                                "message": e.value.body["error"]["message"]}}
             with pytest.raises(anthropic.AuthenticationError):
                 _client(s, key="sk-ns-wrong").messages.count_tokens(model="tiny", messages=HELLO)
-            m = _greedy(_client(s, key=secret))      # the SDK sends x-api-key
+            m = _greedy(_client(s, key=secret))      # this SDK sends the key as Bearer
             assert m.usage.output_tokens == 8
+            # x-api-key, as Claude Code and earlier SDKs send it
+            body = {"model": "tiny", "max_tokens": 4, "messages": HELLO}
+            r = httpx.post(s.url + "/anthropic/v1/messages", json=body, headers={"x-api-key": secret}, timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 4
+            r = httpx.post(s.url + "/v1/messages", json=body, headers={"x-api-key": "sk-ns-wrong"}, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
             time.sleep(0.2)
-            (row,) = st.usage_rows()
-            assert row.key_id is not None and row.completion_tokens == 8
+            rows = st.usage_rows()
+            assert [(row.key_id is not None, row.completion_tokens) for row in rows] == [(True, 8), (True, 4)]
         finally:
             s.stop()
 
