@@ -35,7 +35,9 @@ GREEDY = {"extra_body": {"temperature": 0}}   # the API takes temperature; this 
 @pytest.fixture(scope="module")
 def models():
     served = {"tiny": _served("tiny", CHATML), "tiny-r1": _served("tiny-r1", R1_LIKE, reasoning=True),
-              "short": _served("short", CHATML, context=48)}
+              "short": _served("short", CHATML, context=48),
+              "slow": _served("slow", CHATML, slow_s=0.02, max_batch=1),
+              "broken": _served("broken", CHATML, broken=True)}
     yield served
     for m in served.values():
         m.scheduler.stop(timeout=5)
@@ -166,6 +168,33 @@ def test_errors_have_anthropic_shape(server, body, status, kind):
     assert set(r.json()) == {"type", "error"}
 
 
+def test_stream_failure_is_an_error_event(server):
+    body = {"model": "broken", "max_tokens": 8, "messages": HELLO, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/messages", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == "event: message_start" and lines[-2] == "event: error"
+    err = json.loads(lines[-1].removeprefix("data: "))
+    assert err["type"] == "error" and err["error"]["type"] == "api_error"
+
+
+def test_hung_up_stream_is_cancelled_and_billed(server, models, store):
+    """The chat stream's own cancellation and billing run under the translation: the Anthropic generator
+    closes the chat one."""
+    sched = models["slow"].scheduler
+    rows = len(store.usage_rows())
+    body = {"model": "slow", "max_tokens": 200, "messages": HELLO, "stream": True}
+    with httpx.stream("POST", server.url + "/anthropic/v1/messages", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(12)]
+    assert "event: content_block_delta" in got
+    deadline = time.monotonic() + 10
+    while sched.stats()["running"] or len(store.usage_rows()) == rows:
+        assert time.monotonic() < deadline, sched.stats()
+        time.sleep(0.05)
+    row = store.usage_rows()[-1]
+    assert row.model == "slow" and 0 < row.completion_tokens < 200
+
+
 def test_openai_routes_keep_openai_errors(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": HELLO}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -194,6 +223,9 @@ def test_keys_x_api_key_and_401(models, tmp_path):
             time.sleep(0.2)
             rows = st.usage_rows()
             assert [(row.key_id is not None, row.completion_tokens) for row in rows] == [(True, 8), (True, 4)]
+            _, broke = st.create_key("broke", budget_usd=0.0)
+            r = httpx.post(s.url + "/v1/messages", json=body, headers={"x-api-key": broke}, timeout=30)
+            assert r.status_code == 402 and r.json()["error"]["type"] == "billing_error"
         finally:
             s.stop()
 

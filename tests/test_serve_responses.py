@@ -29,7 +29,8 @@ HELLO = "Hello there"
 
 @pytest.fixture(scope="module")
 def models():
-    served = {"tiny": _served("tiny", CHATML), "tiny-r1": _served("tiny-r1", R1_LIKE, reasoning=True)}
+    served = {"tiny": _served("tiny", CHATML), "tiny-r1": _served("tiny-r1", R1_LIKE, reasoning=True),
+              "broken": _served("broken", CHATML, broken=True)}
     yield served
     for m in served.values():
         m.scheduler.stop(timeout=5)
@@ -140,6 +141,16 @@ def test_bad_input_is_a_400(keyed):
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(s.url + "/v1/responses", json={"model": "tiny", "input": HELLO}, headers={"x-api-key": "nope"})
     assert r.status_code == 401 and "error" in r.json()
+
+
+def test_stream_failure_is_an_error_event(keyed):
+    s, st, a, _ = keyed
+    body = {"model": "broken", "input": HELLO, "max_output_tokens": 8, "stream": True}
+    with httpx.stream("POST", s.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {a}"},
+                      timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "error"
+    assert events[-1]["message"] and events[-1]["sequence_number"] == len(events) - 1
 
 
 def test_store_retention_quota_and_migration(tmp_path):
