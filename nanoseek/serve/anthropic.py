@@ -5,7 +5,10 @@ Owns the translation only, both ways:
   * in: an Anthropic request (`MessagesRequest`) → the internal ChatCompletionRequest (`to_chat`): system,
     text / tool_use / tool_result / thinking blocks → chat messages with tool_calls and role "tool",
     tools → OpenAI function tools, tool_choice auto/any/tool/none → auto/required/named/none, thinking →
-    DeepSeek's `thinking` switch, stop_sequences → stop;
+    DeepSeek's `thinking` switch with budget_tokens → the largest reasoning_effort step not above it,
+    output_config effort/format → reasoning_effort/response_format, stop_sequences → stop, max_tokens →
+    max_tokens clamped to the context (temperature, top_p and top_k pass through: the API takes them, though
+    the newest SDKs no longer send them);
   * out: the ChatCompletion body (`from_chat`) or the chat SSE stream (`AnthropicStream`) → a Message or
     Anthropic's SSE events, with stop_reason, Anthropic's usage arithmetic and signed thinking blocks.
 Auth, reservations, billing, the engine and the SSE machinery (keep-alives, cancellation on hang-up) are

@@ -4,6 +4,8 @@ Each generating route runs the same steps: who is calling (serve/auth.py), what 
 by serve/schemas.py after the key is checked, so a bad key is a 401 before a bad body is a 400), the prompt
 (rendered and tokenized on a worker thread, after a size bound that needs no tokenizer), the reservation of
 its worst-case cost, then the engine (serve/bridge.py) and the response body or stream (serve/streams.py).
+The chat route's run is also the `ChatService` that the Anthropic Messages and Responses routes
+(serve/anthropic.py, serve/responses.py) translate onto, so those steps exist once.
 
 The event loop only parses, awaits and copies: CPU work that grows with the request (templates, tokenizing,
 detokenizing logprobs) runs on worker threads, and input is bounded before it, so one huge prompt cannot
