@@ -78,7 +78,7 @@ class _Bill:
 
 
 def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: RouteSettings) -> APIRouter:
-    """The routes over `models` (name → ServedModel); served with and without the /v1 prefix by the app."""
+    """The routes over `models` (name → ServedModel); served at the root, under /v1 and under /beta."""
     default_model = next(iter(models))
     router = APIRouter()
 
@@ -130,6 +130,14 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         await gate.caller(request)
         return ModelList(data=[ModelCard(id=n, created=m.created, root=m.root or n, max_model_len=m.context)
                                for n, m in models.items()])
+
+    @router.get("/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str, request: Request):
+        await gate.caller(request)
+        if model_id not in models:
+            raise ApiError.model_not_found(model_id)
+        m = models[model_id]
+        return ModelCard(id=model_id, created=m.created, root=m.root or model_id, max_model_len=m.context)
 
     @router.get("/user/balance")
     async def balance(request: Request):
