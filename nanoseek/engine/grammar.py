@@ -107,6 +107,8 @@ class GrammarCompiler:
         self.eos_ids = [int(e) for e in eos_ids]
         self.ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=self.eos_ids or None)
         self._forced_close = [int(t) for t in self.ll.tokenize_str(FORCED_CLOSE)]
+        close = self.ll.tokenize_str(CLOSE_THINK)
+        self._close_token = int(close[0]) if len(close) == 1 else None   # one token in R1/Qwen3 vocabularies
 
     def check(self, grammar: str, schema: dict | None = None, where: str = "") -> None:
         """BadInputError if llguidance cannot enforce `grammar`. With the schema it came from, the message
@@ -210,6 +212,12 @@ class GrammarConstraint:
             if self.forced < len(self.compiler._forced_close):
                 return self._only(self.compiler._forced_close[self.forced])
         if self.matcher is None:
+            if self.forced and not self.reasoning_open and self.compiler._close_token is not None:
+                # A block closed by force: the model, cut off mid-thought, tends to close it again; a second
+                # `</think>` would land in the answer.
+                m = torch.ones(self.compiler.vocab_size, dtype=torch.bool)
+                m[self.compiler._close_token] = False
+                return m.to(self.device)
             return None
         if self.matcher.is_error():
             return torch.zeros(self.compiler.vocab_size, dtype=torch.bool, device=self.device)
