@@ -188,7 +188,7 @@ def test_inert_values_of_unsupported_parameters_pass(name, value):
     assert name not in req.ignored_fields
 
 
-@pytest.mark.parametrize("name, value", [("suffix", "    return x"), ("best_of", 3), ("logit_bias", {"1": 1}),
+@pytest.mark.parametrize("name, value", [("best_of", 3), ("logit_bias", {"1": 1}),
                                          ("response_format", {"type": "json_object"}), ("guided_regex", "a+")])
 def test_completion_unsupported_parameter_is_400_naming_it(name, value):
     err = refused(CompletionRequest, {"model": "m", "prompt": "x", name: value})
@@ -197,6 +197,9 @@ def test_completion_unsupported_parameter_is_400_naming_it(name, value):
 
 def test_best_of_equal_to_n_and_empty_suffix_pass():
     CompletionRequest.parse({"prompt": "x", "n": 2, "best_of": 2, "suffix": ""})
+    assert CompletionRequest.parse({"prompt": "def f(", "suffix": "\n"}).suffix == "\n"
+    err = refused(CompletionRequest, {"prompt": [1, 2], "suffix": "x"})
+    assert (err.status, err.param) == (400, "prompt")
 
 
 def test_non_text_content_part_is_400_naming_it():

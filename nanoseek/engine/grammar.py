@@ -34,7 +34,7 @@ import torch
 from nanoseek.errors import BadInputError
 
 OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
-FORCED_CLOSE = "\n" + CLOSE_THINK + "\n\n"   # what a spent reasoning budget appends
+FORCED_CLOSE = "\n" + CLOSE_THINK + "\n\n"   # what a spent reasoning budget appends (forced up to the tag)
 
 # JSON the way models write it: one space after ':' and ',', no free whitespace (a small model left free to
 # emit whitespace inside an object can loop on it until max_tokens).
@@ -43,8 +43,8 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 @dataclass(frozen=True)
 class Grammar:
-    """What a row must generate. `grammar`: llguidance's grammar text (None: no grammar, only the reasoning
-    budget). `triggers`: markers that must appear in the output, in order, before the grammar starts
+    """What a row must generate. `grammar`: Lark text for llguidance, with a `start` rule, as `json_schema`,
+    `any_json_object` and `lark` return it (None: no grammar, only the reasoning budget). `triggers`: markers that must appear in the output, in order, before the grammar starts
     (the grammar then constrains what follows the last one). `reasoning`: "open" — the output starts inside
     a think block; "maybe" — it may open one with `<think>`; None — no reasoning. `reasoning_budget`: most
     tokens of reasoning before the block is closed by force (None: no limit)."""
@@ -56,12 +56,12 @@ class Grammar:
 
 
 def json_schema(schema: dict) -> str:
-    """llguidance grammar for one JSON value valid against `schema` (compact separators, no free whitespace)."""
-    return _lark("start: " + json_rule(schema))
+    """Lark text for one JSON value valid against `schema` (compact separators, no free whitespace)."""
+    return "start: " + json_rule(schema)
 
 
 def any_json_object() -> str:
-    """llguidance grammar for one JSON object (OpenAI's json_object mode)."""
+    """Lark text for one JSON object (OpenAI's json_object mode)."""
     return json_schema({"type": "object"})
 
 
@@ -73,11 +73,19 @@ def json_rule(schema: dict) -> str:
 
 
 def lark(text: str) -> str:
-    """llguidance grammar from Lark text (which may embed `%json {schema}` rules)."""
-    return _lark(text)
+    """Lark text as a grammar (it may embed `%json {schema}` rules); the identity, for symmetry."""
+    return text
 
 
-def _lark(text: str) -> str:
+def after_reasoning(text: str) -> str:
+    """The grammar preceded by a little optional whitespace: models write blank lines after `</think>` (a
+    bound, so that a small model cannot loop on blank lines)."""
+    body = re.sub(r"(?m)^start:", "grammar_start:", text)
+    return "start: LEAD_WS? grammar_start\nLEAD_WS: /[ \\t\\r\\n]{1,4}/\n" + body
+
+
+def compile_lark(text: str) -> str:
+    """llguidance's grammar string for Lark text."""
     import llguidance
     return llguidance.LLMatcher.grammar_from_lark(text)
 
@@ -99,12 +107,14 @@ class GrammarCompiler:
         self.eos_ids = [int(e) for e in eos_ids]
         self.ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=self.eos_ids or None)
         self._forced_close = [int(t) for t in self.ll.tokenize_str(FORCED_CLOSE)]
+        close = self.ll.tokenize_str(CLOSE_THINK)
+        self._close_token = int(close[0]) if len(close) == 1 else None   # one token in R1/Qwen3 vocabularies
 
     def check(self, grammar: str, schema: dict | None = None, where: str = "") -> None:
         """BadInputError if llguidance cannot enforce `grammar`. With the schema it came from, the message
         names each unsupported keyword and its JSON path (`where` prefixes the path, e.g. the parameter)."""
         import llguidance
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compile_lark(grammar), self.ll)
         if not is_error:
             return
         text = "; ".join(messages)
@@ -179,6 +189,10 @@ class GrammarConstraint:
         self._maybe_reasoning = self.spec.reasoning == "maybe"
         self._bits = torch.zeros((1, (self.compiler.vocab_size + 31) // 32), dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
+        text = self.spec.grammar
+        if text is not None and self.spec.reasoning is not None and not self.spec.triggers:
+            text = after_reasoning(text)   # the grammar starts right after the reasoning block
+        self._compiled = compile_lark(text) if text is not None else None
         if not self.triggers:
             self._start(b"")
 
@@ -198,11 +212,18 @@ class GrammarConstraint:
             if self.forced < len(self.compiler._forced_close):
                 return self._only(self.compiler._forced_close[self.forced])
         if self.matcher is None:
+            if self.forced and not self.reasoning_open and self.compiler._close_token is not None:
+                # A block closed by force: the model, cut off mid-thought, tends to close it again; a second
+                # `</think>` would land in the answer.
+                m = torch.ones(self.compiler.vocab_size, dtype=torch.bool)
+                m[self.compiler._close_token] = False
+                return m.to(self.device)
             return None
         if self.matcher.is_error():
             return torch.zeros(self.compiler.vocab_size, dtype=torch.bool, device=self.device)
-        import llguidance.torch
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self._bits, 0)
+        # llguidance writes the bitmask straight into our preallocated int32 buffer (llguidance.torch does
+        # the same, but importing it pulls torch.compile in for a kernel we don't use).
+        self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
         bits = (self._bits[0].unsqueeze(-1) >> self._shifts) & 1
         return bits.view(-1)[:self.compiler.vocab_size].bool().to(self.device, non_blocking=True)
 
@@ -273,7 +294,7 @@ class GrammarConstraint:
             self.stage = len(self.triggers)
             return 0
         import llguidance
-        self.matcher = llguidance.LLMatcher(self.compiler.ll, self.spec.grammar)
+        self.matcher = llguidance.LLMatcher(self.compiler.ll, self._compiled)
         if not leftover:
             return 0
         ids = self.compiler.ll.tokenize_bytes(leftover)

@@ -3,7 +3,8 @@
 Owns `ServedModel` (one model as the server exposes it) and `create_app`, which assembles the parts:
   * serve/auth.py — who is calling, budget and rate-limit reservations, the usage ledger (the one copy,
     shared with the web app);
-  * serve/routes.py — the API routes (served with and without `/v1`), serve/streams.py — SSE and logprobs;
+  * serve/routes.py — the API routes (served at the root, under `/v1` and under DeepSeek's `/beta`),
+    serve/streams.py — SSE and logprobs;
   * serve/anthropic.py — the Anthropic Messages API (at `/v1` and `/anthropic/v1`), serve/responses.py — the
     OpenAI Responses API: translations over the chat route's pipeline;
   * serve/web.py — the chat web app at `/`;
@@ -108,6 +109,7 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
     router = api_router(models, gate, metrics, RouteSettings(mirror_reasoning, keepalive_s, poll_s,
                                                              isolate_prefix_cache))
     app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/beta")   # DeepSeek's beta base URL: FIM, prefix completion, strict tools
     app.include_router(router)
     # The other API dialects, each a translation over the chat route's pipeline (routes.ChatService)
     messages = anthropic_router(router.chat_service, store)

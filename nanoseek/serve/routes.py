@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, Response
 
 from nanoseek.chat import CLOSE_TAG, OPEN_TAG, Prompt, render_prompt
 from nanoseek.errors import BadInputError
+from nanoseek.fim import FIM_SPELLINGS, fim_prompt
+from nanoseek.fim import detect as detect_fim
 from nanoseek.serve.auth import Caller, Gate, Ticket
 from nanoseek.serve.bridge import ClientGone, Job
 from nanoseek.serve.errors import ApiError, from_nanoseek
@@ -101,7 +103,7 @@ class _Bill:
 
 
 def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: RouteSettings) -> APIRouter:
-    """The routes over `models` (name → ServedModel); served with and without the /v1 prefix by the app."""
+    """The routes over `models` (name → ServedModel); served at the root, under /v1 and under /beta."""
     default_model = next(iter(models))
     router = APIRouter()
 
@@ -153,6 +155,14 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         await gate.caller(request)
         return ModelList(data=[ModelCard(id=n, created=m.created, root=m.root or n, max_model_len=m.context)
                                for n, m in models.items()])
+
+    @router.get("/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str, request: Request):
+        await gate.caller(request)
+        if model_id not in models:
+            raise ApiError.model_not_found(model_id)
+        m = models[model_id]
+        return ModelCard(id=model_id, created=m.created, root=m.root or model_id, max_model_len=m.context)
 
     @router.get("/user/balance")
     async def balance(request: Request):
@@ -252,10 +262,20 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         sm.check_text_fits(max((len(p.encode(errors="surrogatepass")) for p in req.prompts if isinstance(p, str)),
                                default=0), "prompt")
         vocab = len(sm.tokenizer)
+        fim = None
+        if req.suffix:
+            fim = detect_fim(sm.tokenizer)
+            if fim is None:
+                known = ", ".join(f"{t.name} ({t.begin}{t.hole}{t.end})" for t in FIM_SPELLINGS)
+                raise ApiError.bad_request(f"Invalid 'suffix': model '{sm.name}' has no fill-in-the-middle tokens "
+                                           f"in its vocabulary (known: {known}).", param="suffix",
+                                           code="fim_not_supported")
 
         def encode():
             out = []
             for i, p in enumerate(req.prompts):
+                if fim is not None:   # the text to fill lies between the prompt and the suffix
+                    p = fim_prompt(fim, p, req.suffix)
                 ids = sm.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 if not ids:
                     raise ApiError.bad_request(f"Invalid 'prompt[{i}]': it encodes to no tokens.", param="prompt")

@@ -101,10 +101,7 @@ CHAT_UNSUPPORTED: Unsupported = {
     "chat_template_kwargs": (_empty, "use 'thinking': {\"type\": \"enabled\" | \"disabled\"} to switch reasoning"),
 }
 
-COMPLETION_UNSUPPORTED: Unsupported = {
-    **COMMON_UNSUPPORTED,
-    "suffix": (lambda v: v is None or v == "", "fill-in-the-middle (FIM) completion is not implemented"),
-}
+COMPLETION_UNSUPPORTED: Unsupported = COMMON_UNSUPPORTED
 
 
 def _reject_unsupported(data: dict, table: Unsupported) -> dict:
@@ -498,8 +495,9 @@ class CompletionRequest(_Request):
     """POST /completions (legacy): raw prompt in, text out. `prompt` is one string, a list of strings, one
     list of token ids or a list of them; each prompt gets n choices, indexed prompt_index * n + i.
 
-    `suffix` (fill-in-the-middle) is refused with a 400, as are the chat-independent unsupported
-    parameters (logit_bias, response_format other than text, guided_* …) and best_of other than n.
+    `suffix` asks for fill-in-the-middle (the text between prompt and suffix; models whose tokenizer has FIM
+    tokens, nanoseek/fim.py). The chat-independent unsupported parameters (logit_bias, response_format other
+    than text, guided_* …) and best_of other than n are refused with a 400.
     """
 
     UNSUPPORTED: ClassVar[Unsupported] = COMPLETION_UNSUPPORTED
@@ -508,6 +506,8 @@ class CompletionRequest(_Request):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = Field(None, description="Prepend the prompt to each choice's text.")
+    suffix: str | None = Field(None, description="Fill in the middle: the text that follows the completion "
+                               "(DeepSeek FIM, Beta). Needs a model with FIM tokens and string prompts.")
     logprobs: int | None = Field(None, description="Chosen token's logprob plus this many alternatives.",
                                  **_range(ge=0, le=MAX_LOGPROBS))
 
@@ -538,6 +538,9 @@ class CompletionRequest(_Request):
                     raise ApiError.bad_request(f"Invalid '{where}': empty array of token ids.", param=where)
                 if any(t < 0 for t in ids):
                     raise ApiError.bad_request(f"Invalid '{where}': token ids must be >= 0.", param=where)
+        if self.suffix and any(not isinstance(x, str) for x in self.prompts):
+            raise ApiError.bad_request("Invalid 'prompt': fill-in-the-middle (suffix) needs text prompts, not "
+                                       "token ids.", param="prompt")
         if self.echo and self.logprobs is not None:
             raise ApiError.unsupported("echo", "echo with logprobs needs prompt logprobs, which are not computed")
 
