@@ -49,3 +49,15 @@ def test_same_greedy_tokens_through_three_apis(server):
     assert msg.stop_reason == ("end_turn" if chat.choices[0].finish_reason == "stop" else "max_tokens")
     assert claude.messages.count_tokens(model="smollm2-135m", system=SYSTEM,
                                         messages=CONVERSATION).input_tokens == chat.usage.prompt_tokens
+
+
+def test_anthropic_prefill_continues_the_reply(server):
+    """A final assistant message is the start of the reply (Anthropic's prefill, chat's prefix completion):
+    only the continuation comes back, and together they are the free reply."""
+    claude = anthropic.Anthropic(base_url=server.url + "/anthropic", api_key="none", max_retries=0)
+    kw = dict(model="smollm2-135m", system=SYSTEM, extra_body={"temperature": 0})
+    free = claude.messages.create(max_tokens=MAX, messages=CONVERSATION, **kw).content[0].text
+    start = " ".join(free.split()[:3])
+    rest = claude.messages.create(max_tokens=MAX - 3, messages=CONVERSATION + [{"role": "assistant", "content": start}],
+                                  **kw).content[0].text
+    assert free.startswith(start + rest) and len(rest) > 0

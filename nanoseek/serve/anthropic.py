@@ -233,6 +233,13 @@ def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False, contex
         messages.append({"role": "system", "content": _text(req.system)})
     for i, m in enumerate(req.messages):
         messages += _chat_messages(i, m, signer)
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant" and "tool_calls" not in last and len(messages) > 1:
+        # Anthropic's prefill: a final assistant turn is the start of the reply, which the model continues
+        # (chat's prefix completion; the response holds only the continuation, as Anthropic's does)
+        last["prefix"] = True
+        last["content"] = (last["content"] or "").rstrip()   # Anthropic refuses trailing whitespace here
+        last.pop("reasoning_content", None)
     body: dict[str, Any] = {"messages": messages,
                             "max_tokens": req.max_tokens if context is None else min(req.max_tokens, context)}
     if req.model is not None:
