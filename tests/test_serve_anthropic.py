@@ -93,6 +93,15 @@ def test_plain_message_shape_usage_and_ledger(server, store):
     assert (a.cost_usd, a.prompt_cache_hit_tokens) == (b.cost_usd, b.prompt_cache_hit_tokens)
 
 
+def test_models(server, models):
+    client = _client(server)
+    assert [m.id for m in client.models.list()] == list(models)
+    assert client.models.retrieve("tiny").type == "model"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("nope")
+    assert httpx.get(server.url + "/v1/models").json()["object"] == "list"   # /v1/models stays OpenAI's
+
+
 def test_both_base_urls_and_system(server):
     a = _greedy(_client(server), system="Be brief.")
     b = _greedy(_client(server, base=""), system=[{"type": "text", "text": "Be brief."}])

@@ -33,6 +33,7 @@ import hmac
 import json
 import secrets
 import uuid
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -510,6 +511,30 @@ def _anthropic_body(openai_body: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # The routes
+
+
+def anthropic_models_router(chat: ChatService) -> APIRouter:
+    """GET /models and /models/{id} in Anthropic's shape; mounted at /anthropic/v1 only (/v1/models is
+    OpenAI's)."""
+    router = APIRouter()
+
+    def info(name: str) -> dict:
+        created = datetime.fromtimestamp(chat.models[name].created, timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"type": "model", "id": name, "display_name": name, "created_at": created}
+
+    @router.get("/models")
+    async def list_models(request: Request):
+        await chat.gate.caller(request)
+        data = [info(name) for name in chat.models]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+
+    @router.get("/models/{model_id}")
+    async def get_model(model_id: str, request: Request):
+        await chat.gate.caller(request)
+        chat.pick(model_id)   # 404 for a model not served
+        return info(model_id)
+
+    return router
 
 
 def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.errors import NanoseekError
-from nanoseek.serve.anthropic import MessagesRequest, anthropic_router
+from nanoseek.serve.anthropic import MessagesRequest, anthropic_models_router, anthropic_router
 from nanoseek.serve.auth import Gate
 from nanoseek.serve.errors import ApiError, dialect_of, error_response
 from nanoseek.serve.guard import Guard, GuardConfig
@@ -115,6 +115,7 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
     messages = anthropic_router(router.chat_service, store)
     app.include_router(messages, prefix="/v1")
     app.include_router(messages, prefix="/anthropic/v1")   # DeepSeek's base URL for the Anthropic SDK
+    app.include_router(anthropic_models_router(router.chat_service), prefix="/anthropic/v1")
     responses = responses_router(router.chat_service, store)
     app.include_router(responses, prefix="/v1")
     app.include_router(responses)

@@ -66,6 +66,7 @@ class ChatService:
     gate: Gate
     pick: Callable
     run: Callable
+    models: dict           # name → ServedModel, for the dialects' own model lists
 
 
 class _Bill:
@@ -321,7 +322,7 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         totals = usage(prompt_tokens, sum(job.generated), cached_tokens=hits(job, prompt_tokens, n))
         return JSONResponse(Completion(model=name, choices=choices, usage=totals).model_dump(mode="json"))
 
-    router.chat_service = ChatService(gate, pick, run_chat)
+    router.chat_service = ChatService(gate, pick, run_chat, models)
     return router
 
 
