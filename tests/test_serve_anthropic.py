@@ -122,7 +122,7 @@ def test_stream_matches_non_stream(server):
 
 
 def test_raw_event_sequence(server):
-    body = {"model": "tiny", "max_tokens": 4, "messages": HELLO, "stream": True}
+    body = {"model": "tiny", "max_tokens": 4, "messages": HELLO, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/messages", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -150,7 +150,8 @@ def test_stop_sequence(server):
 
 def test_max_tokens_is_a_cap_and_prompt_too_long(server):
     client = _client(server)
-    m = client.messages.create(model="short", max_tokens=20000, messages=[{"role": "user", "content": "Hi"}])
+    m = client.messages.create(model="short", max_tokens=20000, messages=[{"role": "user", "content": "Hi"}],
+                               **GREEDY)
     assert m.stop_reason == "max_tokens"      # clamped to the room left in the 48-token context, not a 400
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens + m.usage.output_tokens == 48
     with pytest.raises(anthropic.BadRequestError) as e:
@@ -191,7 +192,7 @@ def test_hung_up_stream_is_cancelled_and_billed(server, models, store):
     closes the chat one."""
     sched = models["slow"].scheduler
     rows = len(store.usage_rows())
-    body = {"model": "slow", "max_tokens": 200, "messages": HELLO, "stream": True}
+    body = {"model": "slow", "max_tokens": 200, "messages": HELLO, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/anthropic/v1/messages", json=body, timeout=30) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(12)]
@@ -224,7 +225,7 @@ def test_keys_x_api_key_and_401(models, tmp_path):
             m = _greedy(_client(s, key=secret))      # this SDK sends the key as Bearer
             assert m.usage.output_tokens == 8
             # x-api-key, as Claude Code and earlier SDKs send it
-            body = {"model": "tiny", "max_tokens": 4, "messages": HELLO}
+            body = {"model": "tiny", "max_tokens": 4, "messages": HELLO, "temperature": 0}
             r = httpx.post(s.url + "/anthropic/v1/messages", json=body, headers={"x-api-key": secret}, timeout=30)
             assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 4
             r = httpx.post(s.url + "/v1/messages", json=body, headers={"x-api-key": "sk-ns-wrong"}, timeout=30)
