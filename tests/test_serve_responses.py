@@ -143,6 +143,22 @@ def test_bad_input_is_a_400(keyed):
     assert r.status_code == 401 and "error" in r.json()
 
 
+def test_storage_quota(models, tmp_path):
+    """A response that does not fit the key's storage quota is not kept: 413 whole, an error event streamed."""
+    with Store(tmp_path, limits=StoreLimits(stored_bytes_per_owner=600)) as st:
+        s = _Server(create_app(models, st, require_auth=False, poll_s=0.05))
+        try:
+            with pytest.raises(openai.APIStatusError) as e:
+                _greedy(s.client())
+            assert e.value.status_code == 413 and "quota" in e.value.message
+            events = list(_greedy(s.client(), stream=True))
+            assert events[-1].type == "error" and "quota" in events[-1].message
+            assert _greedy(s.client(), store=False).status == "incomplete"   # unstored answers still run
+            assert st.stored_bytes(None) == 0
+        finally:
+            s.stop()
+
+
 def test_stream_failure_is_an_error_event(keyed):
     s, st, a, _ = keyed
     body = {"model": "broken", "input": HELLO, "max_output_tokens": 8, "stream": True}
