@@ -1,0 +1,139 @@
+"""DeepSeek-V3.2 (DSA, models/dsa.py) against transformers' DeepseekV32ForCausalLM, through our cache and
+engine, in and out of HF files, and the indexer's training loss by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from nanoseek.errors import BadInputError, UnsupportedError
+from nanoseek.models.config import DeepseekV32Config, config_from_hf
+from nanoseek.weights.hf import load_hf
+
+TOL = 1e-4
+TOPK = 6  # far below the test lengths, so top-k selection drops most keys
+
+
+def hf_v32(path, *, mtp: int = 0):
+    """A tiny random DeepseekV32ForCausalLM saved with save_pretrained. 16 index heads: with 1-2 the ReLU sum
+    is exactly 0 for many keys and top-k breaks the ties differently by tensor length."""
+    torch.manual_seed(7)
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=113, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256,
+        index_n_heads=16, index_head_dim=16, index_topk=TOPK, num_nextn_predict_layers=mtp)
+    model = transformers.DeepseekV32ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None:  # zero by default: exercise the selection-only bias
+                gate.e_score_correction_bias.normal_(std=0.05)
+                gate.weight.normal_(std=0.3)
+            idx = layer.self_attn.indexer  # LayerNorm starts as (1, 0): make both matter
+            idx.k_norm.weight.normal_(1.0, 0.3)
+            idx.k_norm.bias.normal_(std=0.3)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v32")
+    ref = hf_v32(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    ours, cfg = load_hf(path)
+    assert isinstance(cfg, DeepseekV32Config) and cfg.index_topk == TOPK
+    return ref.eval(), ours, path
+
+
+def _ids(vocab, b=2, t=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (b, t), generator=g)
+
+
+def _record_margins(model):
+    """Wrap every indexer's `scores` to record the gap between each query's k-th and (k+1)-th best visible
+    score: a tie there would make the selection (and the comparison) ill-defined."""
+    gaps = []
+    for layer in model.model.layers:
+        ix = layer.self_attn.indexer
+        inner = ix.scores
+
+        def scores(*a, _inner=inner, **kw):
+            s = _inner(*a, **kw)
+            if s.shape[-1] > TOPK:
+                top = s.topk(TOPK + 1, dim=-1).values
+                live = top[..., TOPK] > float("-inf")
+                # relative to the score's size: fp32 rounding differs by ~1e-7 of it between implementations
+                gaps.append(((top[..., TOPK - 1] - top[..., TOPK]) / top[..., TOPK - 1].abs())[live])
+            return s
+        ix.scores = scores
+    return gaps
+
+
+@torch.no_grad()
+def test_prefill_logits_match(pair):
+    ref, ours, _ = pair
+    gaps = _record_margins(ours)
+    ids = _ids(ours.config.vocab_size)
+    got, want = ours(ids), ref(ids).logits
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < TOL
+    assert gaps and min(g.min().item() for g in gaps) > 1e-5  # selection happened, and without near-ties
+
+
+@torch.no_grad()
+def test_cached_decode_matches_full_sequence(pair):
+    """Token by token through our cache (the gathered top-k path) equals transformers' full-sequence logits."""
+    ref, ours, _ = pair
+    ids = _ids(ours.config.vocab_size, b=1, t=24, seed=3)
+    want = ref(ids).logits[0]
+    cache = ours.new_cache(1, 64)
+    prefix = 5
+    got = [ours(ids[:, :prefix], torch.arange(prefix)[None], cache)[0]]
+    for t in range(prefix, ids.shape[1]):
+        got.append(ours(ids[:, t:t + 1], torch.tensor([[t]]), cache)[0])
+    assert (torch.cat(got) - want).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_chunked_prefill_and_ragged_batch_decode(pair):
+    """A prefill in chunks through the cache, and one decode step for two rows at different lengths (one
+    still under index_topk keys), equal the full forward."""
+    _, ours, _ = pair
+    a, b = _ids(ours.config.vocab_size, b=1, t=30, seed=4), _ids(ours.config.vocab_size, b=1, t=5, seed=5)
+    cache = ours.new_cache(2, 48)
+    ours(a[:, :12], torch.arange(12)[None], cache.rows(0))
+    ours(a[:, 12:-1], torch.arange(12, 29)[None], cache.rows(0))
+    ours(b[:, :-1], torch.arange(4)[None], cache.rows(1))
+    step = ours(torch.cat([a[:, -1:], b[:, -1:]]), torch.tensor([[29], [4]]), cache)
+    assert torch.allclose(step[0, 0], ours(a)[0, -1], atol=TOL)
+    assert torch.allclose(step[1, 0], ours(b)[0, -1], atol=TOL)
+
+
+def _hf_config(**changes):
+    d = json.loads(transformers.DeepseekV32Config(num_hidden_layers=4, first_k_dense_replace=1).to_json_string())
+    d.update(changes)
+    return {k: v for k, v in d.items() if v is not ...}
+
+
+def test_config_maps_and_refuses_what_we_do_not_implement():
+    cfg = config_from_hf(_hf_config(mlp_layer_types=["dense", "dense", "sparse", "sparse"]))
+    assert isinstance(cfg, DeepseekV32Config) and cfg.first_k_dense_replace == 2 and cfg.index_n_heads == 64
+    missing = _hf_config()
+    del missing["q_lora_rank"]
+    bad = [(BadInputError, "q_lora_rank", missing), (BadInputError, "q_lora_rank", _hf_config(q_lora_rank=None)),
+           (UnsupportedError, "layer_types", _hf_config(layer_types=["indexed_attention", "sliding_attention"] * 2)),
+           (UnsupportedError, "mlp_layer_types", _hf_config(mlp_layer_types=["sparse", "dense", "sparse", "sparse"])),
+           (UnsupportedError, "hidden_act", _hf_config(hidden_act="gelu")),
+           (UnsupportedError, "attention_bias", _hf_config(attention_bias=True)),
+           (BadInputError, "index_head_dim", _hf_config(index_head_dim=32, qk_rope_head_dim=64))]
+    for kind, key, d in bad:
+        with pytest.raises(kind, match=key) as e:
+            config_from_hf(d)
+        assert "\n" not in str(e.value)
