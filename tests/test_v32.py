@@ -215,3 +215,80 @@ def test_index_key_cache_rows_move_with_the_latent():
         assert torch.equal(lay.index_k[1], ik[0]) and torch.equal(lay.index_k[0, :10], ik[2, :10])
         assert torch.equal(lay.index_k[0, 10:], ik[1, 10:])
     assert cache.nbytes() == 3 * 16 * 2 * (12 + 4 + 8) * 4
+
+
+# --- HF files: export (sharded) reloads in transformers; FP8 block-scaled weights; MTP ------------------------
+
+@torch.no_grad()
+def test_export_sharded_reloads_in_transformers_with_the_same_logits(pair, tmp_path):
+    from nanoseek.weights.hf import save_hf
+
+    _, ours, _ = pair
+    out = save_hf(ours, tmp_path / "export", max_shard_bytes=100_000)
+    assert (out / "model.safetensors.index.json").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v32"
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    assert type(back).__name__ == "DeepseekV32ForCausalLM"
+    ids = _ids(ours.config.vocab_size, t=32, seed=11)
+    assert (back.eval()(ids).logits - ours(ids)).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_mtp_weights_load_as_v3s(tmp_path):
+    """V3.2's MTP layer (model.layers.{N}) is V3's MTP block whose attention carries an indexer: our MTPModule
+    (a DeepseekBlock) builds DSA for a V3.2 config, so the V3 renaming loads it."""
+    from dataclasses import replace
+
+    from nanoseek.models import build_model
+    from nanoseek.weights.hf import save_hf
+
+    src = build_model(replace(_tiny_v32().config, num_nextn_predict_layers=1))
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_(std=0.3)
+    out = save_hf(src, tmp_path / "mtp")
+    names = json.loads((out / "config.json").read_text())
+    assert names["num_nextn_predict_layers"] == 1
+    back, cfg = load_hf(out)
+    assert cfg.num_nextn_predict_layers == 1
+    assert torch.equal(back.mtp[0].self_attn.indexer.wq_b.weight, src.mtp[0].self_attn.indexer.wq_b.weight)
+    ids = _ids(50, b=1, t=20, seed=2)
+    h = src.hidden(ids)
+    assert torch.equal(back.mtp_logits(ids, back.hidden(ids))[0], src.mtp_logits(ids, h)[0])
+
+
+@torch.no_grad()
+def test_fp8_block_scaled_indexer_and_attention_weights(pair, tmp_path):
+    """V3.2's released weights: float8_e4m3fn with one fp32 scale per 128x128 block, the indexer's wq_b and wk
+    included; loading dequantizes them (the V3 path) to what the scales say."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, src = pair
+    state = load_file(str(src / "model.safetensors"))
+    dequant = dict(state)
+    for name in list(state):
+        if ".self_attn." in name and state[name].dim() == 2 and "weights_proj" not in name:
+            w = state[name]  # e.g. indexer.wq_b [256, 32]: two row blocks
+            rb, cb = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
+            amax = torch.stack([blk.abs().max() for row in w.split(128) for blk in row.split(128, 1)])
+            scale = (amax / 448.0).view(rb, cb)
+            full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:w.shape[0], :w.shape[1]]
+            state[name] = (w / full).to(torch.float8_e4m3fn)
+            state[name + "_scale_inv"] = scale
+            dequant[name] = state[name].float() * full
+    assert "model.layers.0.self_attn.indexer.wq_b.weight_scale_inv" in state
+    for d, st in (("fp8", state), ("dq", dequant)):
+        (tmp_path / d).mkdir()
+        save_file(st, str(tmp_path / d / "model.safetensors"))
+        shutil.copy(src / "config.json", tmp_path / d / "config.json")
+    fp8, _ = load_hf(tmp_path / "fp8")
+    dq, _ = load_hf(tmp_path / "dq")
+    ids = _ids(fp8.config.vocab_size, t=24, seed=6)
+    assert torch.equal(fp8(ids), dq(ids))
+    # bf16 serving keeps the index-head weights in fp32, as the reference does, and still runs
+    bf, _ = load_hf(tmp_path / "dq", dtype=torch.bfloat16)
+    ix = bf.model.layers[0].self_attn.indexer
+    assert ix.weights_proj.weight.dtype == torch.float32 and ix.wq_b.weight.dtype == torch.bfloat16
+    assert (bf(ids).float() - dq(ids)).abs().max().item() < 0.1

@@ -58,7 +58,7 @@ class LightningIndexer(nn.Module):
         `visible` [B|1, T, L] is False. fp32 even under autocast: near-equal scores must rank as the reference's."""
         b, t, _ = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            q = self._rotate(self.wq_b(q_latent.float()).view(b, t, self.n_heads, self.head_dim), at)
+            q = self._rotate(self.wq_b(q_latent).float().view(b, t, self.n_heads, self.head_dim), at)
             dots = torch.matmul(q.reshape(b, t * self.n_heads, self.head_dim).float(), keys.float().transpose(1, 2))
             dots = F.relu(dots * self.scale).view(b, t, self.n_heads, -1)  # [B, T, H_I, L]
             w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
