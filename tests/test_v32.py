@@ -14,6 +14,7 @@ from nanoseek.models.config import DeepseekV32Config, config_from_hf
 from nanoseek.weights.hf import load_hf
 
 TOL = 1e-4
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 TOPK = 6  # far below the test lengths, so top-k selection drops most keys
 
 
@@ -292,3 +293,127 @@ def test_fp8_block_scaled_indexer_and_attention_weights(pair, tmp_path):
     ix = bf.model.layers[0].self_attn.indexer
     assert ix.weights_proj.weight.dtype == torch.float32 and ix.wq_b.weight.dtype == torch.bfloat16
     assert (bf(ids).float() - dq(ids)).abs().max().item() < 0.1
+
+
+# --- training: the indexer's KL by hand, and the two stages through the shared loop --------------------------
+
+def _hand_index_loss(attn, x, stage, topk):
+    """The indexer loss of one SparseMLA (float64, batch 1) from its weights with explicit formulas."""
+    import math
+
+    T, H = x.shape[1], attn.n_heads
+    x = x[0]
+    pos = torch.arange(T, dtype=torch.float64)
+    r = attn.rope
+    ang = pos[:, None] / (10000.0 ** (torch.arange(0, r, 2, dtype=torch.float64) / r))  # [T, r/2]
+    cos, sin = ang.cos(), ang.sin()
+
+    def rms(v, g):
+        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + 1e-6) * g
+
+    def rot_pairs(v):  # MLA: adjacent pairs (2i, 2i+1)
+        a, b = v[..., 0::2], v[..., 1::2]
+        c, s = (cos, sin) if v.dim() == 2 else (cos[:, None], sin[:, None])
+        return torch.cat([a * c - b * s, b * c + a * s], -1)
+
+    def rot_halves(v):  # the indexer: (i, i + r/2)
+        a, b = v[..., :r // 2], v[..., r // 2:r]
+        c, s = (cos, sin) if v.dim() == 2 else (cos[:, None], sin[:, None])
+        return torch.cat([a * c - b * s, b * c + a * s, v[..., r:]], -1)
+
+    q_lat = rms(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight)
+    q = (q_lat @ attn.q_b_proj.weight.T).view(T, H, -1)
+    q_nope, q_pe = q[..., :attn.nope], rot_pairs(q[..., attn.nope:])
+    ckv = x @ attn.kv_a_proj_with_mqa.weight.T
+    lat, k_pe = rms(ckv[:, :attn.kv_lora], attn.kv_a_layernorm.weight), rot_pairs(ckv[:, attn.kv_lora:])
+    k_nope = (lat @ attn.kv_b_proj.weight.T).view(T, H, -1)[..., :attn.nope]
+    ix = attn.indexer
+    qi = rot_halves((q_lat @ ix.wq_b.weight.T).view(T, ix.n_heads, -1))
+    ki = x @ ix.wk.weight.T
+    ki = (ki - ki.mean(-1, keepdim=True)) / torch.sqrt(ki.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    ki = rot_halves(ki * ix.k_norm.weight + ix.k_norm.bias)
+    w = x @ ix.weights_proj.weight.T * ix.n_heads ** -0.5
+    total = 0.0
+    for t in range(T):
+        score = [sum(w[t, j].item() * max(0.0, (qi[t, j] @ ki[s]).item() * ix.head_dim ** -0.5)
+                     for j in range(ix.n_heads)) for s in range(t + 1)]
+        keep = list(range(t + 1)) if stage == "warmup" else sorted(range(t + 1), key=lambda s: -score[s])[:topk]
+        p = [0.0] * (t + 1)
+        for h in range(H):
+            logit = {s: ((q_nope[t, h] @ k_nope[s, h]) + (q_pe[t, h] @ k_pe[s])).item() * attn.scale for s in keep}
+            m = max(logit.values())
+            z = sum(math.exp(v - m) for v in logit.values())
+            for s in keep:
+                p[s] += math.exp(logit[s] - m) / z
+        norm = sum(p)
+        m = max(score[s] for s in keep)
+        log_z = m + math.log(sum(math.exp(score[s] - m) for s in keep))
+        total += sum(p[s] / norm * (math.log(p[s] / norm) - (score[s] - log_z)) for s in keep if p[s] > 0)
+    return total / T
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_indexer_loss_equals_a_hand_computation(stage):
+    """KL(attention summed over heads, L1-normalised ‖ softmax(index scores)), mean over queries; over every
+    visible key in the warm-up, over the top-k in the sparse stage. Its gradient reaches the indexer only, and
+    the LM output's gradient never does."""
+    from nanoseek.models.layers import Rotary
+
+    model = _tiny_v32(topk=5).double().train()
+    attn = model.model.layers[0].self_attn
+    attn.stage = stage
+    x = torch.randn(1, 12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    at = Rotary(model.config.rope, 4, 64, interleaved=True).positions(torch.arange(12)[None], torch.float64,
+                                                                        cached=False)
+    out = attn(x, at)
+    loss = attn.last_index_loss
+    # rel 1e-5: the rotary tables and the index scores are fp32 by design (the rest runs in float64 here)
+    assert loss.item() == pytest.approx(_hand_index_loss(attn, x, stage, 5), rel=1e-5)
+    loss.backward(retain_graph=True)
+    grads = {n for n, p in attn.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {f"indexer.{n}" for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                              "weights_proj.weight")}
+    attn.zero_grad()
+    out.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in attn.indexer.parameters())
+
+
+def test_tiny_v32_preset_warms_up_the_indexer_then_trains_sparse(tmp_path):
+    """Through the shared Trainer: warm-up steps change only indexer weights (router biases hold still) and
+    lower the KL; sparse steps train everything."""
+    from nanoseek.models import build_model
+    from nanoseek.train.config import load_config
+    from nanoseek.train.loop import Trainer
+    from nanoseek.train.pretrain import LanguageModeling, init_weights
+
+    cfg = load_config(REPO / "configs" / "tiny-v32.toml",
+                      [f"train.out_dir={tmp_path}", "train.indexer_warmup_steps=12", "optim.warmup_steps=1",
+                       "data.seq_len=64", "data.batch_size=2", "optim.lr=1e-2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config(vocab_size=64, bos_id=0, eos_id=1))
+    init_weights(model, cfg.train.init_std)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 64, (2, 65), generator=g)
+
+    class Fixed:
+        def next_batch(self):
+            return seq[:, :-1], seq[:, 1:]
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    trainer = Trainer(cfg, model, LanguageModeling(cfg.model["mtp_loss_weight"]), Fixed())
+    start = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    recs = [trainer.train_step() for _ in range(12)]
+    assert all("indexer_kl" in r and "lm_loss" in r for r in recs)
+    assert recs[-1]["indexer_kl"] < 0.8 * recs[0]["indexer_kl"]
+    moved = {n for n, t in model.state_dict().items() if not torch.equal(t, start[n])}
+    assert moved and all(".indexer." in n for n in moved)
+    assert any(n.startswith("mtp.") for n in moved)  # the MTP block's indexer learns too
+    rec = trainer.train_step()
+    assert "lm_loss" not in rec and rec["indexer_kl"] > 0
+    moved = {n for n, t in model.state_dict().items() if not torch.equal(t, start[n])}
+    assert "model.embed_tokens.weight" in moved and any(n.endswith("e_score_correction_bias") for n in moved)
