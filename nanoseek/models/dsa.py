@@ -61,7 +61,9 @@ class LightningIndexer(nn.Module):
             q = self._rotate(self.wq_b(q_latent).float().view(b, t, self.n_heads, self.head_dim), at)
             dots = torch.matmul(q.reshape(b, t * self.n_heads, self.head_dim).float(), keys.float().transpose(1, 2))
             dots = F.relu(dots * self.scale).view(b, t, self.n_heads, -1)  # [B, T, H_I, L]
-            w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+            proj = self.weights_proj  # fp32 when loaded (hf.py); quantize_model may swap it for an int layer
+            w = F.linear(x.float(), proj.weight.float()) if isinstance(proj, nn.Linear) else proj(x).float()
+            w = w * self.n_heads ** -0.5
             s = torch.matmul(w.unsqueeze(2), dots).squeeze(2)  # Σ_j w(t,j)·ReLU(…): [B, T, L]
         return s.masked_fill(~visible, float("-inf"))
 
