@@ -234,8 +234,9 @@ class Trainer:
                     if kls:  # mean over the DSA layers this forward ran
                         kl = torch.stack(kls).mean()
                         metrics["indexer_kl"] = kl.detach()
-                        if warmup:  # the objective's loss is logged, not optimised
-                            metrics["lm_loss"], loss = loss.detach(), kl
+                        if warmup:  # the objective's loss is logged, not optimised. Its 0· keeps every
+                            # parameter in the backward, as DDP expects; their zero gradients are dropped below.
+                            metrics["lm_loss"], loss = loss.detach(), kl + 0.0 * loss
                         else:
                             loss = loss + kl
                 (loss / run.grad_accum).backward()
@@ -248,6 +249,11 @@ class Trainer:
             metrics = {"loss": loss.detach(), **metrics}
             for k, v in metrics.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+        if warmup:  # only the indexer learns: no optimizer may touch the rest (weight decay included)
+            keep = {id(p) for m in self.dsa for p in m.indexer.parameters()}
+            for p in self.model.parameters():
+                if id(p) not in keep:
+                    p.grad = None
         clip = self.cfg.optim.grad_clip
         # max_norm=inf still returns the norm for the logs and leaves gradients bitwise unchanged.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
