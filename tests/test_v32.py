@@ -134,6 +134,8 @@ def test_config_maps_and_refuses_what_we_do_not_implement():
            (UnsupportedError, "hidden_act", _hf_config(hidden_act="gelu")),
            (UnsupportedError, "attention_bias", _hf_config(attention_bias=True)),
            (BadInputError, "index_head_dim", _hf_config(index_head_dim=32, qk_rope_head_dim=64))]
+    with pytest.raises(BadInputError, match="rope_interleave"):
+        DeepseekV32Config(rope_interleave=False)
     for kind, key, d in bad:
         with pytest.raises(kind, match=key) as e:
             config_from_hf(d)

@@ -156,6 +156,8 @@ class DeepseekV32Config(DeepseekConfig):
         super().__post_init__()
         if self.q_lora_rank is None:
             raise BadInputError("q_lora_rank: DeepSeek-V3.2 needs a query latent (its lightning indexer reads it)")
+        if not self.rope_interleave:  # the checkpoints (and transformers) rotate MLA's rope slice in pairs
+            raise BadInputError("rope_interleave=false: DeepSeek-V3.2 rotates MLA's rope dims in interleaved pairs")
         if self.index_head_dim < self.qk_rope_head_dim:
             raise BadInputError(f"index_head_dim={self.index_head_dim} is narrower than its rotary part "
                                 f"qk_rope_head_dim={self.qk_rope_head_dim}")
