@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import statistics
 import sys
 import time
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for p, m in models.items():
             pc, pw, dc, dw = run(m, n, a.decode, a.chunk, n <= a.prefill_max)
-            cells += ["—" if pc != pc else f"{pc:.2f} ({pw:.2f})", f"{dc:.2f} ({dw:.2f})"]
+            cells += ["—" if math.isnan(pc) else f"{pc:.2f} ({pw:.2f})", f"{dc:.2f} ({dw:.2f})"]
         lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
     text = "\n".join(lines)
