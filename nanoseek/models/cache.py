@@ -1,6 +1,7 @@
 """What a forward pass reads and writes besides the weights: per-layer caches and token positions.
 
-Owns the cache kinds (`KVLayer`: full K/V for GQA models; `LatentLayer`: MLA's compressed latent), the
+Owns the cache kinds (`KVLayer`: full K/V for GQA models; `LatentLayer`: MLA's compressed latent;
+`IndexedLatentLayer`: that latent plus DSA's index keys), the
 `Cache` that holds one per layer, and `Positions`, which says where a forward pass's tokens sit and which
 cached keys each one reads. The models build and fill these; the engine (batching, prefix reuse) only
 moves rows and spans around through the `CacheLayer` interface, so it never depends on what a kind stores.
@@ -54,6 +55,7 @@ class KVLayer:
 
     k: torch.Tensor
     v: torch.Tensor
+    rewindable = True
 
     @property
     def batch(self) -> int:
@@ -90,6 +92,7 @@ class LatentLayer:
 
     kv: torch.Tensor
     kv_lora: int
+    rewindable = True
 
     @property
     def batch(self) -> int:
@@ -113,6 +116,35 @@ class LatentLayer:
 
     def resized(self, length: int) -> LatentLayer:
         return LatentLayer(_resized(self.kv, 1, length), self.kv_lora)
+
+
+@dataclass
+class IndexedLatentLayer(LatentLayer):
+    """DeepSeek Sparse Attention's cache (V3.2 report §2.1): MLA's latent rows plus, per token, the lightning
+    indexer's one key shared by all index heads, index_k [B, L, index_head_dim] (128 numbers a token in V3.2
+    next to MLA's 576). Every new query scores all cached index keys to pick the latent rows it attends to."""
+
+    index_k: torch.Tensor
+    rewindable = True
+
+    def write_index(self, pos: torch.Tensor, k: torch.Tensor) -> None:
+        """Store index keys k [B, T, D] at positions pos [B, T]."""
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self.index_k[rows, pos] = k
+
+    def rows(self, start: int, n: int) -> IndexedLatentLayer:
+        return IndexedLatentLayer(self.kv[start:start + n], self.kv_lora, self.index_k[start:start + n])
+
+    span_pos_dim = 0
+
+    def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
+        return [self.kv[row, start:start + n], self.index_k[row, start:start + n]]
+
+    def select(self, keep: torch.Tensor) -> IndexedLatentLayer:
+        return IndexedLatentLayer(self.kv.index_select(0, keep), self.kv_lora, self.index_k.index_select(0, keep))
+
+    def resized(self, length: int) -> IndexedLatentLayer:
+        return IndexedLatentLayer(_resized(self.kv, 1, length), self.kv_lora, _resized(self.index_k, 1, length))
 
 
 def _resized(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:

@@ -139,12 +139,73 @@ class DeepseekConfig:
         return self.qk_rope_head_dim
 
 
+# --- DeepSeek-V3.2 (DeepSeek Sparse Attention) ---------------------------------------------------------------
+
+
+@dataclass
+class DeepseekV32Config(DeepseekConfig):
+    """DeepSeek-V3.2: V3 with DeepSeek Sparse Attention in every layer (V3.2 report §2.1, models/dsa.py): a
+    lightning indexer of `index_n_heads` × `index_head_dim` scores past tokens from the query latent and MLA
+    attends only to the `index_topk` best. The indexer reads the query latent, so `q_lora_rank` is required."""
+
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.q_lora_rank is None:
+            raise BadInputError("q_lora_rank: DeepSeek-V3.2 needs a query latent (its lightning indexer reads it)")
+        if not self.rope_interleave:  # the checkpoints (and transformers) rotate MLA's rope slice in pairs
+            raise BadInputError("rope_interleave=false: DeepSeek-V3.2 rotates MLA's rope dims in interleaved pairs")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise BadInputError(f"index_head_dim={self.index_head_dim} is narrower than its rotary part "
+                                f"qk_rope_head_dim={self.qk_rope_head_dim}")
+        for k in ("index_n_heads", "index_topk"):
+            if getattr(self, k) < 1:
+                raise BadInputError(f"{k}={getattr(self, k)} must be at least 1")
+
+
+def _v32_from_hf(d: dict[str, Any], rope: RopeConfig) -> DeepseekV32Config:
+    """transformers' DeepseekV32Config keys → ours; what we do not implement is refused naming its key."""
+    if d.get("q_lora_rank") is None:
+        raise BadInputError("config.json: q_lora_rank is missing or null; DeepSeek-V3.2's indexer needs the query "
+                            "latent")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("scoring_func", "sigmoid"),
+                      ("topk_method", "noaux_tc")):
+        if key in d and d[key] != want:
+            raise UnsupportedError(f"config.json {key}={d[key]!r} for deepseek_v32 (supported: {want!r})")
+    layers = d.get("layer_types")
+    if layers is not None and any(t != "indexed_attention" for t in layers):
+        raise UnsupportedError(f"config.json layer_types {sorted(set(layers))} (deepseek_v32 supports only "
+                               "'indexed_attention')")
+    kw = _pick(d, DeepseekV32Config)
+    kw.pop("rope_interleave", None)  # transformers' V3.2 always rotates MLA's rope slice in interleaved pairs
+    mlp = d.get("mlp_layer_types")
+    if mlp is not None:  # transformers lets this list override first_k_dense_replace
+        k = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
+        if len(mlp) != kw.get("num_hidden_layers", len(mlp)) or any(t != "sparse" for t in mlp[k:]):
+            raise UnsupportedError(f"config.json mlp_layer_types {mlp} (supported: 'dense' layers, then 'sparse')")
+        kw["first_k_dense_replace"] = k
+    kw.setdefault("n_group", 1)
+    kw.setdefault("topk_group", 1)
+    return DeepseekV32Config(rope=rope, **kw)
+
+
+def _v32_to_hf(base: dict[str, Any]) -> None:
+    base.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32")
+    base.pop("rope_interleave")
+
+
+# --- end DeepSeek-V3.2 ----------------------------------------------------------------------------------------
+
 ModelConfig = DenseConfig | DeepseekConfig
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
 }
 
 
@@ -175,13 +236,15 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     archs = d.get("architectures") or []
     model_type = d.get("model_type")
     arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if arch is None and model_type in ("llama", "qwen2", "deepseek_v3"):
+    if arch is None and model_type in ("llama", "qwen2", "deepseek_v3", "deepseek_v32"):
         arch = model_type
     if arch is None:
         raise UnsupportedError(f"architecture {archs or model_type!r} "
                                f"(supported: {', '.join(ARCHITECTURES)})")
     rope = _rope_from_hf(d)
     try:
+        if arch == "deepseek_v32":
+            return _v32_from_hf(d, rope)
         if arch == "deepseek_v3":
             kw = _pick(d, DeepseekConfig)
             for k in ("q_lora_rank",):  # null is meaningful here: a single q_proj
@@ -212,6 +275,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         base.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
                     num_key_value_heads=cfg.num_attention_heads, head_dim=cfg.qk_rope_head_dim,
                     attention_bias=False)
+        if isinstance(cfg, DeepseekV32Config):
+            _v32_to_hf(base)
     else:
         name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.arch]
         base.update(architectures=[name], model_type=cfg.arch, hidden_act="silu")

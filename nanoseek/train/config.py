@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import BadInputError, NotFoundError
-from nanoseek.models.config import DeepseekConfig, DenseConfig, ModelConfig, RopeConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV32Config, DenseConfig, ModelConfig, RopeConfig
 
-ARCHS = {"deepseek_v3": DeepseekConfig, "llama": DenseConfig}
+ARCHS = {"deepseek_v3": DeepseekConfig, "deepseek_v32": DeepseekV32Config, "llama": DenseConfig}
 
 
 @dataclass
@@ -66,6 +66,9 @@ class RunConfig:
     keep_last: int = 3
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     plots: bool = True
+    # DeepSeek-V3.2 (DSA): the first N steps train only the lightning indexer toward the dense attention
+    # (V3.2 report §2.1.1, dense warm-up); ignored by models without DSA
+    indexer_warmup_steps: int = 0
 
 
 @dataclass

@@ -142,7 +142,9 @@ def assemble(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor, object]]
             if tuple(t.shape) != tuple(want.shape):
                 raise BadInputError(f"{src}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                                     f"{tuple(want.shape)}")
-            keep_fp32 = name.endswith("e_score_correction_bias")
+            # fp32 as in the reference: the router's selection bias, and DSA's index-head weights (they scale
+            # every index score, and near-equal scores must rank the same)
+            keep_fp32 = name.endswith(("e_score_correction_bias", "indexer.weights_proj.weight"))
             t = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
             _assign(model, name, t)
             seen.add(name)
