@@ -12,12 +12,16 @@ without copying. Stale entries past a row's length are never read: attention mas
 
 Adding a kind (a new attention's cache): a dataclass of tensors, batch first, that implements `CacheLayer`
 plus its own `write`, created by that attention's `new_cache`. `Cache` and the engine then handle it.
+A kind whose state is not a span of positions (DeepSeek-V4's windows and compressed entries, v4_cache.py)
+defines its own `copy_row` / `swap_rows` / `nbytes`, which `Cache` then calls, and says
+`prefix_cacheable = False`. Every kind says whether it is `rewindable` (can forget its last positions by
+simply being overwritten later, which speculative decoding relies on).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -27,6 +31,7 @@ class CacheLayer(Protocol):
     `Cache.nbytes` and the row operations rely on."""
 
     span_pos_dim: int   # the positions dimension of each tensor `span` returns (one row, batch dim dropped)
+    rewindable: bool    # positions past a row's length are never read, so "dropping" them is free
 
     @property
     def batch(self) -> int: ...
@@ -50,6 +55,8 @@ class KVLayer:
 
     k: torch.Tensor
     v: torch.Tensor
+    rewindable: ClassVar[bool] = True
+    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -85,6 +92,8 @@ class LatentLayer:
 
     kv: torch.Tensor
     kv_lora: int
+    rewindable: ClassVar[bool] = True
+    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -142,15 +151,31 @@ class Cache:
         """A cache of `length` positions per row holding this one's first min(length, max_len) positions."""
         return Cache([layer.resized(length) for layer in self.layers], length)
 
+    @property
+    def rewindable(self) -> bool:
+        """Whether every layer can drop a row's last positions (see CacheLayer.rewindable)."""
+        return all(layer.rewindable for layer in self.layers)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Whether the prefix cache (engine/prefix.py) can copy blocks of positions in and out of this cache."""
+        return all(getattr(layer, "prefix_cacheable", True) for layer in self.layers)
+
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
         for layer in self.layers:
+            if hasattr(layer, "copy_row"):  # state that is not a span of positions moves as a whole row
+                layer.copy_row(src, dst, length)
+                continue
             for d, s in zip(layer.span(dst, 0, length), layer.span(src, 0, length)):
                 d.copy_(s)
 
     def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
         for layer in self.layers:
+            if hasattr(layer, "swap_rows"):
+                layer.swap_rows(a, b, len_a, len_b)
+                continue
             saved = [t.clone() for t in layer.span(a, 0, len_a)]
             for d, s in zip(layer.span(a, 0, len_b), layer.span(b, 0, len_b)):
                 d.copy_(s)
@@ -158,8 +183,9 @@ class Cache:
                 d.copy_(s)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers
-                   for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        return sum(layer.nbytes() if hasattr(layer, "nbytes") else
+                   sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+                   for layer in self.layers)
 
 
 @dataclass
@@ -190,3 +216,7 @@ class Positions:
             keys = torch.arange(length, device=pos.device)
             mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
         return cls(pos, cos, sin, True, interleaved, length, mask)
+
+
+# DeepSeek-V4's kinds live in their own module; re-exported so every cache kind is importable from here.
+from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer  # noqa: E402,F401
