@@ -270,7 +270,7 @@ def _v4_from_hf(d: dict[str, Any]) -> DeepseekV4Config:
         flat = {**(d.get("rope_scaling") or {}), **{k: v for k, v in rp.items() if k not in ("main", "compress")}}
         main = RopeConfig(theta=float(d.get("rope_theta", 10000.0)))
         comp_d = {**flat, "rope_theta": d.get("compress_rope_theta", 160000.0)}
-        comp_d.setdefault("rope_type", "default")
+        comp_d.setdefault("rope_type", comp_d.pop("type", "default"))
         if comp_d["rope_type"] == "yarn":
             comp_d.setdefault("attention_factor", 1.0)  # V4 does not scale cos/sin by YaRN's mscale
         comp = _rope_from_hf({"rope_parameters": comp_d, "max_position_embeddings": d.get("max_position_embeddings")})
