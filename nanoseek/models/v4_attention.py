@@ -95,6 +95,11 @@ class Compressor(nn.Module):
         over = m if self.overlap else 0
         first = start // m * m - over
         length = -(-(t + over + m - 1) // m) * m
+        w = start // m + torch.arange(length // m - (1 if self.overlap else 0), device=pos.device)  # [B, n] entry ids
+        closing = ((w + 1) * m - 1 >= start) & ((w + 1) * m - 1 < start + t)
+        if state is not None and not bool(closing.any()):  # most decode steps: no window ends here
+            state.write_pending(pos, kv, gate)
+            return state.entries[:, :int(((start[:, 0] + t) // m).max())]
         p = first + torch.arange(length, device=pos.device)
         old = p < start
         if r:
@@ -117,12 +122,10 @@ class Compressor(nn.Module):
             d = self.dim
             win_kv = torch.cat([win_kv[:, :-1, :, :d], win_kv[:, 1:, :, d:]], dim=2)
             win_gate = torch.cat([win_gate[:, :-1, :, :d], win_gate[:, 1:, :, d:]], dim=2)
-        w = (first + over) // m + torch.arange(win_kv.shape[1], device=pos.device)  # [B, n] entry ids
         comp = (win_kv * win_gate.float().softmax(dim=2).to(win_kv.dtype)).sum(2)
         comp = self.kv_norm(comp)
-        cos, sin = at.comp_rotary.tables(w.clamp(min=0) * m, comp.dtype)
+        cos, sin = at.comp_rotary.tables(w * m, comp.dtype)
         comp = rope_tail(comp, cos, sin)
-        closing = ((w + 1) * m - 1 >= start) & ((w + 1) * m - 1 < start + t) & (w >= 0)
         if state is None:  # no cache: every row starts at 0, so entry w is comp[:, w]
             return comp[:, :int(closing[0].sum())]
         rows = torch.arange(b, device=pos.device)[:, None].expand_as(w)
