@@ -67,20 +67,21 @@ def main() -> None:
     v3_theory = v3.num_hidden_layers * (v3.kv_lora_rank + v3.qk_rope_head_dim) * 2
     n_csa = v4.layer_types.count("compressed_sparse_attention")
     n_hca = v4.layer_types.count("heavily_compressed_attention")
-    lines = [f"# KV bytes per token: DeepSeek-V4 vs V3 (bf16), {datetime.date.today()}", "",
-             "`python benchmarks/kv_bytes_v4.py`. V3: 61 MLA layers (512 + 64 per token). V4: transformers' "
+    intro = ("`python benchmarks/kv_bytes_v4.py`. V3: 61 MLA layers (512 + 64 per token). V4: transformers' "
              f"DeepseekV4Config defaults (Flash dims: 43 layers, {n_csa} CSA at m={v4.compress_rate_csa} with a "
              f"{v4.index_head_dim}-wide index key, {n_hca} HCA at m'={v4.compress_rate_hca}, head_dim "
-             f"{v4.head_dim}, window {v4.sliding_window}).", "",
+             f"{v4.head_dim}, window {v4.sliding_window}).")
+    lines = [f"# KV bytes per token: DeepSeek-V4 vs V3 (bf16), {datetime.date.today()}", "", intro, "",
              "| positions | V3 measured | V3 theory | V4 measured | V4 theory | V4 / V3 |", "|---|---|---|---|---|---|"]
     for length in LENGTHS:
         a, b = v3_measured(v3, length) / length, v4_measured(v4, length) / length
         lines.append(f"| {length:,} | {a:,.0f} | {v3_theory:,} | {b:,.1f} | {v4_theory(v4, length):,.1f} | "
                      f"{b / a:.3f} |")
-    lines += ["", "Measured exceeds theory by the entries buffer's one spare slot per compressor "
-              "(max_len // m + 1). What does not grow with the context (every "
-              "layer's window, 43 × 128 × 512 × 2 B = 5.6 MB per row, and the pending rings) adds ~3 KB/token at "
-              "4k; past 32k CSA's entries and index keys (20 × 640 / 4 × 2 B = 6.4 KB/token) are nearly all of it."]
+    note = ("Measured exceeds theory by the entries buffer's one spare slot per compressor "
+            "(max_len // m + 1). What does not grow with the context (every "
+            "layer's window, 43 × 128 × 512 × 2 B = 5.6 MB per row, and the pending rings) adds ~3 KB/token at "
+            "4k; past 32k CSA's entries and index keys (20 × 640 / 4 × 2 B = 6.4 KB/token) are nearly all of it.")
+    lines += ["", note]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -94,7 +94,7 @@ def test_cached_decode_token_by_token_past_the_window(pair):
 @torch.no_grad()
 def test_indexer_scores_have_no_ties_at_the_cut(pair):
     """Top-k is only well defined if the k-th and (k+1)-th scores differ (the reason for 16 index heads)."""
-    ref, ours, _ = pair
+    _, ours, _ = pair
     ids = _ids(1, 40, 1)
     seen = []
     idx = ours.model.layers[1].self_attn.indexer
@@ -144,7 +144,7 @@ def test_mhc_matrices_doubly_stochastic_and_equal_to_transformers(pair):
     ref, ours, _ = pair
     x = torch.randn(2, 5, 2, 64)
     post, comb, _ = ref.model.layers[2].attn_hc(x)
-    pre_o, post_o, comb_o = ours.model.layers[2].attn_hc.mixes(x)
+    _, post_o, comb_o = ours.model.layers[2].attn_hc.mixes(x)
     assert torch.allclose(comb_o, comb, atol=1e-6) and torch.allclose(post_o, post, atol=1e-6)
     eps = ref.config.hc_eps
     for m in [comb_o, sinkhorn(torch.randn(1000, 4, 4), 20, eps)]:
@@ -302,13 +302,13 @@ def test_tiny_v4_preset_learns_a_seeded_corpus_and_saves_its_hash_table(tmp_path
     routed layers get bias updates, and the checkpoint holds the seeded, balanced hash table."""
     from conftest import _synthetic_text
     from safetensors.torch import load_file
+    from train_data import REPO, prepare_shakespeare, small_run
 
     from nanoseek.models.v4_moe import balanced_hash_table
     from nanoseek.train.checkpoint import checkpoints, load_model
     from nanoseek.train.config import load_config
     from nanoseek.train.loop import read_jsonl
     from nanoseek.train.pretrain import pretrain
-    from train_data import REPO, prepare_shakespeare, small_run
 
     text = tmp_path / "corpus.txt"
     text.write_text(_synthetic_text(400))
@@ -332,3 +332,4 @@ def test_tiny_v4_preset_learns_a_seeded_corpus_and_saves_its_hash_table(tmp_path
     model, _, _ = load_model(path)
     assert torch.equal(model.model.layers[0].mlp.gate.tid2eid, table)
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0  # the bias update ran
+    assert not any(p.requires_grad for p in model.model.layers[1].self_attn.indexer.parameters())

@@ -219,4 +219,4 @@ class Positions:
 
 
 # DeepSeek-V4's kinds live in their own module; re-exported so every cache kind is importable from here.
-from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer  # noqa: E402,F401
+from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer  # noqa: F401

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.models.config import DeepseekV4Config
@@ -149,6 +148,10 @@ class Indexer(nn.Module):
         self.comp = Compressor(cfg.hidden_size, cfg.index_head_dim, cfg.compress_rate_csa, True, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, cfg.index_n_heads, bias=False)
+        # Top-k passes no gradient back: the indexer learns only from its own KL loss toward the main attention
+        # (V3.2 §2.1.1), which nanoseek does not train for V4 yet. Frozen, so that optimizers and DDP see only
+        # parameters that receive gradients.
+        self.requires_grad_(False)
 
     def forward(self, x, q_latent, at: V4Positions, state: CompressorState | None):
         """→ indices [B, T, k] of the selected entries and valid [B, T, k] (False: nothing left to pick)."""

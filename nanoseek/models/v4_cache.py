@@ -111,7 +111,7 @@ class CompressorState(_Rows):
     @classmethod
     def empty(cls, batch: int, ring: int, width: int, dim: int, rate: int, max_len: int, dtype, device
               ) -> CompressorState:
-        z = dict(dtype=dtype, device=device)
+        z = {"dtype": dtype, "device": device}
         return cls(torch.zeros(batch, ring, width, **z), torch.zeros(batch, ring, width, **z),
                    torch.full((batch, ring), -1, dtype=torch.long, device=device),
                    torch.zeros(batch, max_len // rate + 1, dim, **z), rate)
