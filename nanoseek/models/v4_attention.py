@@ -168,6 +168,22 @@ class Indexer(nn.Module):
         return top.indices, top.values > float("-inf")
 
 
+class GroupedLinear(nn.Module):
+    """`o_a_proj`: one [rank, in] projection per head group, stored as transformers does, weight [G·rank, in].
+    Not an nn.Linear on purpose: weight-only quantization (models/quant.py) replaces nn.Linears by kernels
+    that compute x @ Wᵀ for one matrix; this one is block diagonal, so it stays float like the experts."""
+
+    def __init__(self, in_per_group: int, rank: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups * rank, in_per_group))
+        nn.init.normal_(self.weight, std=in_per_group ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, G, in] → [B, T, G, rank]."""
+        return torch.einsum("btgi,gri->btgr", x, self.weight.view(self.groups, -1, x.shape[-1]))
+
+
 class V4Attention(nn.Module):
     def __init__(self, cfg: DeepseekV4Config, layer_type: str):
         super().__init__()
@@ -180,7 +196,7 @@ class V4Attention(nn.Module):
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.heads * d, bias=False)
         self.kv_proj = nn.Linear(h, d, bias=False)
         self.kv_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.o_a_proj = nn.Linear(self.heads * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.o_a_proj = GroupedLinear(self.heads * d // cfg.o_groups, cfg.o_lora_rank, cfg.o_groups)
         self.o_b_proj = nn.Linear(cfg.o_groups * cfg.o_lora_rank, h, bias=False)
         self.sinks = nn.Parameter(torch.zeros(self.heads))
         self.eps = cfg.rms_norm_eps
@@ -234,6 +250,4 @@ class V4Attention(nn.Module):
         if far is not None:
             out = out + (parts[1] @ far if self.indexer is None else torch.einsum("bhtk,btkd->bhtd", parts[1], far))
         out = rope_tail(out.transpose(1, 2), cos.unsqueeze(2), -sin.unsqueeze(2))  # [B, T, H, D]
-        grouped = out.reshape(b, t, self.groups, -1)
-        w = self.o_a_proj.weight.view(self.groups, -1, grouped.shape[-1])
-        return self.o_b_proj(torch.einsum("btgi,gri->btgr", grouped, w).flatten(2))
+        return self.o_b_proj(self.o_a_proj(out.reshape(b, t, self.groups, -1)).flatten(2))
