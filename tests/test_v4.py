@@ -352,3 +352,11 @@ def test_weight_only_quantized_model_stays_close(pair):
     assert (a - b).abs().max().item() < 0.15 * a.abs().max().item()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
 
+
+
+def test_prefix_cache_is_refused_with_the_reason(pair):
+    """Until the scheduler reads `model.prefix_cacheable`, a prefix cache over V4 caches fails at once, in one line."""
+    _, ours, _ = pair
+    with pytest.raises(UnsupportedError) as e:
+        Scheduler(ours, max_batch=2, prefix_cache_tokens=64)
+    assert "compression windows" in str(e.value) and "\n" not in str(e.value)

@@ -75,7 +75,7 @@ class _Rows:
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         raise UnsupportedError("the prefix cache cannot hold DeepSeek-V4 caches: prefix blocks do not align "
-                               "with compression windows (run with the prefix cache off)")
+                               "with compression windows (turn it off, e.g. serve --prefix-cache-tokens 0)")
 
 
 @dataclass
