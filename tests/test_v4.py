@@ -1,7 +1,8 @@
 """DeepSeek-V4 against transformers' DeepseekV4ForCausalLM (fp32, eager): logits of a prefill, of cached decode
 token by token past the window, of odd prefill chunks and of batched rows; mHC's Sinkhorn matrices; hash
 routing; DeepSeek-name load (sharded, FP8 block-scaled, FP4 refused) and our export; bad configs; batched
-generation through Engine and Scheduler equal to each request alone.
+generation through Engine and Scheduler equal to each request alone; the prefix cache refused; int8 serving;
+the tiny-v4 preset learning in the shared training loop.
 
 The tiny config exercises every kind: layer 0 sliding only, CSA at rate 2 with an indexer keeping 3 of up to
 20 entries (16 index heads, so no ties among the ReLU sums), HCA at rate 4, a window of 6, YaRN on the
