@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nanoseek.engine.generate import Completion
+from nanoseek.engine.request import Completion
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError
 from nanoseek.tasks import Problem, Task, Template

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.chat import Prompt, ReasoningSplitter, render_prompt, split_reasoning
-from nanoseek.engine.generate import Completion, Delta, Engine
+from nanoseek.engine.generate import Engine
+from nanoseek.engine.request import Completion, Delta
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError, UnsupportedError
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
+from test_chat import CHATML, make_tokenizer
 
-from nanoseek.engine.generate import Completion
+from nanoseek.engine.request import Completion
 from nanoseek.errors import BadInputError
 from nanoseek.models import build_model
 from nanoseek.models.config import DenseConfig
@@ -17,7 +18,6 @@ from nanoseek.train.distill import KDObjective, generate_traces
 from nanoseek.train.loop import LMForward, Trainer, read_jsonl
 from nanoseek.train.pretrain import init_weights
 from nanoseek.train.sft import SFTBatches, build_examples, pack, read_conversations
-from test_chat import CHATML, make_tokenizer
 
 
 class ScriptedEngine:

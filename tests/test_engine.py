@@ -122,8 +122,8 @@ def test_repeated_prompts_are_prefilled_once_with_the_same_results(make):
     model = make()
     eng = Engine(model)
     calls = []
-    real = eng.prefill
-    eng.prefill = lambda prompt, cache: (calls.append(len(prompt)), real(prompt, cache))[1]
+    real = eng.runner.prefill
+    eng.runner.prefill = lambda tokens, start, row: (calls.append(len(tokens)), real(tokens, start, row))[1]
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[0], PROMPTS[2]]
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=10) for s in range(5)]
     batch = eng.generate(prompts, params)

@@ -10,10 +10,20 @@ import torch
 from test_chat import CHATML, make_tokenizer
 
 from nanoseek.cli import main
-from nanoseek.engine.generate import Completion, Engine
+from nanoseek.engine.generate import Engine
+from nanoseek.engine.request import Completion
 from nanoseek.engine.sampling import SamplingParams
-from nanoseek.evaluate import (EvalConfig, Sample, completion_text, estimate, evaluate, majority, sample_seed,
-                               wilson, write_report)
+from nanoseek.evaluate import (
+    EvalConfig,
+    Sample,
+    completion_text,
+    estimate,
+    evaluate,
+    majority,
+    sample_seed,
+    wilson,
+    write_report,
+)
 from nanoseek.models import build_model
 from nanoseek.models.config import DenseConfig
 from nanoseek.tasks import Task, Template, get_task

@@ -69,9 +69,9 @@ def test_requests_join_mid_decode_and_rows_swap(model):
     reqs[1] = (list(range(3, 40)), SamplingParams(temperature=0, max_tokens=25))
     sched = Scheduler(model, max_batch=4, prefill_chunk=7)
     moved, swapped = [], []   # spy on the row bookkeeping: both layout operations must have run
-    real_move, real_swap = sched._move, sched._swap
-    sched._move = lambda src, dst: (moved.append((src, dst)), real_move(src, dst))
-    sched._swap = lambda a, b: (swapped.append((a, b)), real_swap(a, b))
+    real_move, real_swap = sched.rows._move, sched.rows._swap
+    sched.rows._move = lambda src, dst: (moved.append((src, dst)), real_move(src, dst))
+    sched.rows._swap = lambda a, b: (swapped.append((a, b)), real_swap(a, b))
     handles = [sched.submit(p, sp) for p, sp in reqs[:5]]
     while not handles[0].done:
         sched.step()

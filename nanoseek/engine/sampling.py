@@ -343,16 +343,21 @@ class Sampler:
     def batch(self) -> int:
         return len(self.states)
 
-    def sample(self, logits: torch.Tensor, *, record: bool = True) -> SampleOutput:
-        """logits [B, V] (any float dtype) → tokens [B]. With record, the tokens are counted as generated
-        (pass record=False and call `record` yourself if some sampled tokens may be thrown away)."""
+    def sample(self, logits: torch.Tensor, *, allowed: torch.Tensor | None = None,
+               record: bool = True) -> SampleOutput:
+        """logits [B, V] (any float dtype) → tokens [B]. `allowed` [B, V] bool restricts each row's choice
+        (a grammar's mask; every row must allow at least one token); logprobs still describe the unrestricted
+        distribution. With record, the tokens are counted as generated (pass record=False and call `record`
+        yourself if some sampled tokens may be thrown away)."""
         if logits.dim() != 2 or logits.shape[0] != self.batch or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [{self.batch}, {self.vocab_size}], got {list(logits.shape)}")
         penalized = self.counts is not None or self.seen is not None
-        if self._all_greedy and not penalized:
+        if self._all_greedy and not penalized and allowed is None:
             tokens = logits.argmax(-1)      # the common case: one kernel, no per-row work
         else:
             x = self.apply_penalties(logits) if penalized else logits.float()
+            if allowed is not None:
+                x = x.masked_fill(~allowed, -math.inf)
             tokens = x.argmax(-1) if self._all_greedy else self._draw(x)
         out = SampleOutput(tokens, self._logprobs(logits, tokens) if self._logprobs_k is not None else None)
         if record:

@@ -14,8 +14,7 @@ Adding a kind (a new attention's cache): a dataclass of tensors, batch first, th
 plus its own `write`, created by that attention's `new_cache`. `Cache` and the engine then handle it.
 A kind whose state is not a span of positions (DeepSeek-V4's windows and compressed entries, v4_cache.py)
 defines its own `copy_row` / `swap_rows` / `nbytes`, which `Cache` then calls, and says
-`prefix_cacheable = False`. Every kind says whether it is `rewindable` (can forget its last positions by
-simply being overwritten later, which speculative decoding relies on).
+`prefix_cacheable = False`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,10 @@ class CacheLayer(Protocol):
     `Cache.nbytes` and the row operations rely on."""
 
     span_pos_dim: int   # the positions dimension of each tensor `span` returns (one row, batch dim dropped)
-    rewindable: bool    # positions past a row's length are never read, so "dropping" them is free
+    # Whether positions past a row's length may simply be abandoned and written again (speculative decoding
+    # rolls back a rejected draft that way). True for per-position kinds; a kind whose state folds several
+    # positions together (a compressed window) is not, and the engine does not draft on such models.
+    rewindable: bool
 
     @property
     def batch(self) -> int: ...
@@ -55,7 +57,6 @@ class KVLayer:
 
     k: torch.Tensor
     v: torch.Tensor
-    rewindable: ClassVar[bool] = True
     prefix_cacheable: ClassVar[bool] = True
 
     @property
@@ -72,6 +73,7 @@ class KVLayer:
         return KVLayer(self.k[start:start + n], self.v[start:start + n])
 
     span_pos_dim = 1  # positions are dim 1 of a row's [H, L, D]
+    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         """Views of positions [start, start + n) of one row: k and v [H, n, D]."""
@@ -92,7 +94,6 @@ class LatentLayer:
 
     kv: torch.Tensor
     kv_lora: int
-    rewindable: ClassVar[bool] = True
     prefix_cacheable: ClassVar[bool] = True
 
     @property
@@ -107,6 +108,7 @@ class LatentLayer:
         return LatentLayer(self.kv[start:start + n], self.kv_lora)
 
     span_pos_dim = 0
+    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         return [self.kv[row, start:start + n]]
@@ -140,6 +142,17 @@ class Cache:
     def batch(self) -> int:
         return self.layers[0].batch
 
+    @property
+    def device(self) -> torch.device:
+        layer = self.layers[0]
+        if hasattr(layer, "tensors"):  # kinds with nested state (v4_cache) list their tensors themselves
+            return layer.tensors()[0].device
+        return next(t for t in vars(layer).values() if isinstance(t, torch.Tensor)).device
+
+    @property
+    def rewindable(self) -> bool:
+        return all(layer.rewindable for layer in self.layers)
+
     def rows(self, start: int, n: int = 1) -> Cache:
         return Cache([layer.rows(start, n) for layer in self.layers], self.max_len)
 
@@ -150,11 +163,6 @@ class Cache:
     def resized(self, length: int) -> Cache:
         """A cache of `length` positions per row holding this one's first min(length, max_len) positions."""
         return Cache([layer.resized(length) for layer in self.layers], length)
-
-    @property
-    def rewindable(self) -> bool:
-        """Whether every layer can drop a row's last positions (see CacheLayer.rewindable)."""
-        return all(layer.rewindable for layer in self.layers)
 
     @property
     def prefix_cacheable(self) -> bool:

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from nanoseek.engine.generate import Completion, Delta
+from nanoseek.engine.request import Completion, Delta
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.scheduler import RequestHandle, Scheduler
 from nanoseek.serve.metrics import RequestTimer
