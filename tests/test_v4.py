@@ -361,3 +361,19 @@ def test_prefix_cache_is_refused_with_the_reason(pair):
     with pytest.raises(UnsupportedError) as e:
         Scheduler(ours, max_batch=2, prefix_cache_tokens=64)
     assert "compression windows" in str(e.value) and "\n" not in str(e.value)
+
+
+@torch.no_grad()
+def test_compressed_first_layer_runs_through_the_engine():
+    """V4's own schedule starts with HCA layers: the cache's first layer is then a CompressedLayer (nested state),
+    which the engine's row growth must handle too."""
+    from nanoseek.models import build_model
+
+    raw = _raw_config()
+    raw["layer_types"] = ["heavily_compressed_attention", "compressed_sparse_attention"]
+    model = build_model(config_from_hf(raw)).eval()
+    assert model.new_cache(2, 16).device == torch.device("cpu")
+    prompts = [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11], [2, 3]] * 2
+    out = Engine(model, eos_token_ids=[]).generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    alone = Engine(model, eos_token_ids=[]).generate(prompts[1:2], SamplingParams(temperature=0, max_tokens=12))
+    assert out[1].token_ids == out[4].token_ids == alone[0].token_ids and len(out[1].token_ids) == 12
