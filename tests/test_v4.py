@@ -195,6 +195,7 @@ def _raw_config():
     ("scoring_func", "tanh", "scoring_func"),
     ("num_key_value_heads", 2, "num_key_value_heads"),
     ("compress_ratios", [0, 16], "compress_ratios"),
+    ("sliding_window", 0, "sliding_window"),
 ])
 def test_unknown_values_give_one_line_errors_naming_the_key(key, value, word):
     raw = _raw_config()

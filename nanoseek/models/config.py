@@ -206,6 +206,10 @@ class DeepseekV4Config:
                 raise BadInputError(f"{key}: {bad[0]!r} is not a DeepSeek-V4 type (expected one of {', '.join(allowed)})")
             if len(values) != n:
                 raise BadInputError(f"{key} has {len(values)} entries but num_hidden_layers={n}")
+        for key in ("sliding_window", "compress_rate_csa", "compress_rate_hca", "index_topk", "hc_mult",
+                    "hc_sinkhorn_iters", "o_groups", "num_experts_per_tok"):
+            if getattr(self, key) < 1:
+                raise BadInputError(f"{key}: {getattr(self, key)} (must be at least 1)")
         if self.scoring_func not in V4_SCORING:
             raise BadInputError(f"scoring_func: {self.scoring_func!r} is not supported (expected one of {', '.join(V4_SCORING)})")
         if (self.num_attention_heads * self.head_dim) % self.o_groups:
