@@ -26,6 +26,12 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder blocks: faster decode after a ~20 s warm-up")
+    p.add_argument("--speculative", default=None, action="append" if several else "store",
+                   metavar="SPEC",
+                   help="speculative decoding, lossless: mtp (the model's MTP module), ngram (prompt lookup, any "
+                        "model), or draft=MODEL (a small model with the same tokenizer)"
+                        + ("; NAME:SPEC for one served model, repeatable" if several else ""))
+    p.add_argument("--draft-tokens", type=int, default=6, help="draft tokens verified per step, 1-7 (default 6)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -59,7 +65,7 @@ def _session(a):
     from nanoseek.session import LoadOptions, Session
 
     return Session(LoadOptions(model=a.model, device=a.device, dtype=a.dtype, quant=a.quant, threads=a.threads,
-                               compile=a.compile))
+                               compile=a.compile, speculative=a.speculative, draft_tokens=a.draft_tokens))
 
 
 def cmd_models(a) -> int:
@@ -89,8 +95,14 @@ def cmd_generate(a) -> int:
         out = print_stream(s, [{"role": "user", "content": a.prompt}], params, think).completion
     if a.stats:
         dt = time.perf_counter() - t0
+        spec = ""
+        st = s.engine.loop.stats()
+        if st["speculative"]:
+            rate = st["spec_acceptance_rate"]
+            spec = (f", {st['speculative']} drafts accepted {0 if rate is None else rate:.0%}, "
+                    f"{st['spec_tokens_per_step'] or 1:.2f} tokens per verify step")
         print(f"[{out.prompt_tokens} prompt + {len(out.token_ids)} generated tokens, "
-              f"{len(out.token_ids) / max(dt, 1e-9):.1f} tok/s, finish: {out.finish_reason}]", file=sys.stderr)
+              f"{len(out.token_ids) / max(dt, 1e-9):.1f} tok/s, finish: {out.finish_reason}{spec}]", file=sys.stderr)
     return 0
 
 
@@ -222,6 +234,22 @@ def serve_access(host: str):
     return not loopback, GuardConfig(loopback_only=loopback)
 
 
+def _speculative_per_model(values: list[str], served) -> dict[str, str]:
+    """`--speculative SPEC` applies to every served model, `--speculative NAME:SPEC` to one (it wins)."""
+    out: dict[str, str] = {}
+    named = []
+    for v in values:
+        name, sep, spec = v.partition(":")
+        if sep and not name.startswith("draft="):
+            if name not in served:
+                raise BadInputError(f"--speculative {v}: {name!r} is not a served model ({', '.join(served)})")
+            named.append((name, spec))
+        else:
+            out.update(dict.fromkeys(served, v))
+    out.update(named)
+    return out
+
+
 def cmd_serve(a) -> int:
     from nanoseek.engine.scheduler import Scheduler
     from nanoseek.serve.app import ServedModel, create_app
@@ -240,6 +268,7 @@ def cmd_serve(a) -> int:
         limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise BadInputError(f"serve: {e}") from None
+    speculative = _speculative_per_model(a.speculative or [], specs)
     prices = Prices.load(a.prices) if a.prices else Prices()
     store = Store(a.data_dir)
     require_auth, guard = serve_access(a.host)
@@ -248,9 +277,11 @@ def cmd_serve(a) -> int:
         for name, source in specs.items():
             # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
             s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
-                                    threads=a.threads, compile=a.compile))
+                                    threads=a.threads, compile=a.compile, speculative=speculative.get(name),
+                                    draft_tokens=a.draft_tokens))
             sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len,
-                              prefix_cache_tokens=a.prefix_cache_tokens).start()
+                              prefix_cache_tokens=a.prefix_cache_tokens, drafter=s.drafter,
+                              draft_tokens=a.draft_tokens).start()
             served[name] = ServedModel(name, s.tokenizer, sched, sched.max_len, reasoning=name in a.reasoning_model,
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "
