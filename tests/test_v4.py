@@ -356,12 +356,16 @@ def test_weight_only_quantized_model_stays_close(pair):
 
 
 
-def test_prefix_cache_is_refused_with_the_reason(pair):
-    """Until the scheduler reads `model.prefix_cacheable`, a prefix cache over V4 caches fails at once, in one line."""
+def test_prefix_cache_is_refused_with_the_reason_and_drafting_is_off(pair):
+    """Until the scheduler reads `model.prefix_cacheable`, a prefix cache over V4 caches fails at once, in one
+    line. Speculative drafts cannot be rolled back in them, so the scheduler turns drafting off."""
+    from nanoseek.engine.draft import NgramDrafter
+
     _, ours, _ = pair
     with pytest.raises(UnsupportedError) as e:
         Scheduler(ours, max_batch=2, prefix_cache_tokens=64)
     assert "compression windows" in str(e.value) and "\n" not in str(e.value)
+    assert Scheduler(ours, max_batch=2, prefix_cache_tokens=0, drafter=NgramDrafter()).drafter is None
 
 
 @torch.no_grad()
