@@ -157,7 +157,11 @@ class Scheduler:
         with torch.inference_mode():
             cache = model.new_cache(min(max_batch, 4), min(self.max_len, 256))
             self.rows = RowTable(cache, max_batch, self.max_len)
-            # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks.
+            # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks. A cache
+            # whose state is not per position (V4's compressed windows) cannot be cut into blocks: no prefix cache.
+            if prefix_cache_tokens > 0 and not cache.prefix_cacheable:
+                log.info("prefix cache off: this model's cache folds positions into compressed windows")
+                prefix_cache_tokens = 0
             self.prefix = PrefixCache(cache, -(-prefix_cache_tokens // block_size), block_size) \
                 if prefix_cache_tokens > 0 else None
         # Speculative decoding (engine/draft.py): a rejected draft is rolled back by abandoning the positions

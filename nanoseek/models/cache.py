@@ -13,12 +13,15 @@ without copying. Stale entries past a row's length are never read: attention mas
 
 Adding a kind (a new attention's cache): a dataclass of tensors, batch first, that implements `CacheLayer`
 plus its own `write`, created by that attention's `new_cache`. `Cache` and the engine then handle it.
+A kind whose state is not a span of positions (DeepSeek-V4's windows and compressed entries, v4_cache.py)
+defines its own `copy_row` / `swap_rows` / `nbytes`, which `Cache` then calls, and says
+`prefix_cacheable = False`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -56,6 +59,7 @@ class KVLayer:
     k: torch.Tensor
     v: torch.Tensor
     rewindable = True
+    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -71,7 +75,6 @@ class KVLayer:
         return KVLayer(self.k[start:start + n], self.v[start:start + n])
 
     span_pos_dim = 1  # positions are dim 1 of a row's [H, L, D]
-    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         """Views of positions [start, start + n) of one row: k and v [H, n, D]."""
@@ -93,6 +96,7 @@ class LatentLayer:
     kv: torch.Tensor
     kv_lora: int
     rewindable = True
+    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -106,7 +110,6 @@ class LatentLayer:
         return LatentLayer(self.kv[start:start + n], self.kv_lora)
 
     span_pos_dim = 0
-    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         return [self.kv[row, start:start + n]]
@@ -171,7 +174,10 @@ class Cache:
 
     @property
     def device(self) -> torch.device:
-        return next(t for t in vars(self.layers[0]).values() if isinstance(t, torch.Tensor)).device
+        layer = self.layers[0]
+        if hasattr(layer, "tensors"):  # kinds with nested state (v4_cache) list their tensors themselves
+            return layer.tensors()[0].device
+        return next(t for t in vars(layer).values() if isinstance(t, torch.Tensor)).device
 
     @property
     def rewindable(self) -> bool:
@@ -188,15 +194,26 @@ class Cache:
         """A cache of `length` positions per row holding this one's first min(length, max_len) positions."""
         return Cache([layer.resized(length) for layer in self.layers], length)
 
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Whether the prefix cache (engine/prefix.py) can copy blocks of positions in and out of this cache."""
+        return all(getattr(layer, "prefix_cacheable", True) for layer in self.layers)
+
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
         for layer in self.layers:
+            if hasattr(layer, "copy_row"):  # state that is not a span of positions moves as a whole row
+                layer.copy_row(src, dst, length)
+                continue
             for d, s in zip(layer.span(dst, 0, length), layer.span(src, 0, length)):
                 d.copy_(s)
 
     def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
         for layer in self.layers:
+            if hasattr(layer, "swap_rows"):
+                layer.swap_rows(a, b, len_a, len_b)
+                continue
             saved = [t.clone() for t in layer.span(a, 0, len_a)]
             for d, s in zip(layer.span(a, 0, len_b), layer.span(b, 0, len_b)):
                 d.copy_(s)
@@ -204,8 +221,9 @@ class Cache:
                 d.copy_(s)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers
-                   for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        return sum(layer.nbytes() if hasattr(layer, "nbytes") else
+                   sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+                   for layer in self.layers)
 
 
 @dataclass
@@ -236,3 +254,7 @@ class Positions:
             keys = torch.arange(length, device=pos.device)
             mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
         return cls(pos, cos, sin, True, interleaved, length, mask)
+
+
+# DeepSeek-V4's kinds live in their own module; re-exported so every cache kind is importable from here.
+from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer  # noqa: F401

@@ -83,12 +83,15 @@ class Experts(nn.Module):
         if self._grouped(xs):
             offs = counts.cumsum(0).to(torch.int32)  # _grouped_mm wants int32 group ends
             gu = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)
-            g, u = gu.chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(self.act(*gu.chunk(2, dim=-1)), w2.transpose(1, 2), offs=offs)
         else:
             ys = self.forward_loop(xs, counts)
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's gating; DeepSeek-V4's experts clamp it (models/v4_moe.py)."""
+        return F.silu(gate) * up
 
     def _grouped(self, xs: torch.Tensor) -> bool:
         """The CPU kernel takes fp32/bf16/fp16; the CUDA kernel (and torch.compile's checks) bf16 only."""
@@ -104,7 +107,7 @@ class Experts(nn.Module):
         for e, c in enumerate(counts.tolist()):
             if c:
                 g, u = F.linear(xs[start:start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(g) * u, self.down_proj[e]))
+                out.append(F.linear(self.act(g, u), self.down_proj[e]))
             start += c
         return torch.cat(out) if out else xs.new_zeros(0, self.down_proj.shape[1])
 

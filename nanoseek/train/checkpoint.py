@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nanoseek.errors import BadInputError, NotFoundError
-from nanoseek.models.config import DeepseekConfig, DeepseekV32Config, ModelConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config, DeepseekV32Config, ModelConfig
 from nanoseek.train import distributed as D
 
 _STEP = re.compile(r"^step_(\d{8})$")
@@ -47,6 +47,8 @@ def model_spec(cfg: ModelConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     if isinstance(cfg, DeepseekConfig):
         d["arch"] = "deepseek_v32" if isinstance(cfg, DeepseekV32Config) else "deepseek_v3"
+    elif isinstance(cfg, DeepseekV4Config):
+        d["arch"] = "deepseek_v4"
     return d
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.errors import BadInputError
-from nanoseek.models.config import DeepseekConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config
 from nanoseek.models.dsa import dsa_modules
 from nanoseek.models.moe import sequence_balance_loss, update_router_bias
 from nanoseek.train import checkpoint as ckpt
@@ -141,7 +141,7 @@ class Trainer:
         self.bf16 = run.precision == "bf16" or (run.precision == "auto" and dev.type == "cuda")
         self.lm = model.to(dev).train()
         mcfg = model.config
-        self.moe = model.moe_layers() if isinstance(mcfg, DeepseekConfig) else []
+        self.moe = model.moe_layers() if isinstance(mcfg, (DeepseekConfig, DeepseekV4Config)) else []
         self.gamma = mcfg.bias_update_speed if self.moe else 0.0
         self.alpha = mcfg.seq_aux_alpha if self.moe else 0.0
         self.dsa = dsa_modules(model)
