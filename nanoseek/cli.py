@@ -26,6 +26,9 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder blocks: faster decode after a ~20 s warm-up")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: decode in static-shape steps replayed as CUDA graphs (one per batch "
+                        "bucket); allocates the full KV cache up front. Ignored, with a warning, on CPU")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -59,7 +62,7 @@ def _session(a):
     from nanoseek.session import LoadOptions, Session
 
     return Session(LoadOptions(model=a.model, device=a.device, dtype=a.dtype, quant=a.quant, threads=a.threads,
-                               compile=a.compile))
+                               compile=a.compile, cuda_graphs=a.cuda_graphs))
 
 
 def cmd_models(a) -> int:
@@ -248,9 +251,10 @@ def cmd_serve(a) -> int:
         for name, source in specs.items():
             # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
             s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
-                                    threads=a.threads, compile=a.compile))
+                                    threads=a.threads, compile=a.compile, cuda_graphs=a.cuda_graphs))
             sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len,
-                              prefix_cache_tokens=a.prefix_cache_tokens).start()
+                              prefix_cache_tokens=a.prefix_cache_tokens,
+                              runner=s.engine.runner if a.cuda_graphs else None).start()
             served[name] = ServedModel(name, s.tokenizer, sched, sched.max_len, reasoning=name in a.reasoning_model,
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "

@@ -27,6 +27,7 @@ class LoadOptions:
     quant: str = "auto"  # none | int8 | int8-group | int4 | auto (see auto_quant)
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder blocks (faster decode, ~20 s warm-up)
+    cuda_graphs: bool = False  # decode through engine/graphs.py's captured static-shape steps (CUDA only)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Session:
             quantize_model(self.model, self.quant)
         if self.tokenizer is None:
             raise BadInputError(f"{loaded.path}: no tokenizer files next to the weights; chat needs one")
-        self.engine = Engine(self.model, self.tokenizer, compile=opts.compile)
+        self.engine = Engine(self.model, self.tokenizer, compile=opts.compile, cuda_graphs=opts.cuda_graphs)
         self.load_s = time.perf_counter() - t0
 
     def complete(self, prompts: Sequence[str], params: SamplingParams,

@@ -55,7 +55,7 @@ class GQAttention(nn.Module):
         else:
             cache.write(at.pos, k, v)
             out = F.scaled_dot_product_attention(q, cache.k[:, :, :at.length], cache.v[:, :, :at.length],
-                                                 attn_mask=at.mask,
+                                                 attn_mask=at.mask, is_causal=at.mask is None and t > 1,
                                                  enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -139,7 +139,13 @@ class Rotary(nn.Module):
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
-    def positions(self, pos: torch.Tensor, dtype: torch.dtype, cached: bool) -> Positions:
+    def positions(self, pos: torch.Tensor, dtype: torch.dtype, cached: bool, window: int | None = None
+                  ) -> Positions:
+        """`window`: a fixed number of cached keys to read (a static-shape decode step: no host sync, the
+        mask always built); the table must already cover every position in `pos` (`tables(..., need)`)."""
+        if window is not None:
+            cos, sin = self.tables(pos, dtype, 0)
+            return Positions.build(pos, cos, sin, cached, self.interleaved, window, window=True)
         length = int(pos.max()) + 1  # one host sync per forward, shared by the table lookup and the mask
         cos, sin = self.tables(pos, dtype, length)
         return Positions.build(pos, cos, sin, cached, self.interleaved, length)
