@@ -43,8 +43,10 @@ class Router(nn.Module):
             group_score = grouped.topk(2, dim=-1)[0].sum(-1) if self.scoring == "sigmoid" else grouped.amax(-1)
             keep = group_score.topk(self.topk_group, dim=-1)[1]
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~group_mask.repeat_interleave(self.n_experts // self.n_group, 1),
-                                        float("-inf"))
+            # expand + reshape, not repeat_interleave: the same mask with shapes known up front (graph capture).
+            expert_mask = group_mask[:, :, None].expand(-1, -1, self.n_experts // self.n_group).reshape(
+                group_mask.shape[0], self.n_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
         idx = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, idx)
         if self.norm_topk:
