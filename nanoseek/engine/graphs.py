@@ -130,9 +130,12 @@ class GraphRunner(ModelRunner):
         self.scratch = max_len
         self._inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)
         self._replays.clear()
-        # Grow the rotary table to cover the scratch position now: a graph must never rebuild it.
+        # Grow the rotary table to cover the scratch position now: a graph must never rebuild it. Outside
+        # inference mode (the loop builds its cache inside it): the table is the model's, and training
+        # (GRPO between rollouts) must be able to use it like any other buffer.
         rotary = self.model.model.rotary
-        rotary.tables(torch.zeros(1, dtype=torch.long, device=self.device), torch.float32, max_len + 1)
+        with torch.inference_mode(False):
+            rotary.tables(torch.zeros(1, dtype=torch.long, device=self.device), torch.float32, max_len + 1)
         return self.cache
 
     @property
