@@ -68,6 +68,37 @@ def test_static_decode_gives_the_plain_greedy_tokens(make):
     assert {8, 16, 32, 64} <= {w for _, w in shapes}    # windows followed the longest position
 
 
+class _NoHostSync(EagerCapture):
+    """EagerCapture whose step fails on any host sync visible from Python (reading a tensor's value:
+    int(), bool(), item(), tolist(); bincount and nonzero, whose output size depends on values). A CUDA
+    graph cannot capture those; on CPU this is the nearest check that the static step has none."""
+
+    def __init__(self, monkeypatch):
+        self.mp = monkeypatch
+
+    def capture(self, fn):
+        def guarded():
+            def sync(*a, **k):
+                raise AssertionError("host sync inside the static decode step")
+
+            with self.mp.context() as m:
+                for name in ("__int__", "__bool__", "__float__", "item", "tolist", "nonzero", "bincount"):
+                    m.setattr(torch.Tensor, name, sync)
+                for name in ("bincount", "nonzero", "unique"):
+                    m.setattr(torch, name, sync)
+                return fn()
+
+        return super().capture(guarded)
+
+
+@pytest.mark.parametrize("make", [_dense, _deepseek])
+def test_static_step_reads_no_tensor_values_on_the_host(make, monkeypatch):
+    model = make()
+    plain, _ = _generate(model)
+    static, eng = _generate(model, GraphRunner(model, backend=_NoHostSync(monkeypatch), min_window=8))
+    assert static == plain and eng.runner.graphs
+
+
 def test_static_moe_path_matches_grouped_experts():
     model = _deepseek()
     experts = model.model.layers[1].mlp.experts
