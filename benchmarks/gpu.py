@@ -577,7 +577,8 @@ def block_host_missing() -> None:
     """Smoke only: make the packages the H100 lacks unimportable, so the smoke run proves the script and the
     nanoseek code it runs do not need them (trl/datasets are imported only by the TRL anchor, which is
     skipped when they are missing)."""
-    for name in ("gguf", "fastapi", "math_verify", "uvicorn"):
+    for name in ("gguf", "fastapi", "math_verify", "uvicorn", "pydantic", "nh3", "latex2mathml", "mdit_py_plugins",
+                 "llama_cpp", "openai"):
         sys.modules[name] = None  # `import name` now raises ImportError
 
 

@@ -142,7 +142,7 @@ def test_routing_is_recorded_through_the_eager_fallback():
 
 
 def test_buckets_and_windows():
-    assert [bucket(n) for n in (1, 3, 16, 17, 256, 300)] == [1, 4, 16, 32, 256, 300]
+    assert [bucket(n) for n in (1, 3, 16, 17, 256, 300, 600)] == [1, 4, 16, 32, 256, 512, 768]
     assert window_for(1, 385) == 128 and window_for(129, 385) == 256 and window_for(300, 385) == 385
 
 

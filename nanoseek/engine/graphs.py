@@ -40,8 +40,8 @@ MIN_WINDOW = 128  # smallest attention window; windows double from here up to th
 
 
 def bucket(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
-    """The smallest bucket ≥ n (n itself past the largest)."""
-    return next((b for b in buckets if b >= n), n)
+    """The smallest bucket ≥ n; past the largest, the next multiple of it (a bounded number of graphs)."""
+    return next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
 
 
 def window_for(length: int, positions: int, smallest: int = MIN_WINDOW) -> int:
