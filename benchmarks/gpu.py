@@ -667,7 +667,7 @@ def main(argv=None) -> int:
             b = int(miss[len("decode_b"):])
             profile_misses.insert(0, (f"decode batch {b} (one 8-token generate, eager)",
                                       lambda b=b: decode_short(bench, b)))
-    for label, fn in profile_misses:
+    for label, fn in (profile_misses[:1] if a.smoke else profile_misses):  # smoke: the profiler path, once
         with section(run, "4. profiles of missed targets", 10 if a.smoke else 25) as ok:
             if ok:
                 report.add("4. profiles of missed targets", f"- {label}: {top_kernels(run, fn)}")
