@@ -276,7 +276,7 @@ def hf_model(cfg, run: Run):
 def decode_transformers(model, prompts, new: int, run: Run):
     ids = torch.tensor(prompts, device=run.dev)
     mask = torch.ones_like(ids)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         model.generate(ids, attention_mask=mask, min_new_tokens=2, max_new_tokens=2, **kw)
         run.reset_memory()
@@ -534,7 +534,7 @@ def grpo_section(run: Run, a) -> None:
                              f"| {run.peak_memory()} | |")
         run.reset_memory()
         try:
-            import trl  # noqa: F401
+            import trl
         except ImportError as e:
             run.report.add(name, f"| TRL GRPOTrainer | not run: {e} (carry .gpu_wheels, see the docstring) | | | | |")
             return
@@ -544,7 +544,8 @@ def grpo_section(run: Run, a) -> None:
         if x < TARGETS["grpo_x"]:
             run.report.misses.append("grpo")
         run.report.add(name, f"| TRL {trl.__version__} GRPOTrainer (no vLLM) | {ref:.2f} | {n / ref:.1f} | "
-                             f"{json.dumps([round(t, 2) for t in theirs])} | {run.peak_memory()} | nanoseek **{x:.2f}x** "
+                             f"{json.dumps([round(t, 2) for t in theirs])} | {run.peak_memory()} | "
+                             f"nanoseek **{x:.2f}x** "
                              f"(target ≥ 5x: {'met' if x >= TARGETS['grpo_x'] else 'MISSED'}) |")
 
 
@@ -605,8 +606,8 @@ def main(argv=None) -> int:
 
     report = Report(Path(a.out_dir) / f"gpu-{slug}-{date}.md", [
         f"# The GPU proof: nanoseek beside its anchors on {gpu}", "",
-        f"- GPU: {gpu}; torch {torch.__version__}; transformers {transformers.__version__}; Python "
-        f"{platform.python_version()}; date {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        (f"- GPU: {gpu}; torch {torch.__version__}; transformers {transformers.__version__}; Python "
+         f"{platform.python_version()}; date {time.strftime('%Y-%m-%d %H:%M %Z')}"),
         f"- command: `python benchmarks/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "- every figure's anchor ran in this same run on this same GPU; random weights, bf16"
         + (" (SMOKE: tiny shapes on CPU, fp32: the figures mean nothing)" if a.smoke else "")])
@@ -626,8 +627,8 @@ def main(argv=None) -> int:
 
     bench = DecodeBench(run, 16 if a.smoke else 128, 8 if a.smoke else 256)
     head = ["| batch | implementation | decode tok/s | vs transformers | peak GPU memory |", "|---|---|---|---|---|"]
-    report.sections["1. decode"] = [f"SmolLM2-135M shape, random weights, {bench.prompt_len}-token prompts, "
-                                    f"{bench.new} new tokens, greedy, EOS ignored.", "", *head]
+    report.sections["1. decode"] = [(f"SmolLM2-135M shape, random weights, {bench.prompt_len}-token prompts, "
+                                     f"{bench.new} new tokens, greedy, EOS ignored."), "", *head]
     done = set()
 
     def train_and_grpo() -> None:
@@ -643,8 +644,8 @@ def main(argv=None) -> int:
             if ok:
                 train_section(run, profile_misses)
         report.sections["3. GRPO"] = [
-            f"{a.prompts} prompts x G={a.group_size}, ≤{a.grpo_tokens} completion tokens, beta 0, arithmetic "
-            "prompts, synthetic tokenizer, random weights; median step after the first.", "",
+            (f"{a.prompts} prompts x G={a.group_size}, ≤{a.grpo_tokens} completion tokens, beta 0, arithmetic "
+             "prompts, synthetic tokenizer, random weights; median step after the first."), "",
             "| implementation | s / step | completions / s | per-step s | peak GPU memory | ratio |",
             "|---|---|---|---|---|---|"]
         with section(run, "3. GRPO", 20 if a.smoke else 90) as ok:
@@ -674,7 +675,8 @@ def main(argv=None) -> int:
     if a.smoke and not profile_misses:  # exercise the profiler path once
         with section(run, "4. profiles of missed targets", 5) as ok:
             if ok:
-                report.add("4. profiles of missed targets", f"- smoke check: {top_kernels(run, lambda: decode_short(bench, 1))}")
+                top = top_kernels(run, lambda: decode_short(bench, 1))
+                report.add("4. profiles of missed targets", f"- smoke check: {top}")
 
     with section(run, "5. extra: MoE decode", 10 if a.smoke else 40) as ok:
         if ok:

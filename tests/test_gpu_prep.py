@@ -155,14 +155,15 @@ def test_cuda_graphs_on_cpu_fall_back_with_a_warning(caplog):
 
 def test_gpu_benchmark_smoke(tmp_path):
     """benchmarks/gpu.py --smoke: every section at tiny sizes on CPU, with the packages the H100 lacks
-    (gguf, fastapi, math_verify, pydantic, ...) made unimportable; proves the device run has no import or shape errors."""
+    (gguf, fastapi, math_verify, pydantic, ...) made unimportable: the device run has no import or shape
+    errors."""
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--smoke", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=repo)
+                           str(tmp_path)], check=False, capture_output=True, text=True, timeout=180, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = next(tmp_path.glob("gpu-smoke-*.md")).read_text()
     assert "FAILED" not in text, text
