@@ -25,8 +25,8 @@ Sections, in priority order (the file is rewritten after each figure, so a cut r
   3. GRPO step, SmolLM2 shape, random weights, a synthetic tokenizer, arithmetic prompts, 8 prompts x G=8,
      256 completion tokens, beta = 0: nanoseek (rollouts with CUDA graphs) vs TRL 1.16 GRPOTrainer (no vLLM).
   4. Where a target is missed: the top 3 kernels by GPU time (torch.profiler) of that workload.
-  5. Extra: small-moe decode at batch 64, CUDA graphs vs eager (the MoE static path on a real GPU).
-  6. Extra: decode at batch 1 and 256 with CUDA graphs over torch.compile'd blocks (kernel fusion).
+  5. Extra: decode at batch 1 and 256 with CUDA graphs over torch.compile'd blocks (kernel fusion).
+  6. Extra: small-moe decode at batch 64, CUDA graphs vs eager (the MoE static path on a real GPU).
 Peak GPU memory (torch.cuda.max_memory_allocated) is recorded for every figure.
 """
 
@@ -662,12 +662,12 @@ def main(argv=None) -> int:
                 bench.measure(b)
     train_and_grpo()
 
-    # 4. profiles of missed targets (decode: the graphs' eager twin shows the kernel mix; training: 1 step)
+    # 4. profiles of missed targets (decode: 20 bare decode steps, graphed and eager; training: one step)
     for miss in list(report.misses):
         if miss.startswith("decode_b") and bench.model is not None:
             b = int(miss[len("decode_b"):])
-            profile_misses.insert(0, (f"decode batch {b} (one 8-token generate, eager)",
-                                      lambda b=b: decode_short(bench, b)))
+            profile_misses[:0] = [(f"decode batch {b}, 20 steps, {'CUDA graphs' if g else 'eager'}",
+                                   decode_steps(bench, b, graphs=g)) for g in (True, False)]
     for label, fn in (profile_misses[:1] if a.smoke else profile_misses):  # smoke: the profiler path, once
         with section(run, "4. profiles of missed targets", 10 if a.smoke else 25) as ok:
             if ok:
@@ -675,33 +675,53 @@ def main(argv=None) -> int:
     if a.smoke and not profile_misses:  # exercise the profiler path once
         with section(run, "4. profiles of missed targets", 5) as ok:
             if ok:
-                top = top_kernels(run, lambda: decode_short(bench, 1))
+                top = top_kernels(run, decode_steps(bench, 1, graphs=True))
                 report.add("4. profiles of missed targets", f"- smoke check: {top}")
+    profile_misses.clear()
 
-    with section(run, "5. extra: MoE decode", 10 if a.smoke else 40) as ok:
+    # 5. After the profiles, since it compiles the shared decode model's blocks in place.
+    with section(run, "5. extra: decode with compiled blocks", 10 if a.smoke else 150) as ok:
+        if ok and bench.model is not None:
+            for i, b in enumerate([1] if a.smoke else [1, 256]):
+                t = time.perf_counter()
+                # compile once (the blocks stay compiled); CPU compile takes minutes: smoke skips it
+                tps, mem, _ = decode_nanoseek(bench.model, bench.prompts(b), bench.new, run, graphs=True,
+                                              compile=i == 0 and not a.smoke)
+                report.add("5. extra: decode with compiled blocks",
+                           f"- batch {b}: CUDA graphs + torch.compile'd blocks {tps:,.0f} tok/s "
+                           f"(warm-up{' and compile' if i == 0 else ''} {time.perf_counter() - t:.0f} s), "
+                           f"peak {mem}")
+    with section(run, "6. extra: MoE decode", 10 if a.smoke else 40) as ok:
         if ok:
             moe_decode(run, a)
-    # 6. Last, since it compiles the shared decode model's blocks in place: graphs over Inductor's kernels.
-    with section(run, "6. extra: decode with compiled blocks", 10 if a.smoke else 150) as ok:
-        if ok and bench.model is not None:
-            for b in ([1] if a.smoke else [1, 256]):
-                t = time.perf_counter()
-                tps, mem, _ = decode_nanoseek(bench.model, bench.prompts(b), bench.new, run, graphs=True,
-                                              compile=not a.smoke)  # CPU compile takes minutes: smoke skips it
-                report.add("6. extra: decode with compiled blocks",
-                           f"- batch {b}: CUDA graphs + torch.compile'd blocks {tps:,.0f} tok/s "
-                           f"(warm-up and compile {time.perf_counter() - t:.0f} s), peak {mem}")
     report.add("end", f"- wall time {time.perf_counter() - run.t0:.0f} s")
     print(f"wrote {report.path}", file=sys.stderr)
     return 0
 
 
-def decode_short(bench: DecodeBench, b: int):
+def decode_steps(bench: DecodeBench, b: int, graphs: bool):
+    """A callable running 20 bare decode steps of batch `b` (the model's step without the loop around it),
+    after a short generate that captures the graphs it replays."""
     from nanoseek.engine.generate import Engine
+    from nanoseek.engine.graphs import EagerCapture, GraphRunner
     from nanoseek.engine.sampling import SamplingParams
 
-    Engine(bench.model, max_batch=b).generate(bench.prompts(b), SamplingParams(temperature=0, max_tokens=8,
-                                                                                ignore_eos=True))
+    run = bench.run
+    eng = Engine(bench.model, max_batch=b, prefill_chunk=b * bench.prompt_len, cuda_graphs=graphs)
+    if graphs and not run.cuda:
+        eng.runner = GraphRunner(bench.model, backend=EagerCapture())
+    eng.generate(bench.prompts(b), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    runner = eng.runner
+    pos = bench.prompt_len + 8
+    rows = runner.cache.rows(0, b) if isinstance(runner, GraphRunner) else \
+        bench.model.new_cache(b, bench.prompt_len + bench.new + 1)
+
+    def steps():
+        with torch.inference_mode():
+            for _ in range(20):
+                runner.decode([5] * b, [pos] * b, rows)
+
+    return steps
 
 
 def moe_decode(run: Run, a) -> None:
@@ -716,7 +736,7 @@ def moe_decode(run: Run, a) -> None:
     prompts = torch.randint(3, moe.vocab_size, (b, prompt), generator=g).tolist()
     for graphs in (False, True):
         tps, mem, _ = decode_nanoseek(model, prompts, new, run, graphs=graphs)
-        run.report.add("5. extra: MoE decode", f"- configs/small-moe, batch {b}, {prompt}+{new} tokens, "
+        run.report.add("6. extra: MoE decode", f"- configs/small-moe, batch {b}, {prompt}+{new} tokens, "
                                                f"{'CUDA graphs (static all-experts MoE)' if graphs else 'eager'}: "
                                                f"{tps:,.0f} tok/s, peak {mem}")
 
