@@ -111,5 +111,11 @@ class MLA(nn.Module):
         v = kv[..., :self.kv_lora].unsqueeze(1)
         if mask is None and q.shape[2] > 1:
             mask = torch.ones(q.shape[2], kv.shape[1], dtype=torch.bool, device=kv.device).tril()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        if q.shape[2] == 1:
+            # Decode: all heads' queries against the one latent key as a single head ([B, 1, H, C]), which
+            # every SDPA backend takes with a mask (enable_gqa with a mask sends CUDA to the math kernel).
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                                 scale=self.scale).transpose(1, 2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return torch.einsum("bhtc,hvc->bthv", out, w_uv.to(out.dtype))
