@@ -155,6 +155,10 @@ def _load(spec, tokenizer: str | None):
 
 def _arch(cfg: ModelConfig) -> gguf.MODEL_ARCH:
     if isinstance(cfg, DeepseekConfig):
+        if cfg.scoring_func == "softmax" and cfg.n_group > 1:
+            # llama.cpp ranks groups by their two best scores (V3's rule); V2's softmax ranks by the best one
+            raise UnsupportedError("DeepSeek-V2 softmax routing with expert groups: llama.cpp's deepseek2 ranks "
+                                   "groups differently, so it cannot run this model")
         return gguf.MODEL_ARCH.DEEPSEEK2
     if isinstance(cfg, DenseConfig) and cfg.arch in ("llama", "qwen2"):
         return gguf.MODEL_ARCH.LLAMA if cfg.arch == "llama" else gguf.MODEL_ARCH.QWEN2
@@ -236,10 +240,6 @@ def _hparams(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
         w.add_expert_weights_norm(cfg.norm_topk_prob)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
                                  else gguf.ExpertGatingFuncType.SOFTMAX)
-        if cfg.scoring_func == "softmax" and cfg.n_group > 1:
-            # llama.cpp ranks groups by their two best scores (V3's rule); V2's softmax ranks by the best one
-            raise UnsupportedError("softmax routing with expert groups (DeepSeek-V2's group rule) differs in "
-                                   "llama.cpp's deepseek2; not exported")
     r = cfg.rope
     if r.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
