@@ -322,3 +322,36 @@ def test_llama_cpp_runs_the_export(arch, tok, tmp_path):
     a, b = _greedy(ours, ids, 32), _greedy(theirs, ids, 32)
     assert a == b
     assert llm.detokenize(a, special=True).decode("utf-8", "replace") == tok.decode(a)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tok):
+    cfg = _configs(len(tok))["llama"]
+    cfg.hidden_size, cfg.intermediate_size = 256, 320   # Q4_K holds rows of 256, not 320 (ffn_down)
+    return _trained(cfg, tok, steps=30)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1", "q4_k_m"])
+def test_llama_cpp_runs_quantized_exports(quant, tok, wide_llama, tmp_path):
+    """Each quant type loads in llama.cpp, which then agrees with nanoseek reading the same file (the same
+    stored values: only the arithmetic differs, llama.cpp's 8-bit activations included) within 5% RMS, and the
+    source within LOGIT_TOL. q4_k_m comes from llama.cpp's own quantizer; rows of 320 fall back, and we say so."""
+    llama_cpp = _llama_cpp()
+    m = wide_llama
+    r = export_gguf(m, tok, tmp_path / "m.gguf", quant=quant)
+    with GGUFFile(tmp_path / "m.gguf") as g:
+        types = {n: t.qtype.name for n, t in g.tensors.items()}
+    if quant == "q4_k_m":
+        assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q6_K")
+        assert types["blk.0.ffn_down.weight"] not in ("Q4_K", "Q6_K")
+        assert any(f.startswith("blk.0.ffn_down.weight: Q4_K") and "blocks of 256" in f for f in r.fallbacks)
+    else:
+        assert types["blk.0.attn_q.weight"] == quant.upper()
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    ids = tok.encode(PROMPT)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.asarray(llm.scores[:len(ids)]))
+    back, _, _ = load_gguf(tmp_path / "m.gguf")
+    same_file, source = _logits(back, ids), _logits(m, ids)
+    assert (theirs - same_file).norm() / same_file.norm() < 0.05
+    assert (theirs - source).norm() / source.norm() < LOGIT_TOL.get(quant, 0.7)
