@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gguf
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanoseek.cli import main
-from nanoseek.errors import BadInputError, UnsupportedError
+from nanoseek.errors import NotFoundError, UnsupportedError
 from nanoseek.models import build_model
 from nanoseek.models.config import DeepseekConfig, DenseConfig
 from nanoseek.train.checkpoint import model_spec
@@ -355,3 +356,129 @@ def test_llama_cpp_runs_quantized_exports(quant, tok, wide_llama, tmp_path):
     same_file, source = _logits(back, ids), _logits(m, ids)
     assert (theirs - same_file).norm() / same_file.norm() < 0.05
     assert (theirs - source).norm() / source.norm() < LOGIT_TOL.get(quant, 0.7)
+
+
+# ---- Ollama -----------------------------------------------------------------------------------------------
+def _go_render(template: str, root: dict) -> str:
+    """The subset of Go's text/template the Modelfiles use: text, {{ .Field }}, if / else if / else / end over
+    `.Field`, `eq .Field "s"`, `ne .Field "s"`, and `range .Messages`; `{{-` / `-}}` trim whitespace."""
+    pieces: list[tuple[str, str]] = []   # ("text", s) or ("action", s)
+    pos = 0
+    for mt in re.finditer(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", template, re.S):
+        text = template[pos:mt.start()]
+        if mt.group(1):
+            text = text.rstrip()
+        if pieces and pieces[-1][0] == "trim_next":
+            pieces.pop()
+            text = text.lstrip()
+        pieces.append(("text", text))
+        pieces.append(("action", mt.group(2)))
+        if mt.group(3):
+            pieces.append(("trim_next", ""))
+        pos = mt.end()
+    tail = template[pos:]
+    if pieces and pieces[-1][0] == "trim_next":
+        pieces.pop()
+        tail = tail.lstrip()
+    pieces.append(("text", tail))
+
+    def value(expr: str, dot: dict):
+        expr = expr.strip()
+        if expr.startswith('"'):
+            return json.loads(expr)
+        assert expr.startswith("."), expr
+        return dot.get(expr[1:], "")
+
+    def cond(expr: str, dot: dict) -> bool:
+        parts = re.findall(r'"[^"]*"|\S+', expr)
+        if parts[0] in ("eq", "ne"):
+            same = value(parts[1], dot) == value(parts[2], dot)
+            return same if parts[0] == "eq" else not same
+        return bool(value(parts[0], dot))
+
+    def block(i: int, dot: dict, out: list[str] | None) -> tuple[int, str]:
+        """Render from piece i until an else/end at this level; returns (index of that piece, its action)."""
+        while i < len(pieces):
+            kind, s = pieces[i]
+            if kind == "text":
+                if out is not None:
+                    out.append(s)
+                i += 1
+                continue
+            if s == "end" or s == "else" or s.startswith("else if "):
+                return i, s
+            if s.startswith("if "):
+                taken, c = False, s[3:]
+                while True:
+                    now = out is not None and not taken and (c is None or cond(c, dot))
+                    i, stop = block(i + 1, dot, out if now else None)
+                    taken = taken or now
+                    if stop == "end":
+                        break
+                    c = stop[8:] if stop.startswith("else if ") else None
+                i += 1
+            elif s.startswith("range "):
+                items = value(s[6:], dot) if out is not None else []
+                end = block(i + 1, dot, None)[0]
+                for item in items:
+                    block(i + 1, item, out)
+                i = end + 1
+            else:
+                if out is not None:
+                    out.append(str(value(s, dot)))
+                i += 1
+        return i, ""
+
+    out: list[str] = []
+    block(0, root, out)
+    return "".join(out)
+
+
+def _parse_modelfile(text: str) -> dict:
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
+    return {"from": re.search(r"^FROM (.+)$", text, re.M).group(1),
+            "template": template.group(1) if template else None,
+            "stop": [json.loads(s) for s in re.findall(r"^PARAMETER stop (.+)$", text, re.M)],
+            "params": dict(re.findall(r"^PARAMETER (?!stop)(\w+) (.+)$", text, re.M))}
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c\nd"}],
+]
+
+
+def _check_template(tok, fields: dict, bos: str) -> None:
+    for conv in CONVERSATIONS:
+        for think in (False, True):
+            jinja = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, thinking=think)
+            system = next((m["content"] for m in conv if m["role"] == "system"), "")
+            messages = [{"Role": m["role"], "Content": m["content"]} for m in conv]   # Ollama's field names
+            go = _go_render(fields["template"], {"Messages": messages, "System": system, "Think": think})
+            assert go == jinja.removeprefix(bos), (conv, think)
+
+
+def test_ollama_modelfile_r1(tok, tmp_path):
+    r = export_gguf(_model(_configs(len(tok))["deepseek"]), tok, tmp_path / "tiny.gguf", quant="q8_0", ollama=True)
+    assert r.modelfile == tmp_path / "Modelfile" and "Modelfile" in r.summary()
+    fields = _parse_modelfile(r.modelfile.read_text())
+    assert fields["from"] == "./tiny.gguf"
+    assert fields["stop"] == ["<｜end▁of▁sentence｜>", "<｜User｜>"]
+    assert fields["params"] == {"temperature": "0.6", "top_p": "0.95", "num_ctx": "4096"}
+    _check_template(tok, fields, tok.bos_token)   # the BOS is llama.cpp's to add (add_bos_token)
+
+
+def test_ollama_modelfile_chatml():
+    from nanoseek.weights.ollama import modelfile_text
+    from nanoseek.weights.registry import BUILTINS
+
+    try:
+        smol = load_gguf(BUILTINS["smollm2-135m"].path())[2]
+    except NotFoundError as e:
+        pytest.skip(str(e))
+    fields = _parse_modelfile(modelfile_text("smol.gguf", smol))
+    assert fields["stop"] == ["<|im_end|>", "<|im_start|>"]
+    assert "You are a helpful AI assistant named SmolLM" in fields["template"]   # its default system prompt
+    _check_template(smol, fields, "")

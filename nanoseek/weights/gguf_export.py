@@ -119,7 +119,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: str | os.PathLike, *, qu
     if ollama:
         from nanoseek.weights.ollama import write_modelfile
 
-        result.modelfile = write_modelfile(out, tokenizer)
+        result.modelfile = write_modelfile(out, tokenizer, cfg.max_position_embeddings)
     return result
 
 
