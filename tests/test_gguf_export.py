@@ -214,8 +214,9 @@ def test_rows_a_block_cannot_hold_fall_back_per_tensor(tok, tmp_path):
     cfg.intermediate_size = 80   # ffn_down rows of 80: not a multiple of 32
     m = _model(cfg)
     r = export_gguf(m, tok, tmp_path / "m.gguf", quant="q8_0")
-    assert any(f.startswith("blk.0.ffn_down.weight: Q8_0 → F16") for f in r.fallbacks), r.fallbacks
-    assert "ffn_down" in r.summary()
+    assert [str(f) for f in r.fallbacks] == [f"blk.{i}.ffn_down.weight: Q8_0 → F16 (rows of 80 do not fill "
+                                             f"blocks of 32)" for i in range(2)]
+    assert "Q8_0 → F16 (rows of 80 do not fill blocks of 32): blk.{0-1}.ffn_down.weight" in r.summary()
     with GGUFFile(tmp_path / "m.gguf") as g:
         assert g.tensors["blk.0.ffn_down.weight"].qtype.name == "F16"
         assert g.tensors["blk.0.ffn_up.weight"].qtype.name == "Q8_0"
@@ -248,6 +249,14 @@ def test_export_and_convert_commands(tok, tmp_path, capsys):
     # convert: GGUF → HF directory (as before), then HF directory → GGUF (direction from the arguments)
     assert main(["convert", str(tmp_path / "a.gguf"), str(tmp_path / "hf")]) == 0
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "b.gguf")]) == 0
+    # a fine-tuning run directory exports its final/ (LoRA adapters already merged there)
+    from nanoseek.weights.hf import save_hf
+
+    save_hf(m, tmp_path / "sft" / "final", tokenizer=tok)
+    (tmp_path / "sft" / "checkpoints").mkdir()
+    assert main(["export", str(tmp_path / "sft"), str(tmp_path / "c.gguf")]) == 0
+    c, _, _ = load_gguf(tmp_path / "c.gguf")
+    assert (_logits(c, ids) - _logits(m, ids)).abs().max() < 0.05
     b, _, tok_b = load_gguf(tmp_path / "b.gguf")
     want = _logits(a, ids)
     assert (_logits(b, ids) - want).abs().max() / want.abs().max() < 0.01   # Q8_0's values, re-stored as f16
@@ -345,7 +354,8 @@ def test_llama_cpp_runs_quantized_exports(quant, tok, wide_llama, tmp_path):
     if quant == "q4_k_m":
         assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q6_K")
         assert types["blk.0.ffn_down.weight"] not in ("Q4_K", "Q6_K")
-        assert any(f.startswith("blk.0.ffn_down.weight: Q4_K") and "blocks of 256" in f for f in r.fallbacks)
+        assert any(str(f).startswith("blk.0.ffn_down.weight: Q4_K") and "blocks of 256" in str(f)
+                   for f in r.fallbacks)
     else:
         assert types["blk.0.attn_q.weight"] == quant.upper()
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)

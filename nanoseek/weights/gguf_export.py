@@ -55,12 +55,25 @@ _FIM = {"pre": ("<｜fim▁begin｜>", "<fim_prefix>", "<|fim_prefix|>"),
         "sep": ("<file_sep>", "<|file_sep|>")}
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """A tensor written in another type than the one asked for."""
+
+    name: str
+    wanted: str
+    got: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.wanted} → {self.got} ({self.why})"
+
+
 @dataclass
 class ExportResult:
     path: Path
     quant: str
     n_tensors: int
-    fallbacks: list[str] = field(default_factory=list)  # "tensor: wanted → written (why)"
+    fallbacks: list[Fallback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     modelfile: Path | None = None
 
@@ -68,11 +81,33 @@ class ExportResult:
         lines = [f"wrote {self.path} ({self.quant}, {self.n_tensors} tensors, "
                  f"{self.path.stat().st_size / 2**20:.1f} MiB)"]
         if self.fallbacks:
-            lines.append(f"{len(self.fallbacks)} tensor(s) in another type: " + "; ".join(self.fallbacks))
+            lines.append(f"{len(self.fallbacks)} tensor(s) in another type:")
+            groups: dict[tuple[str, str, str], list[str]] = {}
+            for f in self.fallbacks:
+                groups.setdefault((f.wanted, f.got, f.why), []).append(f.name)
+            lines += [f"  {wanted} → {got} ({why}): {_names(names)}" for (wanted, got, why), names in groups.items()]
         lines += [f"note: {n}" for n in self.notes]
         if self.modelfile:
             lines.append(f"wrote {self.modelfile}")
         return "\n".join(lines)
+
+
+def _names(names: list[str]) -> str:
+    """Tensor names with their layers folded: blk.{0-29}.attn_q.weight."""
+    layers: dict[str, list[int]] = {}
+    for n in names:
+        m = re.match(r"blk\.(\d+)\.(.*)$", n)
+        key = f"blk.{{}}.{m.group(2)}" if m else n
+        layers.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    out = []
+    for key, ids in layers.items():
+        if "{}" not in key:
+            out.append(key)
+            continue
+        ids = sorted(ids)
+        span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1 else ",".join(map(str, ids))
+        out.append(key.format("{" + span + "}") if len(ids) > 1 else key.format(span))
+    return ", ".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,6 +168,9 @@ def _load(spec, tokenizer: str | None):
     from nanoseek.train.tokenizer import load_tokenizer
 
     path = Path(spec).expanduser()
+    if (path / "final" / "config.json").is_file():
+        # a fine-tuning run (sft, LoRA, grpo, distill): its product is final/, LoRA adapters merged
+        spec = path = path / "final"
     is_run = path.is_dir() and ((path / "meta.json").is_file() or (path / "checkpoints").is_dir())
     if is_run:
         from nanoseek.train.checkpoint import load_model as load_checkpoint
@@ -340,11 +378,11 @@ def _encode(name: str, t: torch.Tensor, quant: str, cfg: ModelConfig, result: Ex
     head = name == "output.weight" or (name == "token_embd.weight" and cfg.tie_word_embeddings)
     if head and want in (Q.Q4_0, Q.Q4_1):
         # llama.cpp's quantize also keeps the output head above 4 bits: it decides every next token
+        result.fallbacks.append(Fallback(name, want.name, "Q8_0", "output head"))
         want = Q.Q8_0
-        result.fallbacks.append(f"{name}: {quant} → Q8_0 (output head)")
     block = gguf.GGML_QUANT_SIZES[want][0]
     if arr.shape[-1] % block:
-        result.fallbacks.append(f"{name}: {want.name} → F16 (rows of {arr.shape[-1]} do not fill blocks of {block})")
+        result.fallbacks.append(Fallback(name, want.name, "F16", f"rows of {arr.shape[-1]} do not fill blocks of {block}"))
         want = Q.F16
     if want == Q.F16:
         return arr.astype(np.float16), Q.F16
@@ -355,9 +393,9 @@ def _llama_quantize(src: Path, dst: Path, quant: str, result: ExportResult) -> N
     """K-quants: gguf 0.19 cannot make them, so llama.cpp's own quantizer runs on our f16 file."""
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as e:
         raise UnsupportedError(f"--quant {quant} needs llama.cpp's quantizer: pip install 'nanoseek[bench]' "
-                               f"(llama-cpp-python)") from None
+                               f"(llama-cpp-python; import failed: {e})") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(_FILE_TYPE[quant])
     params.nthread = os.cpu_count() or 1
@@ -370,7 +408,7 @@ def _llama_quantize(src: Path, dst: Path, quant: str, result: ExportResult) -> N
         for n, info in g.tensors.items():
             if len(info.shape) >= 2 and info.qtype not in (Q.Q4_K, Q.Q6_K) and not n.startswith("rope_freqs"):
                 why = f"rows of {info.shape[-1]} do not fill blocks of 256" if info.shape[-1] % 256 else "llama.cpp's choice"
-                result.fallbacks.append(f"{n}: Q4_K → {info.qtype.name} ({why})")
+                result.fallbacks.append(Fallback(n, "Q4_K", info.qtype.name, why))
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------
