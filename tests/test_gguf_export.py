@@ -492,3 +492,34 @@ def test_ollama_modelfile_chatml():
     assert fields["stop"] == ["<|im_end|>", "<|im_start|>"]
     assert "You are a helpful AI assistant named SmolLM" in fields["template"]   # its default system prompt
     _check_template(smol, fields, "")
+
+
+@pytest.mark.parametrize("kind", ["llama3", "yarn"])
+def test_scaled_rope_round_trips(kind, tok, tmp_path):
+    """Llama 3.1 rope scaling travels as llama.cpp's rope_freqs tensor, DeepSeek's YaRN as metadata (its
+    mscale as yarn_log_multiplier): nanoseek reads both back exactly, and llama.cpp agrees where installed."""
+    from nanoseek.models.config import RopeConfig
+
+    cfgs = _configs(len(tok))
+    if kind == "llama3":
+        cfg = cfgs["llama"]
+        cfg.rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=8192)
+    else:
+        cfg = cfgs["deepseek-qlora"]
+        cfg.rope = RopeConfig(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0,
+                              mscale_all_dim=1.0)
+    m = _model(cfg, exact=True)
+    export_gguf(m, tok, tmp_path / "m.gguf")
+    back, cfg2, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg2.rope.rope_type == kind
+    ids = tok.encode(PROMPT * 2)   # past yarn's original 16 positions
+    want = _logits(m, ids)
+    assert torch.allclose(_logits(back, ids), want, rtol=0, atol=1e-5)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.asarray(llm.scores[:len(ids)]).copy())
+    assert (theirs - want).abs().max() / want.abs().max() < 0.01

@@ -321,9 +321,9 @@ def _rope(g: GGUFFile, get) -> dict[str, Any]:
         for ours, theirs in (("beta_fast", "rope.scaling.yarn_beta_fast"), ("beta_slow", "rope.scaling.yarn_beta_slow")):
             if get(theirs, None) is not None:
                 rope[ours] = float(get(theirs))
-        if g.architecture == "deepseek2" and get("rope.scaling.yarn_log_mul", None) is not None:
+        if g.architecture == "deepseek2" and get("rope.scaling.yarn_log_multiplier", None) is not None:
             # convert_hf_to_gguf writes 0.1·mscale_all_dim here (llama.cpp divides the 0.1 back out)
-            rope["mscale_all_dim"] = rope["mscale"] = float(get("rope.scaling.yarn_log_mul")) / 0.1
+            rope["mscale_all_dim"] = rope["mscale"] = float(get("rope.scaling.yarn_log_multiplier")) / 0.1
     elif kind not in (None, "none"):
         raise UnsupportedError(f"{g.path}: rope scaling type {kind!r} (supported: linear, yarn, llama3)")
     if "rope_freqs.weight" in g.tensors:
