@@ -404,9 +404,11 @@ def _llama_quantize(src: Path, dst: Path, quant: str, result: ExportResult) -> N
         raise BadInputError(f"llama.cpp's quantizer failed on {src.name} (return code {rc})")
     from nanoseek.weights.gguf import GGUFFile
 
+    with GGUFFile(src) as g:
+        kept_f32 = {n for n, info in g.tensors.items() if info.qtype == Q.F32}  # ours on purpose (router, ...)
     with GGUFFile(dst) as g:  # llama.cpp falls back by itself (rows not divisible by 256); say where it did
         for n, info in g.tensors.items():
-            if len(info.shape) >= 2 and info.qtype not in (Q.Q4_K, Q.Q6_K) and not n.startswith("rope_freqs"):
+            if len(info.shape) >= 2 and info.qtype not in (Q.Q4_K, Q.Q6_K) and n not in kept_f32:
                 why = f"rows of {info.shape[-1]} do not fill blocks of 256" if info.shape[-1] % 256 else "llama.cpp's choice"
                 result.fallbacks.append(Fallback(n, "Q4_K", info.qtype.name, why))
 
