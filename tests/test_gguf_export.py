@@ -149,10 +149,8 @@ def test_file_metadata(tok, tmp_path):
 # ---- bad input ---------------------------------------------------------------------------------------------
 def test_old_pre_tokenizer_is_refused(tok, tmp_path):
     """Digits 1-3 then GPT-2's regex (what `tokenizer train` used to write) has no llama.cpp pre-type."""
-    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from tokenizers import Tokenizer
 
     backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a copy: the fixture is shared
     backend.pre_tokenizer = pre_tokenizers.Sequence([

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from nanoseek.errors import BadInputError, NotFoundError, UnsupportedError
+from nanoseek.errors import BadInputError, UnsupportedError
 from nanoseek.models.config import DeepseekConfig, DenseConfig, ModelConfig
 from nanoseek.weights.gguf import build_tokenizer, permute_rows, pre_tokenizer_for
 
@@ -105,8 +105,11 @@ def _names(names: list[str]) -> str:
             out.append(key)
             continue
         ids = sorted(ids)
-        span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1 else ",".join(map(str, ids))
-        out.append(key.format("{" + span + "}") if len(ids) > 1 else key.format(span))
+        if len(ids) == 1:
+            out.append(key.format(ids[0]))
+            continue
+        run = ids == list(range(ids[0], ids[-1] + 1))
+        out.append(key.format("{" + (f"{ids[0]}-{ids[-1]}" if run else ",".join(map(str, ids))) + "}"))
     return ", ".join(out)
 
 
@@ -134,6 +137,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: str | os.PathLike, *, qu
                             f"--tokenizer DIR")
     arch = _arch(cfg)
     vocab = _vocab(tokenizer, cfg)  # every tokenizer check runs before a byte is written
+    llama_cpp = _llama_cpp(quant) if QUANTS[quant] is None else None
     result = ExportResult(out, quant, 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -142,7 +146,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: str | os.PathLike, *, qu
             f16 = out.with_name(f".{out.name}.f16-{os.getpid()}")
             try:
                 _write(model, cfg, arch, vocab, f16, "f16", name, result)
-                _llama_quantize(f16, tmp, quant, result)
+                _llama_quantize(llama_cpp, f16, tmp, quant, result)
             finally:
                 f16.unlink(missing_ok=True)
         else:
@@ -382,20 +386,25 @@ def _encode(name: str, t: torch.Tensor, quant: str, cfg: ModelConfig, result: Ex
         want = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[want][0]
     if arr.shape[-1] % block:
-        result.fallbacks.append(Fallback(name, want.name, "F16", f"rows of {arr.shape[-1]} do not fill blocks of {block}"))
+        why = f"rows of {arr.shape[-1]} do not fill blocks of {block}"
+        result.fallbacks.append(Fallback(name, want.name, "F16", why))
         want = Q.F16
     if want == Q.F16:
         return arr.astype(np.float16), Q.F16
     return gguf.quants.quantize(arr, want), want
 
 
-def _llama_quantize(src: Path, dst: Path, quant: str, result: ExportResult) -> None:
-    """K-quants: gguf 0.19 cannot make them, so llama.cpp's own quantizer runs on our f16 file."""
+def _llama_cpp(quant: str):
     try:
         import llama_cpp
     except ImportError as e:
         raise UnsupportedError(f"--quant {quant} needs llama.cpp's quantizer: pip install 'nanoseek[bench]' "
                                f"(llama-cpp-python; import failed: {e})") from None
+    return llama_cpp
+
+
+def _llama_quantize(llama_cpp, src: Path, dst: Path, quant: str, result: ExportResult) -> None:
+    """K-quants: gguf 0.19 cannot make them, so llama.cpp's own quantizer runs on our f16 file."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(_FILE_TYPE[quant])
     params.nthread = os.cpu_count() or 1
@@ -409,7 +418,8 @@ def _llama_quantize(src: Path, dst: Path, quant: str, result: ExportResult) -> N
     with GGUFFile(dst) as g:  # llama.cpp falls back by itself (rows not divisible by 256); say where it did
         for n, info in g.tensors.items():
             if len(info.shape) >= 2 and info.qtype not in (Q.Q4_K, Q.Q6_K) and n not in kept_f32:
-                why = f"rows of {info.shape[-1]} do not fill blocks of 256" if info.shape[-1] % 256 else "llama.cpp's choice"
+                why = (f"rows of {info.shape[-1]} do not fill blocks of 256" if info.shape[-1] % 256
+                       else "llama.cpp's choice")
                 result.fallbacks.append(Fallback(n, "Q4_K", info.qtype.name, why))
 
 
