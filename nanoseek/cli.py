@@ -688,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="training checkpoint → Hugging Face directory (transformers, nanoseek serve) "
                                       "or GGUF file (llama.cpp, Ollama)")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint; for "
+                                      "gguf, a fine-tuning run's final/ when it has one)")
     p.add_argument("out", metavar="OUT", help="output directory (hf) or .gguf file (gguf)")
     p.add_argument("--format", choices=["auto", "hf", "gguf"], default="auto",
                    help="auto: gguf when OUT ends in .gguf, else a Hugging Face directory")
