@@ -12,7 +12,8 @@ tinyshakespeare) the MTP drafter is measured on prompts from the held-out split 
 prepare` directory made with the model's tokenizer): plain continuation, no template.
 
 Columns: decode tok/s (tokens after the first / their wall time, median of --repeats), speed-up over plain
-decoding of the same prompts, acceptance rate (accepted / proposed drafts), tokens per verify step, and
+decoding of the same prompts, the same per CPU-second of this process (steadier than wall time on a machine
+shared with other jobs, which is where these ratios were first taken), acceptance rate (accepted / proposed drafts), tokens per verify step, and
 agreement: the share of prompts whose greedy output equals plain decoding's token for token (with int4
 weights a verify step's numerics may differ from a one-token step's, so this can fall below 100%).
 `speculative_rows` is importable, so benchmarks/decode.py can add these rows to its table.
@@ -82,16 +83,18 @@ def _once(engine, prompts: list[list[int]], new: int) -> tuple[float, list[list[
     from nanoseek.engine.sampling import SamplingParams
 
     p = SamplingParams(temperature=0, max_tokens=new)
-    toks = secs = 0.0
+    toks = secs = cpu = 0.0
     outs = []
     for ids in prompts:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         o = engine.generate([ids], p)[0]
-        total = time.perf_counter() - t0
+        total, cpu_total = time.perf_counter() - t0, time.process_time() - c0
         toks += len(o.token_ids) - 1
         secs += total - o.first_token_s
+        # CPU seconds of the decode part, scaled by its share of the wall time (prefill is the rest)
+        cpu += cpu_total * (total - o.first_token_s) / total
         outs.append(o.token_ids)
-    return toks / secs, outs
+    return toks / secs, toks / cpu, outs
 
 
 def speculative_rows(model, tokenizer, prompts: list[list[int]], drafters: dict, new: int, repeats: int,
@@ -103,17 +106,21 @@ def speculative_rows(model, tokenizer, prompts: list[list[int]], drafters: dict,
     engines = {"none": Engine(model, tokenizer)}
     engines.update({name: Engine(model, tokenizer, drafter=d, draft_tokens=k) for name, d in drafters.items()})
     rates = {name: [] for name in engines}
+    cpu_rates = {name: [] for name in engines}
     outs = {}
     for _ in range(repeats):
         for name, eng in engines.items():
-            r, outs[name] = _once(eng, prompts, new)
+            r, c, outs[name] = _once(eng, prompts, new)
             rates[name].append(r)
+            cpu_rates[name].append(c)
     base, want = statistics.median(rates["none"]), outs["none"]
+    cpu_base = statistics.median(cpu_rates["none"])
     rows = []
     for name, eng in engines.items():
         st = eng.loop.stats()
-        rate = statistics.median(rates[name])
-        rows.append({"drafter": name, "tok_s": rate, "speedup": rate / base,
+        rate, cpu_rate = statistics.median(rates[name]), statistics.median(cpu_rates[name])
+        rows.append({"drafter": name, "tok_s": rate, "speedup": rate / base, "tok_cpu_s": cpu_rate,
+                     "cpu_speedup": cpu_rate / cpu_base,
                      "acceptance": st["spec_acceptance_rate"], "per_step": st["spec_tokens_per_step"],
                      "agreement": sum(a == b for a, b in zip(outs[name], want)) / len(want)})
     return rows
@@ -123,12 +130,12 @@ def _table(title: str, rows: list[dict]) -> list[str]:
     def pct(x):
         return "–" if x is None else f"{x:.0%}"
 
-    lines = [f"### {title}", "", "| drafter | decode tok/s | speed-up | acceptance | tokens/verify step | agreement |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"### {title}", "", "| drafter | decode tok/s | speed-up | tok per CPU-s | CPU speed-up | acceptance | "
+             "tokens/verify step | agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         per = "–" if r["per_step"] is None else f"{r['per_step']:.2f}"
-        lines.append(f"| {r['drafter']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {pct(r['acceptance'])} | {per} | "
-                     f"{pct(r['agreement'])} |")
+        lines.append(f"| {r['drafter']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {r['tok_cpu_s']:.1f} | "
+                     f"{r['cpu_speedup']:.2f}x | {pct(r['acceptance'])} | {per} | {pct(r['agreement'])} |")
     return lines + [""]
 
 
