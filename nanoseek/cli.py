@@ -26,6 +26,15 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder blocks: faster decode after a ~20 s warm-up")
+    p.add_argument("--speculative", default=None, action="append" if several else "store",
+                   metavar="SPEC",
+                   help="speculative decoding, lossless: mtp (the model's MTP module), ngram (prompt lookup, any "
+                        "model), or draft=MODEL (a small model with the same tokenizer)"
+                        + ("; NAME:SPEC for one served model, repeatable" if several else ""))
+    p.add_argument("--draft-tokens", type=int, default=6, help="draft tokens verified per step, 1-7 (default 6)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: decode in static-shape steps replayed as CUDA graphs (one per batch "
+                        "bucket); allocates the full KV cache up front. Ignored, with a warning, on CPU")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -59,7 +68,8 @@ def _session(a):
     from nanoseek.session import LoadOptions, Session
 
     return Session(LoadOptions(model=a.model, device=a.device, dtype=a.dtype, quant=a.quant, threads=a.threads,
-                               compile=a.compile))
+                               compile=a.compile, speculative=a.speculative, draft_tokens=a.draft_tokens,
+                               cuda_graphs=a.cuda_graphs))
 
 
 def cmd_models(a) -> int:
@@ -89,8 +99,14 @@ def cmd_generate(a) -> int:
         out = print_stream(s, [{"role": "user", "content": a.prompt}], params, think).completion
     if a.stats:
         dt = time.perf_counter() - t0
+        spec = ""
+        st = s.engine.loop.stats()
+        if st["speculative"]:
+            rate = st["spec_acceptance_rate"]
+            spec = (f", {st['speculative']} drafts accepted {0 if rate is None else rate:.0%}, "
+                    f"{st['spec_tokens_per_step'] or 1:.2f} tokens per verify step")
         print(f"[{out.prompt_tokens} prompt + {len(out.token_ids)} generated tokens, "
-              f"{len(out.token_ids) / max(dt, 1e-9):.1f} tok/s, finish: {out.finish_reason}]", file=sys.stderr)
+              f"{len(out.token_ids) / max(dt, 1e-9):.1f} tok/s, finish: {out.finish_reason}{spec}]", file=sys.stderr)
     return 0
 
 
@@ -102,11 +118,24 @@ def cmd_chat(a) -> int:
 
 
 def cmd_convert(a) -> int:
+    from pathlib import Path
+
+    if Path(a.output).suffix.lower() == ".gguf":  # anything we load → GGUF; otherwise GGUF → HF directory
+        from nanoseek.weights.gguf_export import export_source
+
+        print(export_source(a.input, a.output, quant=a.quant, tokenizer=a.tokenizer, ollama=a.ollama).summary())
+        return 0
     from nanoseek.weights.gguf import gguf_to_hf
 
     out = gguf_to_hf(a.input, a.output)
     print(f"wrote {out}")
     return 0
+
+
+def _gguf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m"],
+                   help="GGUF tensor type (q4_k_m runs llama.cpp's quantizer: needs the bench extra)")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
 
 
 def _table(*columns, **kw):
@@ -222,6 +251,22 @@ def serve_access(host: str):
     return not loopback, GuardConfig(loopback_only=loopback)
 
 
+def _speculative_per_model(values: list[str], served) -> dict[str, str]:
+    """`--speculative SPEC` applies to every served model, `--speculative NAME:SPEC` to one (it wins)."""
+    out: dict[str, str] = {}
+    named = []
+    for v in values:
+        name, sep, spec = v.partition(":")
+        if sep and not name.startswith("draft="):
+            if name not in served:
+                raise BadInputError(f"--speculative {v}: {name!r} is not a served model ({', '.join(served)})")
+            named.append((name, spec))
+        else:
+            out.update(dict.fromkeys(served, v))
+    out.update(named)
+    return out
+
+
 def cmd_serve(a) -> int:
     from nanoseek.engine.scheduler import Scheduler
     from nanoseek.serve.app import ServedModel, create_app
@@ -240,6 +285,7 @@ def cmd_serve(a) -> int:
         limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise BadInputError(f"serve: {e}") from None
+    speculative = _speculative_per_model(a.speculative or [], specs)
     prices = Prices.load(a.prices) if a.prices else Prices()
     store = Store(a.data_dir, limits=StoreLimits(response_retention_s=a.response_retention_days * 86400))
     require_auth, guard = serve_access(a.host)
@@ -248,9 +294,12 @@ def cmd_serve(a) -> int:
         for name, source in specs.items():
             # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
             s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
-                                    threads=a.threads, compile=a.compile))
+                                    threads=a.threads, compile=a.compile, speculative=speculative.get(name),
+                                    draft_tokens=a.draft_tokens, cuda_graphs=a.cuda_graphs))
             sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len,
-                              prefix_cache_tokens=a.prefix_cache_tokens).start()
+                              prefix_cache_tokens=a.prefix_cache_tokens, drafter=s.drafter,
+                              draft_tokens=a.draft_tokens,
+                              runner=s.engine.runner if a.cuda_graphs else None).start()
             served[name] = ServedModel(name, s.tokenizer, sched, sched.max_len, reasoning=name in a.reasoning_model,
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "
@@ -312,8 +361,14 @@ def cmd_export(a) -> int:
 
     from nanoseek.train.checkpoint import export_hf
 
+    if a.format == "gguf" or (a.format == "auto" and a.out.lower().endswith(".gguf")):
+        from nanoseek.weights.gguf_export import export_source
+
+        print(export_source(a.checkpoint, a.out, quant=a.quant, tokenizer=a.tokenizer, ollama=a.ollama).summary())
+        return 0
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    out = export_hf(a.checkpoint, a.out_dir, dtype=dtype, tokenizer=a.tokenizer)
+    out = export_hf(a.checkpoint, a.out, dtype=dtype, tokenizer=a.tokenizer)
     print(f"wrote {out}")
     return 0
 
@@ -493,9 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, temperature=0.7)
     p.set_defaults(fn=cmd_chat)
 
-    p = sub.add_parser("convert", help="GGUF → Hugging Face safetensors directory")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = sub.add_parser("convert", help="GGUF → Hugging Face directory, or (OUTPUT ending .gguf) a model → GGUF")
+    p.add_argument("input", help="a .gguf file, or for a .gguf OUTPUT: an HF directory, .gguf or built-in name")
+    p.add_argument("output", help="an HF directory to write, or a .gguf file")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for a GGUF output (default: the input's own)")
+    _gguf_args(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("serve", help="DeepSeek/OpenAI-compatible HTTP API with continuous batching")
@@ -671,11 +728,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one setting, e.g. --set optim.lr=3e-4 (repeatable)")
     p.set_defaults(fn=cmd_pretrain)
 
-    p = sub.add_parser("export", help="training checkpoint → Hugging Face directory (transformers, nanoseek serve)")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p = sub.add_parser("export", help="training checkpoint → Hugging Face directory (transformers, nanoseek serve) "
+                                      "or GGUF file (llama.cpp, Ollama)")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint; for "
+                                      "gguf, a fine-tuning run's final/ when it has one)")
+    p.add_argument("out", metavar="OUT", help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--format", choices=["auto", "hf", "gguf"], default="auto",
+                   help="auto: gguf when OUT ends in .gguf, else a Hugging Face directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="hf format only")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run recorded)")
+    _gguf_args(p)
     p.set_defaults(fn=cmd_export)
     return ap
 

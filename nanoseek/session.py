@@ -27,6 +27,9 @@ class LoadOptions:
     quant: str = "auto"  # none | int8 | int8-group | int4 | auto (see auto_quant)
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder blocks (faster decode, ~20 s warm-up)
+    speculative: str | None = None  # mtp | ngram | draft=MODEL (engine/draft.py); None: plain decoding
+    draft_tokens: int = 6           # drafts verified per step (at most 7)
+    cuda_graphs: bool = False  # decode through engine/graphs.py's captured static-shape steps (CUDA only)
 
 
 @dataclass
@@ -76,7 +79,9 @@ class Session:
             quantize_model(self.model, self.quant)
         if self.tokenizer is None:
             raise BadInputError(f"{loaded.path}: no tokenizer files next to the weights; chat needs one")
-        self.engine = Engine(self.model, self.tokenizer, compile=opts.compile)
+        self.drafter = make_drafter(opts, self.model)
+        self.engine = Engine(self.model, self.tokenizer, compile=opts.compile, drafter=self.drafter,
+                             draft_tokens=opts.draft_tokens, cuda_graphs=opts.cuda_graphs)
         self.load_s = time.perf_counter() - t0
 
     def complete(self, prompts: Sequence[str], params: SamplingParams,
@@ -103,3 +108,34 @@ class Session:
         out = self.engine.generate([prompt.ids], params, on_delta=on_delta, cancelled=cancelled)[0]
         reasoning, content = split_reasoning(out.text, prompt.starts_in_reasoning)
         return ChatTurn(reasoning, content, out, prompt)
+
+
+def make_drafter(opts: LoadOptions, model):
+    """The drafter `opts.speculative` names, for `model` (None without one). A draft model is loaded the way
+    the target was (device, dtype, quantization)."""
+    from nanoseek.engine.draft import ModelDrafter, MTPDrafter, NgramDrafter
+
+    spec = opts.speculative
+    if not spec:
+        return None
+    if not 1 <= opts.draft_tokens <= 7:
+        raise BadInputError(f"--draft-tokens must be between 1 and 7, got {opts.draft_tokens}")
+    context = model.config.max_position_embeddings
+    if spec == "ngram":
+        return NgramDrafter()
+    if spec == "mtp":
+        return MTPDrafter(model, context)
+    if spec.startswith("draft="):
+        from nanoseek.weights.registry import load_model
+
+        loaded = load_model(spec[len("draft="):], dtype=_dtype(opts.dtype, opts.device), device=opts.device)
+        draft = loaded.model
+        draft.fuse()
+        quant = auto_quant(opts.device, loaded.weight_bits) if opts.quant == "auto" else opts.quant
+        if quant != "none":
+            from nanoseek.models.quant import quantize_model
+
+            quantize_model(draft, quant)
+        width = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else model.config.vocab_size
+        return ModelDrafter(draft, width, context)
+    raise BadInputError(f"--speculative {spec!r}: choose mtp, ngram or draft=MODEL")

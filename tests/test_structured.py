@@ -210,12 +210,13 @@ def test_openai_parse_with_a_nested_pydantic_model(server):
 
     r = server.client().chat.completions.parse(model="smol", messages=[{"role": "user", "content":
                                                "Describe a person who lives in Paris."}],
-                                               response_format=Person, temperature=0)
-    choice = r.choices[0]
-    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
+                                               response_format=Person, temperature=0.7, seed=1, n=2)
     schema = Person.model_json_schema()
     assert "$defs" in schema and "$ref" in json.dumps(schema)
-    jsonschema_rs.validate(schema, json.loads(choice.message.content))
+    assert len(r.choices) == 2   # n > 1: each choice under its own constraint
+    for choice in r.choices:
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
+        jsonschema_rs.validate(schema, json.loads(choice.message.content))
 
 
 def test_unenforceable_schema_is_a_400_naming_the_keyword_path(server):

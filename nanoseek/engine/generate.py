@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from nanoseek.engine.draft import Drafter
+from nanoseek.engine.graphs import make_runner
 from nanoseek.engine.request import Completion, Delta, check_prompt
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.scheduler import Scheduler
-from nanoseek.engine.step import ModelRunner
 from nanoseek.errors import BadInputError
 
 
@@ -25,14 +26,17 @@ class Engine:
     """Generation over one loaded model. Not thread-safe: one `generate` at a time."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_batch: int = 64,
-                 prefill_chunk: int = 512, eos_token_ids: Sequence[int] | None = None, compile: bool = False):
+                 prefill_chunk: int = 512, eos_token_ids: Sequence[int] | None = None, compile: bool = False,
+                 drafter: Drafter | None = None, draft_tokens: int = 6, cuda_graphs: bool = False):
         self.model = model
+        self.drafter, self.draft_tokens = drafter, draft_tokens  # speculative decoding (engine/draft.py)
         if compile:
             compile_blocks(model)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.runner = ModelRunner(model, tokenizer, eos_token_ids)
+        # cuda_graphs: static-shape decode steps replayed as CUDA graphs (engine/graphs.py); CPU ignores it.
+        self.runner = make_runner(model, tokenizer, eos_token_ids, cuda_graphs=cuda_graphs)
         self.context = self.runner.context
         self.vocab_size = self.runner.vocab_size
         self.device = self.runner.device
@@ -48,7 +52,7 @@ class Engine:
         if self._loop is None:
             self._loop = Scheduler(self.model, self.tokenizer, max_batch=self.max_batch, max_len=self.context,
                                    max_queue=None, prefill_chunk=self.prefill_chunk, prefix_cache_tokens=0,
-                                   runner=self.runner)
+                                   runner=self.runner, drafter=self.drafter, draft_tokens=self.draft_tokens)
         return self._loop
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],

@@ -364,6 +364,52 @@ class Sampler:
             self.record(tokens)
         return out
 
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, active: torch.Tensor, *,
+               allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Logprobs | None]:
+        """One position of a speculative verify step. logits [B, V]; drafts [B] the proposed token at this
+        position (-1: none); active [B] bool, rows still verifying (every earlier draft accepted). Returns
+        (tokens [B], accepted [B] bool, logprobs); inactive rows' entries are meaningless, and nothing is drawn
+        from their generators or recorded for them.
+
+        The proposals are deterministic (q puts all mass on the draft x), so the standard rule (Leviathan et
+        al. 2023; Chen et al. 2023) reduces to: accept x with probability p(x), else draw from p with x
+        removed. P(x) = p(x) and P(y) = (1 - p(x)) · p(y) / (1 - p(x)) = p(y): each row's output distribution
+        is exactly that of plain sampling. Greedy rows accept x when it is the argmax."""
+        penalized = self.counts is not None or self.seen is not None
+        x = self.apply_penalties(logits) if penalized else logits.float()
+        if allowed is not None:
+            x = x.masked_fill(~allowed, -math.inf)
+        tokens = x.argmax(-1)
+        has = drafts >= 0
+        accepted = has & (tokens == drafts)
+        rows = [(i, g) for i, g in self._drawing if bool(active[i])]
+        if rows:
+            index = torch.tensor([i for i, _ in rows], dtype=torch.long)
+            u = torch.zeros(self.batch, 2)
+            u[index] = torch.stack([torch.rand(2, generator=g) for _, g in rows])
+            u = u.to(x.device)
+            probs = self._probs(x)
+            d = drafts.clamp(min=0)[:, None]
+            p_draft = probs.gather(-1, d).squeeze(-1)
+            total = probs.sum(-1)
+            take = has & (u[:, 0] * total < p_draft)
+            rest = probs.scatter(-1, d, torch.where(has[:, None], 0.0, p_draft[:, None]))
+            # p(x) == total up to rounding: nothing else to draw from, so x stands.
+            take |= has & (rest.sum(-1) <= 0)
+            drawn = torch.where(take, drafts, self._inverse_cdf(rest, u[:, 1]))
+            sampling = torch.zeros(self.batch, dtype=torch.bool, device=x.device)
+            sampling[index.to(x.device)] = True
+            tokens = torch.where(sampling, drawn, tokens)
+            accepted = torch.where(sampling, take, accepted)
+        lp = self._logprobs(logits, tokens) if self._logprobs_k is not None else None
+        if self.counts is not None or self.seen is not None:
+            live = active.nonzero().squeeze(-1)
+            if self.counts is not None:
+                self.counts[live, tokens[live]] += 1
+            if self.seen is not None:
+                self.seen[live, tokens[live]] = True
+        return tokens, accepted, lp
+
     def record(self, tokens: torch.Tensor) -> None:
         """Count tokens [B] (one per row) as generated. Pairs (row, token) are distinct, so a plain
         indexed add is exact."""
@@ -387,6 +433,12 @@ class Sampler:
 
     def _draw(self, x: torch.Tensor) -> torch.Tensor:
         greedy_tokens = x.argmax(-1) if self._any_greedy else None
+        tokens = self._inverse_cdf(self._probs(x))
+        return torch.where(self._greedy, greedy_tokens, tokens) if self._any_greedy else tokens
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Penalized logits [B, V] → each row's sampling weights after temperature, top_k, top_p and min_p
+        (not renormalized after min_p: draws scale by each row's total)."""
         # With a tiny temperature or penalty in the batch (see _guard_overflow): shift each row so its largest
         # logit is 0, then divide: the quotient is <= 0 and can only overflow
         # to -inf (probability 0, the right limit), never to +inf, whose inf - inf in the softmax is NaN.
@@ -413,12 +465,14 @@ class Sampler:
             # Relative to the most likely token, so truncation by top_k/top_p (a renormalisation) doesn't
             # change which tokens pass. No renormalisation needed: the draw scales by the remaining mass.
             probs = probs.masked_fill(probs < self._min_p[:, None] * probs.amax(-1, keepdim=True), 0)
-        tokens = self._inverse_cdf(probs)
-        return torch.where(self._greedy, greedy_tokens, tokens) if self._any_greedy else tokens
+        return probs
 
-    def _inverse_cdf(self, probs: torch.Tensor) -> torch.Tensor:
-        u = torch.zeros(self.batch)
-        u[self._draw_index] = torch.cat([torch.rand(1, generator=g) for _, g in self._drawing])
+    def _inverse_cdf(self, probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row, drawn from its weights `probs` with uniforms `u` [B] (default: one fresh draw
+        from each sampling row's generator)."""
+        if u is None:
+            u = torch.zeros(self.batch)
+            u[self._draw_index] = torch.cat([torch.rand(1, generator=g) for _, g in self._drawing])
         cdf = probs.cumsum(-1)
         total = cdf[:, -1:]
         # u < 1, but u·total can round up to total; keep it strictly below so the search stays in range.

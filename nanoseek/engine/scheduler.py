@@ -36,9 +36,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from nanoseek.engine.draft import Drafter, DraftRow
 from nanoseek.engine.policy import CopyTwin, Prefill, RowView, admit_count, plan_prefill
 from nanoseek.engine.prefix import PrefixCache
-from nanoseek.engine.request import Completion, Constraint, Delta, RequestState, check_prompt, logprob_rows
+from nanoseek.engine.request import (
+    Completion,
+    Constraint,
+    Delta,
+    RequestState,
+    check_prompt,
+    logprob_rows,
+)
 from nanoseek.engine.rows import RowTable, Slot
 from nanoseek.engine.sampling import Sampler, SamplerState, SamplingParams
 from nanoseek.engine.step import ModelRunner
@@ -55,8 +63,10 @@ class RequestHandle:
     Timestamps are `time.monotonic()` seconds: submitted, admitted (got a row), first_token, finished."""
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, on_delta, cache_salt: bytes = b"",
-                 constraint: Constraint | None = None, record_routing: bool = False, stream: bool = True):
+                 constraint: Constraint | None = None, record_routing: bool = False, stream: bool = True,
+                 speculate: bool = True):
         self.id, self.prompt, self.params = rid, prompt, params
+        self.speculate = speculate  # may this request's row draft (when the scheduler has a drafter)
         self._stream = stream  # keep deltas for iteration (off for callers that only want on_delta/result)
         self.constraint, self.record_routing = constraint, record_routing
         self.cache_salt = cache_salt      # the prefix-cache namespace this request reads and writes
@@ -137,18 +147,32 @@ class Scheduler:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_batch: int = 16, max_len: int | None = None,
                  max_queue: int | None = 256, prefill_chunk: int = 256, eos_token_ids: Sequence[int] | None = None,
-                 prefix_cache_tokens: int = 16384, block_size: int = 16, runner: ModelRunner | None = None):
+                 prefix_cache_tokens: int = 16384, block_size: int = 16, runner: ModelRunner | None = None,
+                 drafter: Drafter | None = None, draft_tokens: int = 6):
         self.runner = runner or ModelRunner(model, tokenizer, eos_token_ids)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = min(self.runner.context, max_len or 4096)
         self.device = self.runner.device
         with torch.inference_mode():
-            cache = model.new_cache(min(max_batch, 4), min(self.max_len, 256))
+            cache = self.runner.new_cache(max_batch, self.max_len)
             self.rows = RowTable(cache, max_batch, self.max_len)
-            # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks.
+            # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks. A cache
+            # whose state is not per position (V4's compressed windows) cannot be cut into blocks: no prefix cache.
+            if prefix_cache_tokens > 0 and not cache.prefix_cacheable:
+                log.info("prefix cache off: this model's cache folds positions into compressed windows")
+                prefix_cache_tokens = 0
             self.prefix = PrefixCache(cache, -(-prefix_cache_tokens // block_size), block_size) \
                 if prefix_cache_tokens > 0 else None
+        # Speculative decoding (engine/draft.py): a rejected draft is rolled back by abandoning the positions
+        # past the row's length, which only a rewindable cache allows (a compressed window folds them in).
+        if drafter is not None and not cache.rewindable:
+            log.warning("speculative decoding is off: this model's cache cannot drop rejected draft positions")
+            drafter = None
+        # At most 7 drafts: a verify step of <= 8 query tokens keeps MLA on its decode (absorbed) path.
+        self.drafter, self.draft_tokens = drafter, max(0, min(draft_tokens, 7))
+        self._feed_hidden = drafter is not None and drafter.needs_hidden
+        self.runner.keep_hidden = self._feed_hidden
         self._sampler: Sampler | None = None
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
@@ -161,6 +185,10 @@ class Scheduler:
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._finished: Counter[str] = Counter()
+        self._verify_steps = 0          # decode steps that verified drafts
+        self._verify_rows = 0           # rows that verified drafts, summed over those steps
+        self._drafted = 0               # draft tokens proposed
+        self._draft_accepted = 0        # of which the model agreed with
 
     @property
     def cache(self):
@@ -171,14 +199,15 @@ class Scheduler:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                on_delta: Callable[[Delta], None] | None = None, cache_salt: bytes = b"", *,
                constraint: Constraint | None = None, record_routing: bool = False,
-               stream: bool = True) -> RequestHandle:
+               stream: bool = True, speculate: bool = True) -> RequestHandle:
         """Queue a request. Raises BadInputError for bad params or prompt, QueueFullError when `max_queue`
         requests are already waiting. `on_delta`, if given, is called on the loop thread with every delta
         (e.g. to hand it to an asyncio loop with call_soon_threadsafe); keep it cheap and non-blocking.
         `cache_salt`: the prefix-cache namespace (engine/prefix.py); requests share cached prefixes only
         within one namespace. `constraint`: a grammar restricting each sampled token (request.Constraint).
         `record_routing`: the completion carries every position's routed experts (MoE models).
-        `stream=False`: the handle keeps no deltas for iteration (use `on_delta` or `result()`)."""
+        `stream=False`: the handle keeps no deltas for iteration (use `on_delta` or `result()`).
+        `speculate=False`: this row never drafts, even when the scheduler has a drafter."""
         prompt = [int(t) for t in prompt_ids]
         params.validate()
         check_prompt(prompt, self.max_len, "this server's context")
@@ -189,7 +218,8 @@ class Scheduler:
             if self.max_queue is not None and len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry shortly")
             rid = next(self._ids)
-            handle = RequestHandle(rid, prompt, params, on_delta, cache_salt, constraint, record_routing, stream)
+            handle = RequestHandle(rid, prompt, params, on_delta, cache_salt, constraint, record_routing, stream,
+                                   speculate)
             handle._wake = self._wake
             self._waiting.append(handle)
             self._cond.notify()
@@ -213,6 +243,13 @@ class Scheduler:
                 "prefix_hit_tokens": self.prefix.hit_tokens if self.prefix else 0,
                 "prefix_blocks_used": self.prefix.blocks_used if self.prefix else 0,
                 "prefix_blocks_total": self.prefix.num_blocks if self.prefix else 0,
+                "speculative": self.drafter.name if self.drafter else None,
+                "spec_verify_steps": self._verify_steps, "spec_draft_tokens": self._drafted,
+                "spec_accepted_tokens": self._draft_accepted,
+                "spec_acceptance_rate": self._draft_accepted / self._drafted if self._drafted else None,
+                # tokens emitted per verifying row-step: accepted drafts plus the one every step yields
+                "spec_tokens_per_step": (self._draft_accepted + self._verify_rows) / self._verify_rows
+                if self._verify_rows else None,
             }
 
     @property
@@ -275,28 +312,38 @@ class Scheduler:
         if not rows.slots:
             rows.reserve(0)
             return False
-        # Positions this step may write: a prefilling row at most its prompt, a decoding row one more token.
-        rows.reserve(max(len(s.state.prompt) if not s.decoding else s.state.pos + 1 for s in rows.slots))
-        self.runner.recorder.switch(any(s.handle.record_routing for s in rows.slots))
         d_old = rows.decoding
+        drafts = self._propose(rows.slots[:d_old]) if d_old and self.drafter is not None else None
+        extra = max(map(len, drafts)) if drafts else 0
+        # Positions this step may write: a prefilling row at most its prompt, a decoding row one more token
+        # (plus its drafts, and the padding up to the longest draft).
+        rows.reserve(max(len(s.state.prompt) if not s.decoding else s.state.pos + 1 + extra for s in rows.slots))
+        self.runner.recorder.switch(any(s.handle.record_routing for s in rows.slots))
         ready = self._prefill()
         logits = []
         if d_old:
             live = rows.slots[:d_old]
-            positions = [s.state.pos for s in live]
             for s in live:
                 s.state.pos += 1
-            logits.append(self.runner.decode([s.next_token for s in live], positions, self.cache.rows(0, d_old)))
-            self._record(live, 1)
-        logits += ready
+            if extra:
+                verify = self._verify(live, drafts, extra)
+            else:
+                logits.append(self.runner.decode([s.next_token for s in live], [s.state.pos - 1 for s in live],
+                                                 self.cache.rows(0, d_old)))
+                self._record(live, 1)
+                if self._feed_hidden:
+                    for i, s in enumerate(live):
+                        self.drafter.observe(s.rid, s.state.pos - 1, self.runner.hidden[i])
         # Count the step before sampling: sampling hands results to waiting clients, and anyone who reads
         # stats() after a result must already see the step that produced it.
         with self._cond:
             self._steps += bool(d_old)
             if d_old:
                 self._batch_hist[d_old] += 1
-        if logits:
-            self._sample(torch.cat(logits))
+        if extra:
+            self._sample_drafts(verify, drafts, ready)
+        elif logits or ready:
+            self._sample(torch.cat(logits + ready))
         if not rows.slots:
             rows.reserve(0)
             self.runner.recorder.switch(False)
@@ -326,8 +373,9 @@ class Scheduler:
             h.admitted = now
             key = hashlib.blake2b(h.cache_salt + np.asarray(h.prompt, np.int64).tobytes(), digest_size=16).digest()
             slot = Slot(h, state, key)
-            # Prefix-cache hits carry no routing record, so a request that records routing computes its prompt.
-            if self.prefix is not None and not h.record_routing:
+            # Prefix-cache hits carry no routing record and no hidden states (for an MTP drafter), so such
+            # requests compute their prompt.
+            if self.prefix is not None and not h.record_routing and not self._feed_hidden:
                 # Prompt blocks another request already computed are copied in; prefill starts after them.
                 try:
                     filled, blocks = self.prefix.match(h.prompt, h.cache_salt)
@@ -362,6 +410,8 @@ class Scheduler:
                 with self._cond:  # counted as processed, like prefix-cache hits
                     self._prompt_tokens += len(prompt) - slot.filled
                 slot.filled, slot.first_logits = len(prompt), src.first_logits
+                if self._feed_hidden:
+                    self.drafter.fork(src.rid, slot.rid, len(prompt))
                 if slot.state.out.routing is not None and src.state.out.routing is not None:
                     slot.state.out.routing[:] = src.state.out.routing[:len(prompt)]
             else:
@@ -370,6 +420,8 @@ class Scheduler:
                 slot.first_logits = self.runner.prefill(prompt[start:start + action.n], start,
                                                         self.cache.rows(slot.row, 1))
                 self._record([slot], action.n)
+                if self._feed_hidden:
+                    self.drafter.observe(slot.rid, start, self.runner.hidden[0])
                 slot.filled += action.n
                 with self._cond:
                     self._prompt_tokens += action.n
@@ -379,6 +431,93 @@ class Scheduler:
                 rows.promote(slot)
                 ready.append(slot.first_logits)
         return ready
+
+    def _propose(self, live: list[Slot]) -> list[list[int]]:
+        """Each decoding row's drafts: at most `draft_tokens`, none past its token limit or the cache's end
+        (a verify step emits up to drafts + 1 tokens and writes drafts + 1 positions)."""
+        rows, k = [], []
+        for s in live:
+            st = s.state
+            n = min(self.draft_tokens, st.limit - len(st.out.token_ids) - 1, self.max_len - 1 - st.pos)
+            rows.append(DraftRow(s.rid, st.prompt + st.out.token_ids))
+            k.append(n if s.handle.speculate else 0)
+        drafts = self.drafter.propose(rows, k)
+        return [d[:n] for d, n in zip(drafts, k)]
+
+    def _verify(self, live: list[Slot], drafts: list[list[int]], extra: int) -> tuple:
+        """One forward over each row's fed token and its drafts (padded to the longest with the fed token,
+        whose positions past the row's drafts are abandoned like rejected ones). Returns logits [d, 1 + extra, V],
+        the routing record (or None), each row's first position, and the hidden states (MTP drafting)."""
+        ids = torch.tensor([[s.next_token, *d] + [s.next_token] * (extra - len(d)) for s, d in zip(live, drafts)],
+                           device=self.device)
+        pos = torch.tensor([s.state.pos - 1 for s in live], device=self.device)[:, None] \
+            + torch.arange(1 + extra, device=self.device)
+        logits = self.runner.verify(ids, pos, self.cache.rows(0, len(live)))
+        routing = self.runner.recorder.take(len(live), 1 + extra) if self.runner.recorder.on else None
+        return logits, routing, pos[:, 0].tolist(), self.runner.hidden
+
+    def _sample_drafts(self, verify, drafts: list[list[int]], ready: list[torch.Tensor]) -> None:
+        """Sample the verified rows position by position, each position under the sampler state and constraint
+        that plain decoding would have there, keeping a row's drafts while they match what it samples
+        (Sampler.verify); rows whose prompt completed this step take their first token at position 0."""
+        logits, routing, starts, hidden = verify
+        live = self.rows.slots[:self.rows.decoding]
+        d, T = logits.shape[0], logits.shape[1]
+        if ready:
+            first = torch.cat(ready)[:, None]
+            logits = torch.cat([logits, first.expand(-1, T, -1)])
+        states = [s.state.state for s in live]
+        if self._sampler is None or self._sampler.states != states:
+            self._sampler = Sampler(states)
+        want = torch.full((len(live), T), -1, dtype=torch.long)
+        for i, dr in enumerate(drafts):
+            want[i, :len(dr)] = torch.tensor(dr, dtype=torch.long)
+        want = want.to(logits.device)
+        active = torch.ones(len(live), dtype=torch.bool, device=logits.device)
+        fed = [1] * d           # positions of each verified row that hold confirmed tokens
+        done, now = [], time.monotonic()
+        wanted_lp = [s.state.params.logprobs for s in live]
+        for j in range(T):
+            allowed, dead = self._allowed(live, logits[:, j], active)
+            tokens, accepted, lp = self._sampler.verify(logits[:, j], want[:, j], active, allowed=allowed)
+            tokens, accepted, lps = tokens.tolist(), accepted.tolist(), logprob_rows(lp, wanted_lp)
+            for i in active.nonzero().squeeze(-1).tolist():
+                slot, h = live[i], live[i].handle
+                if i in dead:
+                    h._emit(slot.state.fail("the output constraint allows no token here (a dead end in its grammar)"))
+                    done.append(i)
+                    active[i] = False
+                    continue
+                if h.first_token is None:
+                    h.first_token = now
+                    slot.state.out.first_token_s = now - h.submitted
+                delta = slot.state.accept(tokens[i], lps[i])
+                h._emit(delta)
+                with self._cond:
+                    self._generated_tokens += 1
+                if delta.finish_reason is not None:
+                    done.append(i)
+                    active[i] = False
+                elif accepted[i]:
+                    slot.state.pos += 1     # the draft fed at this position is now part of the row
+                    fed[i] += 1
+                else:
+                    slot.next_token = tokens[i]
+                    active[i] = False
+            if not bool(active.any()):
+                break
+        with self._cond:
+            self._verify_steps += 1
+            self._verify_rows += sum(1 for dr in drafts if dr)
+            self._drafted += sum(map(len, drafts))
+            self._draft_accepted += sum(f - 1 for f in fed)
+        for i in range(d):
+            if routing is not None and live[i].state.out.routing is not None:
+                live[i].state.out.routing.extend(routing[i, :fed[i]].unbind(0))
+            if self._feed_hidden:
+                self.drafter.observe(live[i].rid, starts[i], hidden[i, :fed[i]])
+        for i in sorted(done, reverse=True):
+            self._end(self.rows.slots[i], None)
 
     def _record(self, slots: list[Slot], tokens: int) -> None:
         """Hand each slot the routing of the forward just run (when recording is on)."""
@@ -422,10 +561,12 @@ class Scheduler:
             self._end(self.rows.slots[i], None)
 
     @staticmethod
-    def _allowed(live: list[Slot], logits: torch.Tensor) -> tuple[torch.Tensor | None, set[int]]:
+    def _allowed(live: list[Slot], logits: torch.Tensor,
+                 active: torch.Tensor | None = None) -> tuple[torch.Tensor | None, set[int]]:
         """The batch's allowed-token mask [B, V] (None when no row is constrained now) and the rows whose
-        constraint allows nothing."""
-        masks = [(i, s.state.constraint.allowed()) for i, s in enumerate(live) if s.state.constraint is not None]
+        constraint allows nothing. Only `active` rows are asked (default: all)."""
+        masks = [(i, s.state.constraint.allowed()) for i, s in enumerate(live)
+                 if s.state.constraint is not None and (active is None or bool(active[i]))]
         masks = [(i, m) for i, m in masks if m is not None]
         if not masks:
             return None, set()
@@ -450,6 +591,8 @@ class Scheduler:
             self._finished[out.finish_reason] += 1
         if self.prefix is not None:  # keep the reply too: the next turn of a chat starts with it
             self.prefix.store(self.cache, slot.row, slot.cached_tokens(), slot.handle.cache_salt)
+        if self.drafter is not None:
+            self.drafter.release(slot.rid)
         # Free the row before telling the client: whoever reads stats() after a result sees the row free.
         self.rows.free(slot.row)
         slot.handle._finish(out)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from nanoseek.models.config import DeepseekConfig, DenseConfig, ModelConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config, DenseConfig, ModelConfig
 
 
 def build_model(cfg: ModelConfig):
+    if isinstance(cfg, DeepseekV4Config):
+        from nanoseek.models.deepseek_v4 import DeepseekV4ForCausalLM
+
+        return DeepseekV4ForCausalLM(cfg)
     if isinstance(cfg, DeepseekConfig):
         from nanoseek.models.deepseek import DeepseekForCausalLM
 

@@ -1,6 +1,7 @@
 """What a forward pass reads and writes besides the weights: per-layer caches and token positions.
 
-Owns the cache kinds (`KVLayer`: full K/V for GQA models; `LatentLayer`: MLA's compressed latent), the
+Owns the cache kinds (`KVLayer`: full K/V for GQA models; `LatentLayer`: MLA's compressed latent;
+`IndexedLatentLayer`: that latent plus DSA's index keys), the
 `Cache` that holds one per layer, and `Positions`, which says where a forward pass's tokens sit and which
 cached keys each one reads. The models build and fill these; the engine (batching, prefix reuse) only
 moves rows and spans around through the `CacheLayer` interface, so it never depends on what a kind stores.
@@ -12,12 +13,15 @@ without copying. Stale entries past a row's length are never read: attention mas
 
 Adding a kind (a new attention's cache): a dataclass of tensors, batch first, that implements `CacheLayer`
 plus its own `write`, created by that attention's `new_cache`. `Cache` and the engine then handle it.
+A kind whose state is not a span of positions (DeepSeek-V4's windows and compressed entries, v4_cache.py)
+defines its own `copy_row` / `swap_rows` / `nbytes`, which `Cache` then calls, and says
+`prefix_cacheable = False`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -54,6 +58,8 @@ class KVLayer:
 
     k: torch.Tensor
     v: torch.Tensor
+    rewindable = True
+    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -69,7 +75,6 @@ class KVLayer:
         return KVLayer(self.k[start:start + n], self.v[start:start + n])
 
     span_pos_dim = 1  # positions are dim 1 of a row's [H, L, D]
-    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         """Views of positions [start, start + n) of one row: k and v [H, n, D]."""
@@ -90,6 +95,8 @@ class LatentLayer:
 
     kv: torch.Tensor
     kv_lora: int
+    rewindable = True
+    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -103,7 +110,6 @@ class LatentLayer:
         return LatentLayer(self.kv[start:start + n], self.kv_lora)
 
     span_pos_dim = 0
-    rewindable = True
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         return [self.kv[row, start:start + n]]
@@ -113,6 +119,35 @@ class LatentLayer:
 
     def resized(self, length: int) -> LatentLayer:
         return LatentLayer(_resized(self.kv, 1, length), self.kv_lora)
+
+
+@dataclass
+class IndexedLatentLayer(LatentLayer):
+    """DeepSeek Sparse Attention's cache (V3.2 report §2.1): MLA's latent rows plus, per token, the lightning
+    indexer's one key shared by all index heads, index_k [B, L, index_head_dim] (128 numbers a token in V3.2
+    next to MLA's 576). Every new query scores all cached index keys to pick the latent rows it attends to."""
+
+    index_k: torch.Tensor
+    rewindable = True
+
+    def write_index(self, pos: torch.Tensor, k: torch.Tensor) -> None:
+        """Store index keys k [B, T, D] at positions pos [B, T]."""
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self.index_k[rows, pos] = k
+
+    def rows(self, start: int, n: int) -> IndexedLatentLayer:
+        return IndexedLatentLayer(self.kv[start:start + n], self.kv_lora, self.index_k[start:start + n])
+
+    span_pos_dim = 0
+
+    def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
+        return [self.kv[row, start:start + n], self.index_k[row, start:start + n]]
+
+    def select(self, keep: torch.Tensor) -> IndexedLatentLayer:
+        return IndexedLatentLayer(self.kv.index_select(0, keep), self.kv_lora, self.index_k.index_select(0, keep))
+
+    def resized(self, length: int) -> IndexedLatentLayer:
+        return IndexedLatentLayer(_resized(self.kv, 1, length), self.kv_lora, _resized(self.index_k, 1, length))
 
 
 def _resized(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
@@ -139,7 +174,10 @@ class Cache:
 
     @property
     def device(self) -> torch.device:
-        return next(t for t in vars(self.layers[0]).values() if isinstance(t, torch.Tensor)).device
+        layer = self.layers[0]
+        if hasattr(layer, "tensors"):  # kinds with nested state (v4_cache) list their tensors themselves
+            return layer.tensors()[0].device
+        return next(t for t in vars(layer).values() if isinstance(t, torch.Tensor)).device
 
     @property
     def rewindable(self) -> bool:
@@ -156,15 +194,26 @@ class Cache:
         """A cache of `length` positions per row holding this one's first min(length, max_len) positions."""
         return Cache([layer.resized(length) for layer in self.layers], length)
 
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Whether the prefix cache (engine/prefix.py) can copy blocks of positions in and out of this cache."""
+        return all(getattr(layer, "prefix_cacheable", True) for layer in self.layers)
+
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
         for layer in self.layers:
+            if hasattr(layer, "copy_row"):  # state that is not a span of positions moves as a whole row
+                layer.copy_row(src, dst, length)
+                continue
             for d, s in zip(layer.span(dst, 0, length), layer.span(src, 0, length)):
                 d.copy_(s)
 
     def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
         for layer in self.layers:
+            if hasattr(layer, "swap_rows"):
+                layer.swap_rows(a, b, len_a, len_b)
+                continue
             saved = [t.clone() for t in layer.span(a, 0, len_a)]
             for d, s in zip(layer.span(a, 0, len_b), layer.span(b, 0, len_b)):
                 d.copy_(s)
@@ -172,8 +221,9 @@ class Cache:
                 d.copy_(s)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers
-                   for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        return sum(layer.nbytes() if hasattr(layer, "nbytes") else
+                   sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+                   for layer in self.layers)
 
 
 @dataclass
@@ -181,8 +231,9 @@ class Positions:
     """Where a forward pass's tokens sit, computed once per forward and shared by every layer.
 
     pos [B, T] absolute positions; cos/sin [B, T, rope_dim/2] rotary tables for them; with a cache,
-    `length` keys are read from it and `mask` [B, 1, T, length] (None when every query sees every key,
-    i.e. single-row decode) says which; without a cache, attention is causal over the T tokens given."""
+    `length` keys are read from it and `mask` [B, 1, T, length] says which (None when every query sees every
+    key, i.e. single-row decode, or when it is plain causal over T == length, see `build`: attention then
+    runs causal); without a cache, attention is causal over the T tokens given."""
 
     pos: torch.Tensor
     cos: torch.Tensor
@@ -194,13 +245,25 @@ class Positions:
 
     @classmethod
     def build(cls, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: bool,
-              interleaved: bool = False, length: int | None = None) -> Positions:
-        """`length` = max(pos) + 1 when the caller already knows it (saves a device sync per forward)."""
+              interleaved: bool = False, length: int | None = None, window: bool = False) -> Positions:
+        """`length` = max(pos) + 1 when the caller already knows it (saves a device sync per forward).
+
+        `window=True`: `length` is a fixed read window at least max(pos) + 1 (a static-shape decode step,
+        engine/graphs.py), so the mask is always built: keys past a row's position may hold stale data.
+        Otherwise the mask is left out where every query sees every key (single-row decode) and where it is
+        plain causal: one row whose T positions are 0..T-1 (a first prefill chunk; positions within a cached
+        forward's row are consecutive, which every caller guarantees), so attention can take SDPA's causal
+        path (FlashAttention on CUDA) instead of a materialized mask."""
         if not cached:
             return cls(pos, cos, sin, False, interleaved)
         length = int(pos.max()) + 1 if length is None else length
+        b, t = pos.shape
         mask = None
-        if pos.shape[0] > 1 or pos.shape[1] > 1:
+        if window or (b > 1 or t > 1) and not (b == 1 and t == length):
             keys = torch.arange(length, device=pos.device)
             mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
         return cls(pos, cos, sin, True, interleaved, length, mask)
+
+
+# DeepSeek-V4's kinds live in their own module; re-exported so every cache kind is importable from here.
+from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer  # noqa: F401

@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 decoder: MLA attention in every block, a dense SwiGLU in the first
+"""The DeepSeek-V3 (and V3.2) decoder: MLA attention in every block, a dense SwiGLU in the first
 `first_k_dense_replace` blocks and DeepSeekMoE after, plus optional MTP modules (`mtp.py`).
 
 Parameter names match transformers' DeepseekV3ForCausalLM (experts packed as in transformers 5.x);
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from nanoseek.models.base import CausalLM, DecoderStack
-from nanoseek.models.config import DeepseekConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV32Config
+from nanoseek.models.dsa import SparseMLA
 from nanoseek.models.layers import RMSNorm, Rotary, SwiGLU
 from nanoseek.models.mla import MLA
 from nanoseek.models.moe import MoE
@@ -20,7 +21,8 @@ from nanoseek.models.moe import MoE
 class DeepseekBlock(nn.Module):
     def __init__(self, cfg: DeepseekConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MLA(cfg)
+        # V3.2 (DeepseekV32Config) attends sparsely: DSA, models/dsa.py
+        self.self_attn = SparseMLA(cfg) if isinstance(cfg, DeepseekV32Config) else MLA(cfg)
         self.mlp = MoE(cfg) if layer_idx >= cfg.first_k_dense_replace else SwiGLU(cfg.hidden_size,
                                                                                   cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -49,29 +49,38 @@ class MLA(nn.Module):
         return LatentLayer(torch.zeros(batch, max_len, self.kv_lora + self.rope, dtype=dtype, device=device),
                            self.kv_lora)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_lora is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-
-    def forward(self, x: torch.Tensor, at: Positions, cache: LatentLayer | None = None) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor, at: Positions):
+        """(query latent c_Q [B, T, q_lora] or None without q_lora, q_nope [B, T, H, nope], rotated q_rope)."""
         b, t, _ = x.shape
-        q = self._query(x).view(b, t, self.n_heads, self.nope + self.rope)
+        latent = None if self.q_lora is None else self.q_a_layernorm(self.q_a_proj(x))
+        q = (self.q_proj(x) if latent is None else self.q_b_proj(latent)).view(b, t, self.n_heads,
+                                                                                self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        q_rope = apply_rotary(q_rope, at)
+        return latent, q_nope, apply_rotary(q_rope, at)
+
+    def _keys(self, x: torch.Tensor, at: Positions, cache: LatentLayer | None):
+        """Write this chunk's latent + rope key to the cache; return every key it reads [B, L, kv_lora + rope]
+        and the mask (None: causal over the chunk without a cache, or every key visible)."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # the norm covers the latent only, never the rope part
         k_rope = apply_rotary(k_rope.unsqueeze(2), at).squeeze(2)
         if cache is None:
-            kv, mask = torch.cat([latent, k_rope], dim=-1), None
-        else:
-            cache.write(at.pos, torch.cat([latent, k_rope], dim=-1))
-            kv, mask = cache.kv[:, :at.length], at.mask
-        absorb = self.mode == "absorb" or (self.mode == "auto" and cache is not None and t <= 8)
+            return torch.cat([latent, k_rope], dim=-1), None
+        cache.write(at.pos, torch.cat([latent, k_rope], dim=-1))
+        return cache.kv[:, :at.length], at.mask
+
+    def _attend(self, q_nope, q_rope, kv, mask, cached: bool) -> torch.Tensor:
+        """Attention output [B, T, H, v_dim], by whichever of the two equivalent forms is cheaper here."""
+        absorb = self.mode == "absorb" or (self.mode == "auto" and cached and q_nope.shape[1] <= 8)
         if absorb:
-            out = self._absorbed(q_nope, q_rope, kv, mask)
-        else:
-            out = self._naive(q_nope, q_rope, kv, mask)
+            return self._absorbed(q_nope, q_rope, kv, mask)
+        return self._naive(q_nope, q_rope, kv, mask)
+
+    def forward(self, x: torch.Tensor, at: Positions, cache: LatentLayer | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        _, q_nope, q_rope = self._queries(x, at)
+        kv, mask = self._keys(x, at, cache)
+        out = self._attend(q_nope, q_rope, kv, mask, cache is not None)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_rope, kv, mask):
@@ -102,5 +111,11 @@ class MLA(nn.Module):
         v = kv[..., :self.kv_lora].unsqueeze(1)
         if mask is None and q.shape[2] > 1:
             mask = torch.ones(q.shape[2], kv.shape[1], dtype=torch.bool, device=kv.device).tril()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        if q.shape[2] == 1:
+            # Decode: all heads' queries against the one latent key as a single head ([B, 1, H, C]), which
+            # every SDPA backend takes with a mask (enable_gqa with a mask sends CUDA to the math kernel).
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                                 scale=self.scale).transpose(1, 2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return torch.einsum("bhtc,hvc->bthv", out, w_uv.to(out.dtype))

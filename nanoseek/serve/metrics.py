@@ -137,6 +137,12 @@ class _SchedulerCollector:
         batch = HistogramMetricFamily(PREFIX + "decode_batch_size", "Rows decoded together per decode step.",
                                       labels=[LABEL])
         finished = counter("request_finished", "Requests finished, by finish reason.", ["finished_reason"])
+        drafted = counter("spec_decode_num_draft_tokens", "Speculative draft tokens proposed.")
+        accepted = counter("spec_decode_num_accepted_tokens", "Speculative draft tokens the model accepted.")
+        verify = counter("spec_decode_num_verify_steps", "Decode steps that verified drafts.")
+        rate = gauge("spec_decode_acceptance_rate", "Accepted / proposed draft tokens since start (0 without drafts).")
+        per_step = gauge("spec_decode_tokens_per_step", "Tokens emitted per drafting row per verify step "
+                         "(1 without drafts).")
         for model, read in self._stats.items():
             s = read()
             m = [model]
@@ -161,5 +167,11 @@ class _SchedulerCollector:
             batch.add_metric(m, cumulative, sum_value=sum(size * c for size, c in hist.items()))
             for reason, count in sorted(s["finished"].items(), key=lambda kv: str(kv[0])):
                 finished.add_metric([model, str(reason)], count)
+            drafted.add_metric(m, s.get("spec_draft_tokens", 0))
+            accepted.add_metric(m, s.get("spec_accepted_tokens", 0))
+            verify.add_metric(m, s.get("spec_verify_steps", 0))
+            rate.add_metric(m, s.get("spec_acceptance_rate") or 0.0)
+            per_step.add_metric(m, s.get("spec_tokens_per_step") or 1.0)
         yield from (running, prefilling, waiting, rows_used, rows_total, usage, blocks_used, blocks_total,
-                    queries, hits, prompt, generation, steps, max_batch, batch, finished)
+                    queries, hits, prompt, generation, steps, max_batch, batch, finished, drafted, accepted,
+                    verify, rate, per_step)

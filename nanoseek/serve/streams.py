@@ -34,9 +34,11 @@ def api_finish(reason: str | None) -> str:
 
 
 def dead_end(message: str | None) -> ApiError:
-    """A constrained row whose grammar allowed no next token (engine finish_reason "error")."""
-    return ApiError(500, f"Constrained decoding failed: {message or 'the grammar allowed no next token'}.",
-                    code="grammar_dead_end")
+    """A constrained row whose grammar allowed no next token (engine finish_reason "error"). The grammar comes
+    from the request (its schema or tools), which this tokenizer could not complete: a 422 the client can act
+    on, not a server fault to retry."""
+    return ApiError(422, f"Constrained decoding failed: {message or 'the grammar allowed no next token'}; "
+                         "simplify the schema or tools", code="grammar_dead_end")
 
 
 def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0) -> Usage:

@@ -74,6 +74,7 @@ def plan_chat(sm, req: ChatCompletionRequest, compiler: Callable[[], GrammarComp
     `compiler()` returns the model's GrammarCompiler (built on first use); `render(messages, thinking,
     tools)` renders a prompt (default: render_prompt; the chat route passes its prefix-completion renderer).
     Raises ApiError 400 for a schema the grammar cannot enforce."""
+    compiler = _guarded(compiler)
     tok = sm.tokenizer
     template = getattr(tok, "chat_template", None) or ""
     functions = [Function(t.function.name, t.function.description,
@@ -124,6 +125,19 @@ def plan_chat(sm, req: ChatCompletionRequest, compiler: Callable[[], GrammarComp
             return compiler().constraint(spec, device)
     return ChatPlan(prompt, make, functions, parse_tools=bool(functions) and choice != "none", native=native,
                     constrained=constrained, split=split)
+
+
+def _guarded(compiler: Callable[[], GrammarCompiler]) -> Callable[[], GrammarCompiler]:
+    """The compiler, or a 400 when llguidance cannot wrap this model's tokenizer (it needs a fast one)."""
+    def get() -> GrammarCompiler:
+        try:
+            return compiler()
+        except ApiError:
+            raise
+        except Exception as e:
+            raise ApiError(400, f"Constrained decoding (tools, response_format, reasoning_effort) is not "
+                                f"available for this model's tokenizer: {e}", code="unsupported_tokenizer") from None
+    return get
 
 
 def _has_tool_turns(messages: list[dict]) -> bool:

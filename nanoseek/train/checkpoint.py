@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nanoseek.errors import BadInputError, NotFoundError
-from nanoseek.models.config import DeepseekConfig, ModelConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config, DeepseekV32Config, ModelConfig
 from nanoseek.train import distributed as D
 
 _STEP = re.compile(r"^step_(\d{8})$")
@@ -46,7 +46,9 @@ def model_spec(cfg: ModelConfig) -> dict[str, Any]:
     """A model config as a [model] table (what train.config.build_model_config reads back)."""
     d = dataclasses.asdict(cfg)
     if isinstance(cfg, DeepseekConfig):
-        d["arch"] = "deepseek_v3"
+        d["arch"] = "deepseek_v32" if isinstance(cfg, DeepseekV32Config) else "deepseek_v3"
+    elif isinstance(cfg, DeepseekV4Config):
+        d["arch"] = "deepseek_v4"
     return d
 
 

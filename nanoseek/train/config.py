@@ -1,7 +1,7 @@
 """Typed training configuration: `TrainConfig` loaded from a TOML file plus dotted command-line overrides.
 
-A config file has the sections [model], [data], [optim] and [train]. [model] holds `arch` ("deepseek_v3" or
-"llama") and any field of the matching model config (nanoseek.models.config); everything else maps onto the
+A config file has the sections [model], [data], [optim] and [train]. [model] holds `arch` ("deepseek_v3",
+"deepseek_v4" or "llama") and any field of the matching model config (nanoseek.models.config); everything else maps onto the
 dataclasses below. TOML has no null: the string "none" stands for it. `--set optim.lr=3e-4` overrides one
 field; the value is read as TOML (so `--set train.compile=true` is a bool and `--set data.path=/x` a string).
 Unknown sections or keys raise BadInputError naming the file and the key, so a typo never trains silently
@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import BadInputError, NotFoundError
-from nanoseek.models.config import DeepseekConfig, DenseConfig, ModelConfig, RopeConfig
+from nanoseek.models.config import (DeepseekConfig, DeepseekV4Config, DeepseekV32Config, DenseConfig, ModelConfig,
+                                    RopeConfig)
 
-ARCHS = {"deepseek_v3": DeepseekConfig, "llama": DenseConfig}
+ARCHS = {"deepseek_v3": DeepseekConfig, "deepseek_v32": DeepseekV32Config, "llama": DenseConfig,
+         "deepseek_v4": DeepseekV4Config}
 
 
 @dataclass
@@ -66,6 +68,9 @@ class RunConfig:
     keep_last: int = 3
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     plots: bool = True
+    # DeepSeek-V3.2 (DSA): the first N steps train only the lightning indexer toward the dense attention
+    # (V3.2 report §2.1.1, dense warm-up); ignored by models without DSA
+    indexer_warmup_steps: int = 0
 
 
 @dataclass
@@ -92,6 +97,8 @@ def build_model_config(spec: dict[str, Any], vocab_size: int | None = None, bos_
         raise BadInputError(f"{where} arch {arch!r}: expected one of {', '.join(ARCHS)}")
     cls = ARCHS[arch]
     rope = RopeConfig(**_only(spec.pop("rope", {}) or {}, RopeConfig, f"{where}.rope"))
+    if cls is DeepseekV4Config and "compress_rope" in spec:  # V4's second rotary (compressed layers)
+        spec["compress_rope"] = RopeConfig(**_only(spec["compress_rope"] or {}, RopeConfig, f"{where}.compress_rope"))
     known = {f.name for f in dataclasses.fields(cls)} - {"rope"}
     unknown = sorted(set(spec) - known)
     if unknown:

@@ -7,7 +7,11 @@ GPU (fp32 on CPU), and for DeepSeekMoE models:
   - the sequence-wise balance loss α·Σ_layers L_bal (V3 §2.1.2, eq. 17–20) added to the objective's loss;
   - the aux-loss-free bias update b_i += γ·sign(mean(c) − c_i) after every optimizer step, with the expert
     loads c summed over all micro-batches and all ranks (the global batch, as V3 specifies);
-  - per-layer load imbalance (max/mean tokens per expert) in the logs.
+  - per-layer load imbalance (max/mean tokens per expert) in the logs;
+and for DeepSeek-V3.2 (DSA, models/dsa.py) the lightning indexer's KL loss: during the first
+`train.indexer_warmup_steps` steps attention stays dense and only that loss is optimised (so only the indexer
+learns, and the router biases hold still); after them attention is top-k sparse and the loss is added to the
+objective's (the indexer's input is detached, so each part learns only from its own loss).
 Plus periodic held-out eval, JSONL metrics with a rich progress line, atomic checkpoints with exact resume
 (checkpoint.py), and PNG plots at the end (plots.py).
 """
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.errors import BadInputError
-from nanoseek.models.config import DeepseekConfig
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config
+from nanoseek.models.dsa import dsa_modules
 from nanoseek.models.moe import sequence_balance_loss, update_router_bias
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import distributed as D
@@ -136,9 +141,10 @@ class Trainer:
         self.bf16 = run.precision == "bf16" or (run.precision == "auto" and dev.type == "cuda")
         self.lm = model.to(dev).train()
         mcfg = model.config
-        self.moe = model.moe_layers() if isinstance(mcfg, DeepseekConfig) else []
+        self.moe = model.moe_layers() if isinstance(mcfg, (DeepseekConfig, DeepseekV4Config)) else []
         self.gamma = mcfg.bias_update_speed if self.moe else 0.0
         self.alpha = mcfg.seq_aux_alpha if self.moe else 0.0
+        self.dsa = dsa_modules(model)
         blocks = list(model.model.layers) + list(getattr(model, "mtp", []))
         if run.compile:
             # The main stack's blocks only: an MTP module computes its rotary positions itself (a host sync,
@@ -209,19 +215,33 @@ class Trainer:
         n_exp = self.moe[0].gate.n_experts if self.moe else 0
         loads = torch.zeros(len(self.moe), n_exp, device=self.env.device)
         tokens = 0
+        warmup = bool(self.dsa) and self.step < run.indexer_warmup_steps
+        for m in self.dsa:
+            m.stage = "warmup" if warmup else "sparse"
         for micro in range(run.grad_accum):
             batch = self.source.next_batch()
             tokens += self.objective.tokens(batch)
             with self._grad_sync(micro == run.grad_accum - 1):
                 with self._autocast():
                     loss, metrics = self.objective.loss(self.model, batch)
-                    if self.moe and self.alpha > 0:
+                    if self.moe and self.alpha > 0 and not warmup:
                         # Only layers this forward ran: an objective may skip the MTP modules (and their MoEs).
                         bal = sum(sequence_balance_loss(m.last_scores, m.last_idx, m.gate.top_k)
                                   for m in self.moe if m.last_scores is not None)
                         loss = loss + self.alpha * bal
                         metrics["balance"] = bal.detach()
+                    kls = [m.last_index_loss for m in self.dsa if m.last_index_loss is not None]
+                    if kls:  # mean over the DSA layers this forward ran
+                        kl = torch.stack(kls).mean()
+                        metrics["indexer_kl"] = kl.detach()
+                        if warmup:  # the objective's loss is logged, not optimised. Its 0· keeps every
+                            # parameter in the backward, as DDP expects; their zero gradients are dropped below.
+                            metrics["lm_loss"], loss = loss.detach(), kl + 0.0 * loss
+                        else:
+                            loss = loss + kl
                 (loss / run.grad_accum).backward()
+            for m in self.dsa:
+                m.last_index_loss = None  # it holds the graph; free it now
             for i, m in enumerate(self.moe):
                 if m.last_load is not None:
                     loads[i] += m.last_load
@@ -229,6 +249,11 @@ class Trainer:
             metrics = {"loss": loss.detach(), **metrics}
             for k, v in metrics.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+        if warmup:  # only the indexer learns: no optimizer may touch the rest (weight decay included)
+            keep = {id(p) for m in self.dsa for p in m.indexer.parameters()}
+            for p in self.model.parameters():
+                if id(p) not in keep:
+                    p.grad = None
         clip = self.cfg.optim.grad_clip
         # max_norm=inf still returns the norm for the logs and leaves gradients bitwise unchanged.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
@@ -239,7 +264,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         if self.moe:
             D.all_reduce_sum(loads)
-            if self.gamma > 0:
+            if self.gamma > 0 and not warmup:
                 for m, load in zip(self.moe, loads):
                     update_router_bias(m.gate.e_score_correction_bias, load, self.gamma)
         keys = sorted(sums)

@@ -48,11 +48,11 @@ class LanguageModeling(Objective):
 @torch.no_grad()
 def init_weights(model: nn.Module, std: float) -> None:
     """Every matrix (linear, embedding, router, packed experts) ~ N(0, std) as in V3 §4.2 (std 0.006 there);
-    norm scales 1, biases and router selection biases 0."""
+    norm scales 1, biases and router selection biases 0 (V4's mHC `base` biases and attention sinks too)."""
     for name, p in model.named_parameters():
         if p.ndim >= 2:
             p.normal_(0.0, std)
-        elif name.endswith("bias"):
+        elif name.endswith(("bias", "base", "sinks")):
             p.zero_()
         else:
             p.fill_(1.0)

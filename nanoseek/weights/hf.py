@@ -20,9 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.errors import BadInputError, NotFoundError
+from nanoseek.errors import BadInputError, NotFoundError, UnsupportedError
 from nanoseek.models import build_model
-from nanoseek.models.config import DeepseekConfig, ModelConfig, config_from_hf, config_to_hf
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config, ModelConfig, config_from_hf, config_to_hf
+from nanoseek.models.layers import Rotary
 from nanoseek.progress import progress_bar
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -65,13 +66,17 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Pat
         try:
             with safe_open(str(f), framework="pt") as st:
                 keys = list(st.keys())
-                scales = {k[: -len("_scale_inv")] for k in keys if k.endswith("weight_scale_inv")}
+                scales = {k[: -len("_scale_inv")]: k for k in keys if k.endswith("weight_scale_inv")}
+                # DeepSeek's own checkpoints (V4) name the block scale of `x.weight` `x.scale`
+                scales.update({k[: -len("scale")] + "weight": k for k in keys
+                               if k.endswith(".scale") and k[: -len("scale")] + "weight" in keys})
+                skip = set(scales.values())
                 for k in keys:
-                    if k.endswith("_scale_inv"):
+                    if k in skip:
                         continue
                     t = st.get_tensor(k)
                     if k in scales:
-                        t = dequantize_fp8_blocks(t, st.get_tensor(k + "_scale_inv"))
+                        t = dequantize_fp8_blocks(t, st.get_tensor(scales[k]))
                     yield k, t, f
         except SafetensorError as e:
             raise BadInputError(f"{f}: corrupt or truncated safetensors file ({e})") from None
@@ -88,6 +93,9 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Ten
 def to_nanoseek_names(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor, object]]
                       ) -> Iterator[tuple[str, torch.Tensor, object]]:
     """Translate transformers names (either expert layout) to ours, packing per-expert tensors."""
+    if isinstance(cfg, DeepseekV4Config):
+        yield from v4_to_nanoseek_names(cfg, named)
+        return
     n_layers = cfg.num_hidden_layers
     pending: dict[str, dict] = {}
     n_experts = cfg.n_routed_experts if isinstance(cfg, DeepseekConfig) else 0
@@ -142,8 +150,11 @@ def assemble(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor, object]]
             if tuple(t.shape) != tuple(want.shape):
                 raise BadInputError(f"{src}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                                     f"{tuple(want.shape)}")
-            keep_fp32 = name.endswith("e_score_correction_bias")
-            t = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            # fp32 as in the reference: the router's selection bias, and DSA's index-head weights (they scale
+            # every index score, and near-equal scores must rank the same); integer buffers (V4's tid2eid hash
+            # table) keep their dtype
+            keep_fp32 = name.endswith(("e_score_correction_bias", "indexer.weights_proj.weight"))
+            t = t.to(device=device, dtype=(torch.float32 if keep_fp32 else dtype) if t.is_floating_point() else None)
             _assign(model, name, t)
             seen.add(name)
     missing = sorted(set(expected) - seen)
@@ -164,17 +175,20 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def _rebuild_rotary(model: torch.nn.Module, device) -> None:
-    """Non-persistent rotary tables were created on meta; compute them for real."""
-    rot = model.model.rotary
+    """Non-persistent rotary tables were created on meta; compute them for real (every table: V4 has two)."""
     with torch.device(device):
-        rot._build(rot.max_positions)
+        for rot in model.modules():
+            if isinstance(rot, Rotary):
+                rot._build(rot.max_positions)
 
 
 def load_hf(path: str | os.PathLike, dtype=torch.float32, device="cpu") -> tuple[torch.nn.Module, ModelConfig]:
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"{path}: no such file or directory")
-    _, cfg = read_config(path)
+    raw, cfg = read_config(path)
+    if isinstance(cfg, DeepseekV4Config):
+        refuse_fp4_experts(raw)
     files = safetensors_files(path)
     total, names = _scan(files)
     if isinstance(cfg, DeepseekConfig) and cfg.num_nextn_predict_layers:
@@ -193,7 +207,7 @@ def _scan(files: list[Path]) -> tuple[int, set[str]]:
         names: set[str] = set()
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                names.update(k for k in st.keys() if not k.endswith("_scale_inv"))
+                names.update(k for k in st.keys() if not k.endswith(("_scale_inv", ".scale")))
         return len(names), names
     except SafetensorError as e:
         raise BadInputError(f"corrupt or truncated safetensors file among {[str(f) for f in files]} ({e})") from None
@@ -202,6 +216,8 @@ def _scan(files: list[Path]) -> tuple[int, set[str]]:
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our state dict in the per-expert layout transformers' save_pretrained writes (and the hub uses)."""
     cfg = model.config
+    if isinstance(cfg, DeepseekV4Config):
+        return v4_hf_state(model)
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -271,3 +287,151 @@ def save_hf(model: torch.nn.Module, path: str | os.PathLike, tokenizer=None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# --- DeepSeek-V4 names -------------------------------------------------------------------------------------
+# DeepSeek's checkpoint names (which transformers' save_pretrained also writes for V4) → ours. Ours are
+# transformers' in-memory names, except that the indexer is `self_attn.indexer` (its compressor `.comp`).
+_V4_LAYER_RENAMES = [
+    (r"^attn\.attn_sink$", "self_attn.sinks"),
+    (r"^attn\.indexer\.compressor\.", "self_attn.indexer.comp."),
+    (r"^attn\.indexer\.wq_b\.", "self_attn.indexer.q_b_proj."),
+    (r"^attn\.indexer\.weights_proj\.", "self_attn.indexer.weights_proj."),
+    (r"^attn\.", "self_attn."),
+    (r"^attn_norm\.", "input_layernorm."),
+    (r"^ffn_norm\.", "post_attention_layernorm."),
+    (r"^ffn\.gate\.bias$", "mlp.gate.e_score_correction_bias"),
+    (r"^ffn\.shared_experts\.w1\.", "mlp.shared_experts.gate_proj."),
+    (r"^ffn\.shared_experts\.w2\.", "mlp.shared_experts.down_proj."),
+    (r"^ffn\.shared_experts\.w3\.", "mlp.shared_experts.up_proj."),
+    (r"^ffn\.", "mlp."),
+    (r"^hc_(attn|ffn)_(fn|base|scale)$", r"\1_hc.\2"),
+]
+_V4_LEAF_RENAMES = {"wq_a": "q_a_proj", "wq_b": "q_b_proj", "wkv": "kv_proj", "wgate": "gate_proj", "wo_a": "o_a_proj",
+                    "wo_b": "o_b_proj", "q_norm": "q_a_norm", "norm": "kv_norm", "ape": "position_bias"}
+_V4_TOP = {"embed.weight": "model.embed_tokens.weight", "embed_tokens.weight": "model.embed_tokens.weight",
+           "head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight", "norm.weight": "model.norm.weight",
+           "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
+           "hc_head_scale": "model.hc_head.hc_scale", "hc_head.hc_fn": "model.hc_head.hc_fn",
+           "hc_head.hc_base": "model.hc_head.hc_base", "hc_head.hc_scale": "model.hc_head.hc_scale"}
+_V4_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
+_FP4_DTYPES = {torch.int8, torch.uint8} | ({torch.float4_e2m1fn_x2} if hasattr(torch, "float4_e2m1fn_x2") else set())
+
+
+def refuse_fp4_experts(raw: dict) -> None:
+    """V4 ships its routed experts as FP4 (e2m1 pairs packed in a byte, a ue8m0 scale per 32 values); not loaded."""
+    q = raw.get("quantization_config") or {}
+    dt = raw.get("expert_dtype") or (q.get("expert_dtype") if isinstance(q, dict) else None)
+    if dt is not None and "fp4" in str(dt).lower():
+        raise UnsupportedError(f"quantization_config.expert_dtype={dt!r}: FP4-packed experts (ue8m0 scales) are not "
+                               "supported; use a bf16 or FP8 checkpoint")
+
+
+def _v4_local(name: str) -> str:
+    """One name inside a layer (`attn.wq_a.weight`) → ours (`self_attn.q_a_proj.weight`)."""
+    for pat, rep in _V4_LAYER_RENAMES:
+        new = re.sub(pat, rep, name)
+        if new != name:
+            name = new
+            break
+    parts = name.split(".")
+    if parts[0] == "self_attn":
+        parts = [_V4_LEAF_RENAMES.get(p, p) for p in parts]
+    return ".".join(parts)
+
+
+def v4_to_nanoseek_names(cfg: DeepseekV4Config, named):
+    pending: dict[str, dict] = {}
+    e = cfg.n_routed_experts
+    for name, t, src in named:
+        bare = name.removeprefix("model.")
+        if bare.startswith("mtp.") or bare.startswith("layers.") and int(bare.split(".")[1]) >= cfg.num_hidden_layers:
+            continue  # MTP modules: not built (transformers skips them too)
+        if bare in _V4_TOP:
+            yield _V4_TOP[bare], t, src
+            continue
+        m = re.match(r"^layers\.(\d+)\.(.*)$", bare)
+        if not m:
+            yield name, t, src  # assemble() names it as unexpected
+            continue
+        full = f"model.layers.{m.group(1)}.{_v4_local(m.group(2))}"
+        x = _V4_EXPERT.match(full)
+        if x:
+            if t.dtype in _FP4_DTYPES:
+                raise UnsupportedError(f"{src}: {name} is FP4-packed ({t.dtype}); quantization_config.expert_dtype "
+                                       "fp4 (ue8m0 scales) is not supported")
+            slot = pending.setdefault(x.group(1), {})
+            slot[(int(x.group(2)), x.group(3))] = t
+            if len(slot) == 3 * e:
+                gate_up = torch.stack([torch.cat([slot[(j, "w1")], slot[(j, "w3")]]) for j in range(e)])
+                down = torch.stack([slot[(j, "w2")] for j in range(e)])
+                del pending[x.group(1)]
+                yield f"{x.group(1)}.gate_up_proj", gate_up, src
+                yield f"{x.group(1)}.down_proj", down, src
+            continue
+        yield full, t, src
+    if pending:
+        prefix = next(iter(pending))
+        raise BadInputError(f"{prefix}: only {len(pending[prefix])} of {3 * e} expert tensors present")
+
+
+def v4_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our V4 state dict under the names transformers' save_pretrained writes (DeepSeek's, per-expert)."""
+    cfg = model.config
+    inverse = {}
+    for name in model.state_dict():
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m:
+            inverse[name] = f"model.layers.{m.group(1)}.{_v4_hub_local(m.group(2))}"
+    top = {"model.embed_tokens.weight": "model.embed_tokens.weight", "lm_head.weight": "head.weight",
+           "model.norm.weight": "model.norm.weight", "model.hc_head.hc_fn": "model.hc_head.hc_fn",
+           "model.hc_head.hc_base": "model.hc_head.hc_base", "model.hc_head.hc_scale": "model.hc_head.hc_scale"}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        hub = top.get(name) or inverse[name]
+        if hub.endswith("experts.gate_up_proj"):
+            prefix = hub[: -len(".gate_up_proj")]
+            for j, w in enumerate(t):
+                g, u = w.chunk(2, dim=0)
+                out[f"{prefix}.{j}.w1.weight"], out[f"{prefix}.{j}.w3.weight"] = g.clone(), u.clone()
+            continue
+        if hub.endswith("experts.down_proj"):
+            prefix = hub[: -len(".down_proj")]
+            for j, w in enumerate(t):
+                out[f"{prefix}.{j}.w2.weight"] = w.clone()
+            continue
+        out[hub] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _v4_hub_local(name: str) -> str:
+    """The inverse of _v4_local, checked by construction: try the hub spellings until one maps back."""
+    for cand in _v4_hub_candidates(name):
+        if _v4_local(cand) == name:
+            return cand
+    raise ValueError(f"no DeepSeek-V4 checkpoint name for {name!r}")
+
+
+def _v4_hub_candidates(name: str):
+    rev_leaf = {v: k for k, v in _V4_LEAF_RENAMES.items()}
+    fixed = {"self_attn.sinks": "attn.attn_sink", "mlp.gate.e_score_correction_bias": "ffn.gate.bias"}
+    if name in fixed:
+        yield fixed[name]
+    m = re.match(r"^(attn|ffn)_hc\.(fn|base|scale)$", name)
+    if m:
+        yield f"hc_{m.group(1)}_{m.group(2)}"
+    heads = [("self_attn.indexer.comp.", "attn.indexer.compressor."), ("self_attn.indexer.q_b_proj.", "attn.indexer.wq_b."),
+             ("self_attn.indexer.weights_proj.", "attn.indexer.weights_proj."), ("self_attn.", "attn."),
+             ("input_layernorm.", "attn_norm."), ("post_attention_layernorm.", "ffn_norm."),
+             ("mlp.shared_experts.gate_proj.", "ffn.shared_experts.w1."),
+             ("mlp.shared_experts.down_proj.", "ffn.shared_experts.w2."),
+             ("mlp.shared_experts.up_proj.", "ffn.shared_experts.w3."), ("mlp.", "ffn.")]
+    for ours, hub in heads:
+        if name.startswith(ours):
+            rest = name[len(ours):].split(".")
+            rest = [rev_leaf.get(p, p) for p in rest] if hub.startswith("attn") else rest
+            yield hub + ".".join(rest)
+    yield name
+# --- end DeepSeek-V4 names ---------------------------------------------------------------------------------
