@@ -144,17 +144,30 @@ def test_bad_input_is_a_400(keyed):
 
 
 def test_storage_quota(models, tmp_path):
-    """A response that does not fit the key's storage quota is not kept: 413 whole, an error event streamed."""
+    """Paid-for output is never thrown away: a response too big for the key's storage quota is returned with
+    store false (whole and streamed), and once the quota is full a stored request is a 413 before it runs."""
     with Store(tmp_path, limits=StoreLimits(stored_bytes_per_owner=600)) as st:
         s = _Server(create_app(models, st, require_auth=False, poll_s=0.05))
         try:
+            whole = _greedy(s.client())
+            assert whole.output and whole.store is False
+            events = list(_greedy(s.client(), stream=True))
+            assert events[-1].type in ("response.completed", "response.incomplete")
+            assert events[-1].response.store is False
+            assert st.stored_bytes(None) == 0
+            st.put_response(None, "resp_filler", "x" * 200, "y" * 200)
+            full = st.stored_bytes(None)
+        finally:
+            s.stop()
+    with Store(tmp_path, limits=StoreLimits(stored_bytes_per_owner=full)) as st:   # now exactly full
+        s = _Server(create_app(models, st, require_auth=False, poll_s=0.05))
+        try:
+            billed = len(st.usage_rows())
             with pytest.raises(openai.APIStatusError) as e:
                 _greedy(s.client())
             assert e.value.status_code == 413 and "quota" in e.value.message
-            events = list(_greedy(s.client(), stream=True))
-            assert events[-1].type == "error" and "quota" in events[-1].message
-            assert _greedy(s.client(), store=False).status == "incomplete"   # unstored answers still run
-            assert st.stored_bytes(None) == 0
+            assert len(st.usage_rows()) == billed       # refused before anything ran or was billed
+            assert _greedy(s.client(), store=False).output   # unstored answers still run
         finally:
             s.stop()
 

@@ -17,6 +17,7 @@ the server's retention setting, counted against the key's storage quota; another
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 import uuid
@@ -403,6 +404,17 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
         history = json.dumps(conversation + [output.reply()], ensure_ascii=False)
         await asyncio.to_thread(store.put_response, caller.key_id, rid, json.dumps(body, ensure_ascii=False), history)
 
+    # Generated output is never thrown away: a full quota is refused before anything runs (`room`), and an
+    # answer that turns out too big to keep is still returned, with store false.
+    save = _keep_or_not(keep)
+
+    def room(caller) -> None:
+        """413 before generating when the key's storage is already full (nothing is run or billed)."""
+        cap = store.limits.stored_bytes_per_owner
+        if cap is not None and store.stored_bytes(caller.key_id) >= cap:
+            raise ApiError(413, f"This key's stored data is at its quota of {cap} bytes; delete stored responses "
+                                "or conversations, or send store: false.", code="storage_quota_exceeded")
+
     def load_history(caller, response_id: str) -> list[dict]:
         if store is None:
             raise ApiError.not_found(f"No response found with id '{response_id}'.", param="previous_response_id")
@@ -420,12 +432,14 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
                    if req.previous_response_id else [])
         body, conversation = chat_body(req, history, stream=bool(req.stream))
         chat_req = ChatCompletionRequest.parse(body)
+        if req.stored and store is not None:
+            await asyncio.to_thread(room, caller)
         run = ChatRun()
         response = await chat.run(caller, chat_req, sm, request, run)
         rid, created, name = _new("resp"), time.time(), req.model or sm.name
         stored = req.stored and store is not None
         if isinstance(response, StreamingResponse):
-            return sse(_stream(response.body_iterator, rid, created, req, name, stored, conversation, caller, keep))
+            return sse(_stream(response.body_iterator, rid, created, req, name, stored, conversation, caller, save))
         if response.status_code != 200:     # the client left (499): nobody reads this
             return response
         completion = json.loads(response.body)
@@ -433,8 +447,8 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
         choice = completion["choices"][0]
         output.feed_message(choice["message"], choice["finish_reason"])
         obj = response_object(rid, created, req, name, stored, output, completion["usage"])
-        if stored:
-            await keep(caller, rid, obj, conversation, output)
+        if stored and not await save(caller, rid, obj, conversation, output):
+            obj["store"] = False
         return JSONResponse(obj)
 
     @router.get("/responses/{response_id}")
@@ -456,6 +470,20 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
     return router
 
 
+def _keep_or_not(keep):
+    """`keep`, returning False instead of raising when the key's storage quota cannot hold the response."""
+    async def attempt(*args) -> bool:
+        try:
+            await keep(*args)
+            return True
+        except NanoseekError as exc:
+            if to_api_error(exc).status != 413:
+                raise
+            logging.getLogger(__name__).warning("response not stored: %s", exc)
+            return False
+    return attempt
+
+
 async def _stream(chat_events, rid, created, req, name, stored, conversation, caller, keep):
     """Run the chat stream (its keep-alives, billing and cancellation) and send its content as typed events.
     Closing this generator closes the chat one, whose `finally` cancels the engine and bills what ran."""
@@ -473,13 +501,8 @@ async def _stream(chat_events, rid, created, req, name, stored, conversation, ca
                 for ev in output.close():
                     yield _sse(ev)
                 final = response_object(rid, created, req, name, stored, output, chat_usage)
-                if stored:
-                    try:
-                        await keep(caller, rid, final, conversation, output)
-                    except Exception as exc:     # e.g. the storage quota: the answer was made, not kept
-                        err = to_api_error(exc)
-                        yield _sse(output.event("error", code=err.code, message=err.message, param=err.param))
-                        continue
+                if stored and not await keep(caller, rid, final, conversation, output):
+                    final["store"] = False    # too big for the quota: the answer stands, unstored
                 kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
                 yield _sse(output.event(kind, response=final))
                 continue
