@@ -202,7 +202,10 @@ def _parse_model_specs(specs: list[str] | None, default: str) -> dict[str, str]:
     for spec in specs or [default]:
         name, eq, source = spec.partition("=")
         if not eq:
-            name, source = (Path(spec).name if ("/" in spec or spec.endswith(".gguf")) else spec), spec
+            # A run's final/ is served under its run directory's name, so two fine-tunes can run side by side.
+            from nanoseek.weights.registry import display_name
+
+            name, source = (display_name(Path(spec)) if ("/" in spec or spec.endswith(".gguf")) else spec), spec
         if not name or not source:
             raise BadInputError(f"--model {spec!r}: expected NAME_OR_PATH or name=path")
         if name in out:

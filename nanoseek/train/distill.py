@@ -119,6 +119,12 @@ def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len:
     try:
         loaded = load_trainable(student, env.device)
         tmodel = load_model(teacher).model.to(env.device).eval()
+        tv, sv = tmodel.config.vocab_size, loaded.model.config.vocab_size
+        if tv != sv:
+            # Checked before any batch: the student's token ids would index past a smaller teacher's table.
+            raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} "
+                                f"{sv:,}: logit distillation needs one tokenizer (for another teacher, make "
+                                "traces with `distill traces` and `sft` on them)")
         source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
         meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
         objective = KDObjective(tmodel, alpha, temperature)

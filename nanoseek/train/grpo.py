@@ -140,7 +140,8 @@ class Rollouts:
                  rank: int = 0, world_size: int = 1):
         self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
         if cfg.prompts_per_step % world_size:
-            raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
+            raise BadInputError(f"--prompts-per-step {cfg.prompts_per_step} must divide among {world_size} "
+                                "processes: make it a multiple of the process count")
         self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
@@ -259,8 +260,8 @@ class Rollouts:
         order = list(range(len(rows)))
         chunks = [order[i::self.micro_batches] for i in range(self.micro_batches)]
         if any(not c for c in chunks):
-            raise BadInputError(f"{len(rows)} completions cannot fill {self.micro_batches} micro-batches "
-                                "(lower train.grad_accum or raise prompts_per_step × group_size)")
+            raise BadInputError(f"{len(rows)} completions cannot fill {self.micro_batches} micro-batches: "
+                                "lower --grad-accum, or raise --prompts-per-step × --group-size")
         out = []
         pad = self.engine.eos_token_ids[0] if self.engine.eos_token_ids else 0
         for chunk in chunks:

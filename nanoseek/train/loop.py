@@ -167,6 +167,7 @@ class Trainer:
             raise BadInputError(f"{self.run_dir} holds checkpoints of an earlier run ({path.name}) and "
                                 "train.resume is off: use another out_dir or remove them")
         if path is not None:
+            self._check_same_model(path)
             # The saved param groups carry the old run's hyperparameters; this run's config wins (a resumed run
             # may lower the lr on purpose), only the moments and step counts come from the checkpoint.
             keep = ("peak_lr", "weight_decay", "betas", "eps", "momentum")
@@ -186,6 +187,19 @@ class Trainer:
             tmp.replace(self.run_dir / "config.json")
             if resumed is not None:
                 print(f"nanoseek: resumed from {path} (step {resumed})", file=sys.stderr)
+
+    def _check_same_model(self, path: Path) -> None:
+        """Resuming a run with another model would fail deep inside the state-dict loader (90 lines of size
+        mismatches): compare the checkpoint's recorded model with this one first and say what changed."""
+        saved = ckpt.read_meta(path).get("model")
+        now = json.loads(json.dumps(ckpt.model_spec(self.lm.config)))  # tuples → lists, as meta.json holds them
+        if saved is None or saved == now:
+            return
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise BadInputError(f"{self.run_dir} holds a run of another model ({shown}{more}): choose a new --out "
+                            "(train.out_dir) for the changed model, or undo the change to resume")
 
     def _autocast(self):
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)

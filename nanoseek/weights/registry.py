@@ -69,6 +69,17 @@ class LoadedModel:
     weight_bits: float = 32.0  # storage precision of the block weights in the source (Q4_1 → 5.0, bf16 → 16)
 
 
+def display_name(path: Path) -> str:
+    """The name a model is shown and served under: a file or directory's name, except that a training run's
+    `final/` or `checkpoints/step_N/` is named after its run directory (two fine-tunes are both `final`)."""
+    path = Path(os.path.abspath(path))
+    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        return path.parent.parent.name
+    if path.name == "final" and ((path.parent / "checkpoints").is_dir() or (path.parent / "metrics.jsonl").exists()):
+        return path.parent.name
+    return path.name
+
+
 def resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     """(file or directory, display name) for a built-in name or a path."""
     if isinstance(spec, str) and spec in BUILTINS:
@@ -77,18 +88,64 @@ def resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     if not path.exists():
         raise NotFoundError(f"{spec}: no such file or directory, and not a built-in model "
                             f"(built-ins: {', '.join(BUILTINS)})")
-    return path, path.name
+    return path, display_name(path)
+
+
+def _training_run(path: Path) -> Path | None:
+    """What a training run or checkpoint directory serves: the run's `final/` (an HF directory) when it is at
+    least as new as its newest checkpoint, else that checkpoint; None when `path` is neither."""
+    from nanoseek.train import checkpoint as ckpt
+
+    if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    newest = ckpt.latest(path)
+    final = path / "final"
+    if (final / "config.json").is_file() and (newest is None or final.stat().st_mtime >= newest.stat().st_mtime):
+        return final
+    return newest
+
+
+def _load_checkpoint(path: Path, name: str, dtype, device) -> LoadedModel:
+    """A training checkpoint with the tokenizer its run recorded (pretraining's data tokenizer, or a
+    fine-tune's base model)."""
+    from nanoseek.train import checkpoint as ckpt
+    from nanoseek.train.tokenizer import load_tokenizer
+
+    model, cfg, meta = ckpt.load_model(path, dtype)
+    source = meta.get("tokenizer") or meta.get("base_model")
+    if not source:
+        raise NotFoundError(f"{path}: the run recorded no tokenizer; run `nanoseek export {path} OUT_DIR "
+                            "--tokenizer TOKENIZER_DIR` and load OUT_DIR")
+    try:
+        tok = load_tokenizer(source)
+    except (NotFoundError, BadInputError, UnsupportedError) as e:
+        raise NotFoundError(f"{path}: cannot load the run's tokenizer ({e}); run `nanoseek export {path} "
+                            "OUT_DIR --tokenizer TOKENIZER_DIR` and load OUT_DIR") from None
+    return LoadedModel(model.to(device), cfg, tok, path, name, 32.0)
 
 
 def load_model(spec: str | os.PathLike, dtype=torch.float32, device="cpu") -> LoadedModel:
     path, name = resolve(spec)
     if path.is_dir():
+        # A run directory holds config.json too (the training config, not an HF one): checkpoints/ tells.
+        is_run = (path / "checkpoints").is_dir() or (path / "meta.json").is_file()
+        run = _training_run(path) if is_run else None
+        if is_run and run is None:
+            raise NotFoundError(f"{path}: a training run without checkpoints yet (nothing to load)")
+        if run is not None and run.name != "final":
+            return _load_checkpoint(run, name, dtype, device)
+        if run is not None:
+            path = run
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:  # a directory holding just one GGUF: take it
                 path = ggufs[0]
             elif ggufs:
                 raise BadInputError(f"{path}: several .gguf files ({', '.join(g.name for g in ggufs)}); name one")
+            else:
+                raise NotFoundError(f"{path}: no config.json, .gguf file or training checkpoints/ here (a run "
+                                    "or checkpoint directory loads as it is; `nanoseek export` writes an HF "
+                                    "directory)")
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
