@@ -376,14 +376,12 @@ def cmd_eval(a) -> int:
 
 
 def _finetune_config(a, lr: float, schedule: str, log_every: int):
-    """The TrainConfig of a fine-tuning command (sft, grpo, distill): no weight decay, clipping at 1."""
-    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+    """The TrainConfig of a fine-tuning command (sft, grpo, distill) from its `_run_args`."""
+    from nanoseek.train.finetune import finetune_config
 
-    return TrainConfig(optim=OptimConfig(lr=lr, schedule=schedule, warmup_steps=a.warmup_steps, weight_decay=0.0,
-                                         grad_clip=1.0),
-                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
-                                       out_dir=a.out, log_every=log_every, eval_every=0, ckpt_every=a.ckpt_every,
-                                       keep_last=2, plots=not a.no_plots))
+    return finetune_config(a.out, steps=a.steps, lr=lr, schedule=schedule, warmup_steps=a.warmup_steps,
+                           grad_accum=a.grad_accum, seed=a.seed, device=a.device, ckpt_every=a.ckpt_every,
+                           log_every=log_every, plots=not a.no_plots, log=a.log)
 
 
 def cmd_sft(a) -> int:
@@ -450,6 +448,34 @@ def cmd_distill_train(a) -> int:
     return 0
 
 
+def cmd_recipe_r1(a) -> int:
+    import dataclasses
+
+    from nanoseek.train.recipe import DEFAULT_TASK_ARGS, preset, run_recipe, with_overrides
+
+    kwargs = _task_kwargs(a.task_arg)
+    if a.data is not None:
+        kwargs["path"] = a.data
+    if not a.task_arg:
+        kwargs = {**DEFAULT_TASK_ARGS.get(a.task, {}), **kwargs}
+    cfg = preset(a.preset)
+    cfg = dataclasses.replace(cfg, model=a.model, task=a.task, task_args=kwargs, out_dir=a.out or f"runs/r1-{a.task}",
+                              device=a.device, seed=a.seed, plots=not a.no_plots, log=a.log)
+    given = {"cold_start.data": a.sft_data, "cold_start.steps": a.sft_steps, "rl.steps": a.grpo_steps,
+             "eval.problems": a.eval_problems}
+    given = {k: v for k, v in given.items() if v is not None}
+    for text in a.set:
+        from nanoseek.train.config import parse_override
+
+        keys, value = parse_override(text)
+        given[".".join(keys)] = value
+    cfg = with_overrides(cfg, **given)
+    card = run_recipe(cfg)
+    print(card.read_text())
+    print(f"wrote {card}")
+    return 0
+
+
 def _task_args(p: argparse.ArgumentParser) -> None:
     """--task, --data, --task-arg: what `_task` builds a task from (eval, grpo, distill traces)."""
     p.add_argument("--task", required=True, help="arithmetic, countdown, gsm8k or jsonl")
@@ -470,6 +496,13 @@ def _run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, warmu
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true")
+    _log_arg(p)
+
+
+def _log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", choices=["jsonl", "tensorboard", "wandb"], default="jsonl",
+                   help="also log to TensorBoard or Weights & Biases (offline unless WANDB_MODE is set), beside "
+                        "metrics.jsonl; needs `pip install 'nanoseek[tracking]'`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -640,6 +673,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open-think", action="store_true")
     p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
     p.set_defaults(fn=cmd_grpo)
+
+    p = sub.add_parser("recipe", help="whole training recipes in one command (r1: cold-start SFT → GRPO → report)")
+    rec = p.add_subparsers(dest="recipe_cmd", required=True)
+    r = rec.add_parser("r1", help="DeepSeek-R1's recipe: cold-start SFT on format data, then GRPO; the same eval "
+                                  "before and after each stage; a report card (report.md + PNGs). Re-run the "
+                                  "same command to continue an interrupted run")
+    r.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
+    _task_args(r)
+    r.add_argument("--out", default=None, help="recipe directory (default runs/r1-TASK)")
+    r.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: under 15 min on 2 cores for SmolLM2-135M; gpu: a real run on one GPU")
+    r.add_argument("--sft-data", default=None, help="chat jsonl for the cold start (default: worked solutions "
+                                                    "of the task's train problems)")
+    r.add_argument("--sft-steps", type=int, default=None, help="cold-start SFT steps (preset's by default)")
+    r.add_argument("--grpo-steps", type=int, default=None, help="GRPO rollouts (preset's by default)")
+    r.add_argument("--eval-problems", type=int, default=None, help="held-out problems per eval (preset's)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one recipe setting, e.g. --set rl.grpo.group_size=8, --set cold_start.lr=2e-5, "
+                        "--set eval.protocol.samples=4 (see nanoseek/train/recipe.py; repeatable)")
+    r.add_argument("--no-plots", action="store_true")
+    _log_arg(r)
+    r.set_defaults(fn=cmd_recipe_r1)
 
     p = sub.add_parser("data", help="training data: token shards")
     data = p.add_subparsers(dest="data_cmd", required=True)

@@ -83,6 +83,7 @@ class KDObjective(Objective):
     gradient scale independent of τ (Hinton et al. §2). The teacher runs without gradients."""
 
     name = "distill"
+    console_keys = ("kl", "ce")
 
     def __init__(self, teacher: nn.Module, alpha: float = 1.0, temperature: float = 1.0):
         if not 0 <= alpha <= 1 or temperature <= 0:

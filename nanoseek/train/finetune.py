@@ -11,6 +11,20 @@ from nanoseek.weights.hf import save_hf
 from nanoseek.weights.registry import LoadedModel, load_model
 
 
+def finetune_config(out_dir: str, *, steps: int, lr: float, schedule: str = "cosine", warmup_steps: int = 10,
+                    grad_accum: int = 1, seed: int = 0, device: str = "auto", ckpt_every: int = 100,
+                    log_every: int = 10, plots: bool = True, log: str = "jsonl"):
+    """The TrainConfig of a fine-tuning run (sft, grpo, distill, the recipe's stages): no weight decay,
+    clipping at 1, no periodic held-out eval, the last two checkpoints kept."""
+    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+
+    return TrainConfig(optim=OptimConfig(lr=lr, schedule=schedule, warmup_steps=warmup_steps, weight_decay=0.0,
+                                         grad_clip=1.0),
+                       train=RunConfig(steps=steps, grad_accum=grad_accum, seed=seed, device=device,
+                                       out_dir=str(out_dir), log_every=log_every, eval_every=0,
+                                       ckpt_every=ckpt_every, keep_last=2, plots=plots, log=log))
+
+
 def load_trainable(spec: str, device) -> LoadedModel:
     """A built-in name, GGUF file or HF directory, loaded in fp32 with every weight trainable. Loaders hand
     out frozen and possibly memory-mapped tensors; training updates owned copies instead."""

@@ -101,6 +101,7 @@ class GRPOObjective(Objective):
     """`reference`: the frozen starting policy, needed when β > 0."""
 
     name = "grpo"
+    console_keys = ("reward", "accuracy", "format", "kl", "completion_len", "frac_reward_zero_std", "loss")
 
     def __init__(self, cfg: GRPOConfig, reference: nn.Module | None = None):
         if cfg.beta > 0 and reference is None:
@@ -125,6 +126,8 @@ class GRPOObjective(Objective):
                             beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, aggregation=c.aggregation,
                             max_len=c.max_new_tokens, num_tokens=batch.token_norm)
         n = batch.mask.sum().clamp(min=1)
+        if c.beta == 0:
+            m.pop("kl")   # no reference model, so no KL was measured: log none rather than a false 0
         metrics = {k: torch.tensor(v, device=logits.device) for k, v in {**m, **batch.stats}.items()}
         metrics["entropy"] = ((entropy * batch.mask).sum() / n).detach()
         return loss, metrics

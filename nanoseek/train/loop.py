@@ -48,6 +48,9 @@ class Objective:
     averaged over micro-batches and ranks for the logs; a metric named `ce` is the held-out figure."""
 
     name = "objective"
+    # The metrics the progress line shows, in order (those a record has): what the objective optimises
+    # first, so the console and the plots (plots.py) carry the same keys.
+    console_keys: tuple[str, ...] = ("loss",)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -137,6 +140,8 @@ class Trainer:
         self.lm = model.to(dev).train()
         mcfg = model.config
         self.moe = model.moe_layers() if isinstance(mcfg, DeepseekConfig) else []
+        # The plots name each MoE by its model layer (layer 0 is often dense, so the first MoE is layer 1+).
+        self.moe_labels = [_layer_label(n) for n, m in model.named_modules() if m.__class__.__name__ == "MoE"]
         self.gamma = mcfg.bias_update_speed if self.moe else 0.0
         self.alpha = mcfg.seq_aux_alpha if self.moe else 0.0
         blocks = list(model.model.layers) + list(getattr(model, "mtp", []))
@@ -314,7 +319,7 @@ class Trainer:
             if self.log:
                 self.log.close()
             return last
-        with _Progress(self.env.is_main, run.steps, self.step) as progress:
+        with _Progress(self.env.is_main, run.steps, self.step, self.objective.console_keys) as progress:
             while self.step < run.steps:
                 rec = self.train_step()
                 last["train"] = rec
@@ -341,17 +346,44 @@ class Trainer:
             if run.plots:
                 from nanoseek.train.plots import plot_run
 
-                plot_run(self.run_dir)
+                plot_run(self.run_dir, self.objective.name, self.moe_labels)
         return last
 
 
-class _Progress:
-    """A rich progress bar with the latest figures on a terminal; plain lines every log_every otherwise."""
+def _layer_label(module_name: str) -> str:
+    """'model.layers.3.mlp' → 'layer 3'; 'mtp.0.mlp' → 'MTP depth 1'."""
+    parts = module_name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return f"layer {parts[i + 1]}"
+        if p == "mtp" and parts[i + 1].isdigit():
+            return f"MTP depth {int(parts[i + 1]) + 1}"
+    return module_name
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled, self.total, self.start = enabled, total, start
+
+def format_metrics(rec: dict[str, Any], keys: Iterable[str]) -> str:
+    """The figures of a record the console shows: the objective's keys, then lr, throughput and MoE load."""
+    parts = [f"{k} {rec[k]:.4f}" for k in keys if isinstance(rec.get(k), (int, float))]
+    if "lr" in rec:
+        parts.append(f"lr {rec['lr']:.2e}")
+    if "tokens_per_s" in rec:
+        parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+    if "load_max_mean" in rec:
+        parts.append(f"load max/mean {max(rec['load_max_mean']):.2f}")
+    return "  ".join(parts)
+
+
+class _Progress:
+    """A rich progress bar with the latest figures on a terminal; otherwise a plain line every log_every
+    steps, and at least every PLAIN_EVERY_S seconds (a log file or CI shows progress even for short runs)."""
+
+    PLAIN_EVERY_S = 10.0
+
+    def __init__(self, enabled: bool, total: int, start: int, keys: Iterable[str] = ("loss",)):
+        self.enabled, self.total, self.start, self.keys = enabled, total, start, tuple(keys)
         self.tty = sys.stderr.isatty()
         self._prog = None
+        self._last = time.monotonic()
 
     def __enter__(self):
         if self.enabled and self.tty:
@@ -367,17 +399,13 @@ class _Progress:
     def update(self, step: int, rec: dict[str, Any], ev: dict[str, Any] | None, force: bool) -> None:
         if not self.enabled:
             return
-        parts = [f"loss {rec.get('loss', float('nan')):.4f}"]
+        info = format_metrics(rec, self.keys)
         if ev and "eval_ce" in ev:
-            parts.append(f"eval {ev['eval_ce']:.4f}")
-        parts.append(f"lr {rec.get('lr', 0):.2e}")
-        parts.append(f"{rec.get('tokens_per_s', 0):,.0f} tok/s")
-        if "load_max_mean" in rec:
-            parts.append(f"load max/mean {max(rec['load_max_mean']):.2f}")
-        info = "  ".join(parts)
+            info += f"  held-out ce {ev['eval_ce']:.4f}"
         if self._prog is not None:
             self._prog.update(self._task, completed=step, info=info)
-        elif force:
+        elif force or step == self.total or time.monotonic() - self._last >= self.PLAIN_EVERY_S:
+            self._last = time.monotonic()
             print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
