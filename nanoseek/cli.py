@@ -433,8 +433,8 @@ def cmd_distill_traces(a) -> int:
     counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
                              max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, keep=a.keep,
                              seed=a.seed, open_think=not a.no_open_think)
-    print(f"kept {counts['kept']} of {counts['completions']} completions, covering {counts['problems_covered']} "
-          f"of {counts['problems']} problems; wrote {a.out}")
+    print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
+          f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
     return 0
 
 
