@@ -17,7 +17,9 @@ def finetune_config(out_dir: str, *, steps: int, lr: float, schedule: str = "cos
     """The TrainConfig of a fine-tuning run (sft, grpo, distill, the recipe's stages): no weight decay,
     clipping at 1, no periodic held-out eval, the last two checkpoints kept."""
     from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+    from nanoseek.train.tracking import check_kind
 
+    check_kind(log)
     return TrainConfig(optim=OptimConfig(lr=lr, schedule=schedule, warmup_steps=warmup_steps, weight_decay=0.0,
                                          grad_clip=1.0),
                        train=RunConfig(steps=steps, grad_accum=grad_accum, seed=seed, device=device,

@@ -84,8 +84,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed as written (rank 0 only)."""
 
-    def __init__(self, path: Path, keep_until: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_until: int | None = None, tracker=None):
+        self.path, self.tracker = path, tracker
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and path.exists():
             # Resuming: drop what the interrupted run logged past its last checkpoint (and any torn line),
@@ -101,9 +101,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
         self._f.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -135,6 +139,9 @@ class Trainer:
             raise BadInputError(f"[train] precision {run.precision!r}: expected auto, fp32 or bf16")
         if run.grad_accum < 1 or run.steps < 0:
             raise BadInputError("[train] grad_accum must be ≥ 1 and steps ≥ 0")
+        from nanoseek.train.tracking import check_kind
+
+        check_kind(run.log)   # before any work: a typo should not surface after the model loads
         dev = self.env.device
         self.bf16 = run.precision == "bf16" or (run.precision == "auto" and dev.type == "cuda")
         self.lm = model.to(dev).train()
@@ -186,7 +193,12 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
             resumed = self.step
         if self.env.is_main:
-            self.log = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=resumed)
+            tracker = None
+            if self.cfg.train.log != "jsonl":
+                from nanoseek.train.tracking import Tracker
+
+                tracker = Tracker(self.cfg.train.log, self.run_dir, self.cfg.to_dict(), self.moe_labels)
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=resumed, tracker=tracker)
             tmp = self.run_dir / ".config.json.tmp"
             tmp.write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
             tmp.replace(self.run_dir / "config.json")
