@@ -12,6 +12,7 @@ GRPO, with the same eval on the same held-out problems before and after each sta
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def main() -> int:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
+    load = os.getloadavg()   # the machine may be shared: say how busy it was
     dest = Path("benchmarks/results") / f"r1-cpu-{stamp}"
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.md", "stages.png", "grpo.png"):
@@ -43,7 +45,8 @@ def main() -> int:
     with (dest / "report.md").open("a") as f:
         f.write(f"\n- command: `nanoseek recipe r1 --model {a.model} --task {a.task} --device cpu "
                 f"{' '.join(a.extra)}` (via benchmarks/r1_cpu.py)\n- wall time, all stages: {wall / 60:.1f} min "
-                f"on {cpu_name()}\n")
+                f"on {cpu_name()} ({os.cpu_count()} CPUs; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+                f"{load[2]:.1f} over 1 / 5 / 15 min)\n")
     print(f"wrote {dest}/report.md ({wall / 60:.1f} min)")
     return 0
 

@@ -107,3 +107,12 @@ def test_run_without_checkpoints_and_plain_directory(tmp_path, capsys):
     assert "without checkpoints" in one_line_error(capsys, ["generate", "hi", "--model", str(tmp_path / "run")], 2)
     (tmp_path / "empty").mkdir()
     assert "nanoseek export" in one_line_error(capsys, ["generate", "hi", "--model", str(tmp_path / "empty")], 2)
+
+
+def test_extending_steps_warns_that_the_schedule_changes(tmp_path, student, capsys):
+    argv = ["sft", "--model", str(student), "--data", str(chats(tmp_path / "c.jsonl", 3)), "--out",
+            str(tmp_path / "run"), "--device", "cpu", "--no-plots", "--seq-len", "64", "--batch-size", "1"]
+    assert main([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--steps", "2"]) == 0
+    assert "train.steps changed from 1 to 2" in capsys.readouterr().err

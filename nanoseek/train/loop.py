@@ -148,7 +148,7 @@ class Trainer:
         mcfg = model.config
         self.moe = model.moe_layers() if isinstance(mcfg, DeepseekConfig) else []
         # The plots name each MoE by its model layer (layer 0 is often dense, so the first MoE is layer 1+).
-        self.moe_labels = [_layer_label(n) for n, m in model.named_modules() if m.__class__.__name__ == "MoE"]
+        self.moe_labels = moe_labels(model)
         self.gamma = mcfg.bias_update_speed if self.moe else 0.0
         self.alpha = mcfg.seq_aux_alpha if self.moe else 0.0
         blocks = list(model.model.layers) + list(getattr(model, "mtp", []))
@@ -180,6 +180,7 @@ class Trainer:
                                 "train.resume is off: use another out_dir or remove them")
         if path is not None:
             self._check_same_model(path)
+            self._warn_schedule(path)
             # The saved param groups carry the old run's hyperparameters; this run's config wins (a resumed run
             # may lower the lr on purpose), only the moments and step counts come from the checkpoint.
             keep = ("peak_lr", "weight_decay", "betas", "eps", "momentum")
@@ -217,6 +218,15 @@ class Trainer:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise BadInputError(f"{self.run_dir} holds a run of another model ({shown}{more}): choose a new --out "
                             "(train.out_dir) for the changed model, or undo the change to resume")
+
+    def _warn_schedule(self, path: Path) -> None:
+        """The lr schedule is a function of (step, train.steps): resuming with another train.steps re-shapes it
+        (a cosine decay stretches from the current step on; wsd's decay moves). Allowed, but said at start."""
+        before = ckpt.read_meta(path).get("train_config", {}).get("train", {}).get("steps")
+        if self.env.is_main and before is not None and before != self.cfg.train.steps:
+            print(f"nanoseek: warning: train.steps changed from {before} to {self.cfg.train.steps} since "
+                  f"{path.name}: the {self.cfg.optim.schedule} lr schedule is re-shaped over the new length",
+                  file=sys.stderr)
 
     def _autocast(self):
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -360,6 +370,11 @@ class Trainer:
 
                 plot_run(self.run_dir, self.objective.name, self.moe_labels)
         return last
+
+
+def moe_labels(model: nn.Module) -> list[str]:
+    """A name per MoE in moe_layers() order, by model layer index: ['layer 1', 'layer 2', 'MTP depth 1']."""
+    return [_layer_label(n) for n, m in model.named_modules() if m.__class__.__name__ == "MoE"]
 
 
 def _layer_label(module_name: str) -> str:
