@@ -72,7 +72,9 @@ def test_small_data_fits_the_batch_and_runs_load_directly(tmp_path, student, cap
     run = tmp_path / "runs" / "sft"
     # 3 short conversations pack into one row: the default --batch-size 8 is fitted to it.
     assert main(["sft", "--model", str(student), "--data", str(chats(tmp_path / "c.jsonl", 3)), "--out", str(run),
-                 "--steps", "2", "--ckpt-every", "1", "--device", "cpu", "--no-plots", "--seq-len", "64"]) == 0
+                 "--steps", "2", "--ckpt-every", "1", "--device", "cpu", "--no-plots", "--seq-len", "64",
+                 "--dtype", "bfloat16"]) == 0
+    assert json.loads((run / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert "cannot fill --batch-size 8 × 1 process(es); using --batch-size" in capsys.readouterr().err
     step = run / "checkpoints" / "step_00000001"
     gen = ["generate", "hi", "--max-tokens", "3", "--quant", "none", "--stats"]

@@ -66,6 +66,7 @@ class RunConfig:
     keep_last: int = 3
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     plots: bool = True
+    final_dtype: str = "float32"  # fine-tuning: the dtype final/ is written in (bfloat16 halves its size)
     log: str = "jsonl"  # metrics.jsonl always; "tensorboard" or "wandb" (offline unless WANDB_MODE says) beside it
 
 
