@@ -201,12 +201,17 @@ def _check_same_recipe(out: Path, cfg: RecipeConfig) -> None:
     now = cfg.to_dict()
     if state.is_file():
         saved = json.loads(state.read_text())
-        if saved != now:
+        for key in RUN_ONLY:   # how it runs, not what it is: a run may continue on another device
+            saved.pop(key, None)
+        if saved != {k: v for k, v in now.items() if k not in RUN_ONLY}:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise BadInputError(f"{out} holds a recipe run with other settings ({', '.join(changed)}): choose a "
                                 "new --out, or repeat the original command to continue it")
     else:
         _atomic_write(state, json.dumps(now, indent=1) + "\n")
+
+
+RUN_ONLY = ("device", "plots", "log")
 
 
 def _stage(out: Path, name: str) -> dict | None:
@@ -231,6 +236,11 @@ def run_recipe(cfg: RecipeConfig) -> Path:
     from nanoseek.tasks import get_task
     from nanoseek.train.report_card import write_report_card
 
+    # Settings are checked before minutes of work, not when their stage comes.
+    dataclasses.replace(cfg.rl.grpo, seed=cfg.seed).validate()
+    cfg.eval.protocol.validate()
+    if cfg.eval.problems < 1 or cfg.cold_start.steps < 1 or cfg.rl.steps < 1:
+        raise BadInputError("the recipe needs ≥ 1 eval problem, SFT step and GRPO step")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(out, cfg)

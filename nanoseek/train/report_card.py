@@ -108,7 +108,11 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
 
 
 def _machine() -> str:
-    """The CPU model (lscpu's 'Model name'), else what platform says."""
+    """The GPU when one trained, else the CPU model (lscpu's 'Model name'), else what platform says."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
