@@ -200,10 +200,10 @@ def _check_same_recipe(out: Path, cfg: RecipeConfig) -> None:
     state = out / "recipe.json"
     now = cfg.to_dict()
     if state.is_file():
-        saved = json.loads(state.read_text())
-        for key in RUN_ONLY:   # how it runs, not what it is: a run may continue on another device
-            saved.pop(key, None)
-        if saved != {k: v for k, v in now.items() if k not in RUN_ONLY}:
+        # How it runs is not what it is: a run may continue on another device, with or without plots.
+        saved = {k: v for k, v in json.loads(state.read_text()).items() if k not in RUN_ONLY}
+        now = {k: v for k, v in now.items() if k not in RUN_ONLY}
+        if saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise BadInputError(f"{out} holds a recipe run with other settings ({', '.join(changed)}): choose a "
                                 "new --out, or repeat the original command to continue it")
