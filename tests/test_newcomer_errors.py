@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from test_chat import CHATML, make_tokenizer
 
 from nanoseek.cli import main
 from nanoseek.models import build_model
 from nanoseek.models.config import DenseConfig
 from nanoseek.train.pretrain import init_weights
 from nanoseek.weights.hf import save_hf
-from test_chat import CHATML, make_tokenizer
 
 
 def tiny_model_dir(path, hidden=32, vocab=None, tokenizer=True, seed=0):

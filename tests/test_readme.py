@@ -15,9 +15,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+from test_newcomer_errors import chats, tiny_model_dir
 
 from nanoseek.cli import build_parser, main
-from test_newcomer_errors import chats, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ NOT_RUN = {"serve"}   # servers do not return
 def usage_examples(readme: str) -> list[tuple[str, list[str]]]:
     """(block title, argv) of every command in the README's usage-example blocks, in order."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL):
         title = block.splitlines()[0]
         if not title.startswith("# usage example"):
             continue

@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from test_newcomer_errors import tiny_model_dir
+
 from nanoseek.cli import main
 from nanoseek.tasks import get_task
 from nanoseek.train.loop import read_jsonl
 from nanoseek.train.recipe import worked_reasoning, write_cold_start
-from test_newcomer_errors import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--sft-steps", "2", "--grpo-steps", "6", "--eval-problems", "3", "--device", "cpu",

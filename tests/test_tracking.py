@@ -15,8 +15,8 @@ def test_a_missing_extra_is_one_line(kind, tmp_path, capsys):
         pytest.skip(f"{kind} is installed")
     rc = main(["sft", "--model", "no-such-model", "--data", "x.jsonl", "--out", str(tmp_path / "r"), "--log", kind])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 4 and err == [f"nanoseek: error: --log {kind} needs the {kind} package: "
-                               "pip install 'nanoseek[tracking]'"]
+    want = f"nanoseek: error: --log {kind} needs the {kind} package: pip install 'nanoseek[tracking]'"
+    assert rc == 4 and err == [want]
 
 
 def test_records_become_named_scalars():

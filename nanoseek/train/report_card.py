@@ -72,16 +72,17 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
     first = next(iter(evals.values()), None)
     lines = [f"# R1 recipe report card: {cfg.model} on {cfg.task}", "",
              f"- task: `{cfg.task}` {json.dumps(cfg.task_args)}; machine: {_machine()}",
-             f"- eval (the same at every stage): {first['stats']['problems'] if first else cfg.eval.problems} "
-             f"held-out test problems, {protocol.samples} samples at T={protocol.temperature}, top-p "
-             f"{protocol.top_p}, plus greedy, ≤{protocol.max_tokens} tokens, seed {protocol.seed}. `strict` = the "
-             "reward's format-gated accuracy; `answer` = lenient answer extraction. Intervals: 95% over problems.",
-             f"- cold-start SFT: {cfg.cold_start.steps} steps, lr {cfg.cold_start.lr:g}, on "
-             f"{cfg.cold_start.data or f'{cfg.cold_start.conversations} worked solutions of train problems'}"
-             + (f" ({done['sft']['seconds']:.0f} s)" if "sft" in done else ""),
-             f"- GRPO: {cfg.rl.steps} rollouts of {cfg.rl.grpo.prompts_per_step} prompts × {cfg.rl.grpo.group_size}, "
-             f"lr {cfg.rl.lr:g}, β {cfg.rl.grpo.beta:g}, ≤{cfg.rl.grpo.max_new_tokens} new tokens, T "
-             f"{cfg.rl.grpo.temperature:g}" + (f" ({done['grpo']['seconds']:.0f} s)" if "grpo" in done else ""),
+             (f"- eval (the same at every stage): {first['stats']['problems'] if first else cfg.eval.problems} "
+              f"held-out test problems, {protocol.samples} samples at T={protocol.temperature}, top-p "
+              f"{protocol.top_p}, plus greedy, ≤{protocol.max_tokens} tokens, seed {protocol.seed}. `strict` = the "
+              "reward's format-gated accuracy; `answer` = lenient answer extraction. Intervals: 95% over problems."),
+             (f"- cold-start SFT: {cfg.cold_start.steps} steps, lr {cfg.cold_start.lr:g}, on "
+              f"{cfg.cold_start.data or f'{cfg.cold_start.conversations} worked solutions of train problems'}"
+              + (f" ({done['sft']['seconds']:.0f} s)" if "sft" in done else "")),
+             (f"- GRPO: {cfg.rl.steps} rollouts of {cfg.rl.grpo.prompts_per_step} prompts × "
+              f"{cfg.rl.grpo.group_size}, lr {cfg.rl.lr:g}, β {cfg.rl.grpo.beta:g}, ≤{cfg.rl.grpo.max_new_tokens} "
+              f"new tokens, T {cfg.rl.grpo.temperature:g}"
+              + (f" ({done['grpo']['seconds']:.0f} s)" if "grpo" in done else "")),
              "", "| stage | strict pass@1 | answer pass@1 | strict greedy | format rate | mean tokens | eval s |",
              "|---|---|---|---|---|---|---|"]
     for name, rep in evals.items():
@@ -90,8 +91,8 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
                      f"{_pct(m.get('strict/greedy'))} | {100 * s['format_rate']:.1f}% | {s['mean_tokens']:.1f} | "
                      f"{s['generate_s']:.0f} |")
     if sft_log:
-        lines += ["", f"SFT CE on reply tokens: {sft_log[0].get('ce', float('nan')):.3f} at step 1 → "
-                      f"{sft_log[-1].get('ce', float('nan')):.3f} at step {sft_log[-1]['step']}."]
+        first_ce, last_ce = sft_log[0].get("ce", float("nan")), sft_log[-1].get("ce", float("nan"))
+        lines += ["", f"SFT CE on reply tokens: {first_ce:.3f} at step 1 → {last_ce:.3f} at step {sft_log[-1]['step']}."]
     if grpo_log:
         keys = [k for k in ("reward", "accuracy", "format", "kl", "completion_len", "frac_reward_zero_std")
                 if any(k in r for r in grpo_log)]
