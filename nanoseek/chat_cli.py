@@ -43,7 +43,8 @@ def _history_file() -> Path:
     return home / "chat_history"
 
 
-def run_chat(session: Session, params: SamplingParams, system: str | None = None, think: bool = False) -> int:
+def run_chat(session: Session, params: SamplingParams, system: str | None = None, think: bool = False,
+             sampling_note: str | None = None) -> int:
     console = Console(highlight=False)
     try:
         import readline
@@ -55,6 +56,8 @@ def run_chat(session: Session, params: SamplingParams, system: str | None = None
         readline, hist = None, None
     console.print(f"[bold]nanoseek[/bold] · {session.name} · loaded in {session.load_s:.1f}s · "
                   f"quant {session.quant} · {HELP}", markup=True)
+    if sampling_note:
+        console.print(f"sampling: {sampling_note}", style="dim", markup=False)
     history: list[dict] = []
     try:
         while True:

@@ -34,11 +34,16 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--draft-tokens", type=int, default=6, help="draft tokens verified per step, 1-7 (default 6)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def _sampling_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
+    """temperature None: the model's recommended sampling (registry.sampling_defaults) for unset
+    --temperature/--top-p/--top-k; a number: that temperature, top-p 1, top-k 0."""
+    model_default = "default: the model's recommendation (see `nanoseek models`)"
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help="0 = greedy" + (f"; {model_default}" if temperature is None else ""))
+    p.add_argument("--top-p", type=float, default=None if temperature is None else 1.0,
+                   help=model_default if temperature is None else None)
+    p.add_argument("--top-k", type=int, default=None if temperature is None else 0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -72,11 +77,11 @@ def cmd_models(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nanoseek.weights.registry import list_builtins
+    from nanoseek.weights.registry import BUILTINS, list_builtins
 
-    table = Table("name", "description", "file")
+    table = Table("name", "description", "chat sampling", "file")
     for name, desc, path in list_builtins():
-        table.add_row(name, desc, str(path) if path else "[red]not installed[/red]")
+        table.add_row(name, desc, BUILTINS[name].sampling.describe(), str(path) if path else "[red]not installed[/red]")
     Console().print(table)
     return 0
 
@@ -106,11 +111,26 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def _model_sampling(a) -> str:
+    """Fill unset --temperature/--top-p/--top-k from the model's recommended sampling; returns a note on
+    what is used and where it came from."""
+    from nanoseek.weights.registry import sampling_defaults
+
+    d = sampling_defaults(a.model)
+    given = a.temperature is not None or a.top_p is not None or a.top_k is not None
+    a.temperature = d.temperature if a.temperature is None else a.temperature
+    a.top_p = d.top_p if a.top_p is None else a.top_p
+    a.top_k = d.top_k if a.top_k is None else a.top_k
+    used = f"temperature {a.temperature:g}, top-p {a.top_p:g}" + (f", top-k {a.top_k}" if a.top_k else "")
+    return used + (" (your settings over " if given else " (") + f"the model's defaults from {d.source})"
+
+
 def cmd_chat(a) -> int:
     from nanoseek.chat_cli import run_chat
 
+    note = _model_sampling(a)
     params = _params(a)   # bad sampling arguments are refused before the model loads
-    return run_chat(_session(a), params, system=a.system, think=a.think == "on")
+    return run_chat(_session(a), params, system=a.system, think=a.think == "on", sampling_note=note)
 
 
 def cmd_convert(a) -> int:
@@ -214,7 +234,10 @@ def _parse_model_specs(specs: list[str] | None, default: str) -> dict[str, str]:
     for spec in specs or [default]:
         name, eq, source = spec.partition("=")
         if not eq:
-            name, source = (Path(spec).name if ("/" in spec or spec.endswith(".gguf")) else spec), spec
+            # A run's final/ is served under its run directory's name, so two fine-tunes can run side by side.
+            from nanoseek.weights.registry import display_name
+
+            name, source = (display_name(Path(spec)) if ("/" in spec or spec.endswith(".gguf")) else spec), spec
         if not name or not source:
             raise BadInputError(f"--model {spec!r}: expected NAME_OR_PATH or name=path")
         if name in out:
@@ -404,14 +427,12 @@ def cmd_eval(a) -> int:
 
 
 def _finetune_config(a, lr: float, schedule: str, log_every: int):
-    """The TrainConfig of a fine-tuning command (sft, grpo, distill): no weight decay, clipping at 1."""
-    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
+    """The TrainConfig of a fine-tuning command (sft, grpo, distill) from its `_run_args`."""
+    from nanoseek.train.finetune import finetune_config
 
-    return TrainConfig(optim=OptimConfig(lr=lr, schedule=schedule, warmup_steps=a.warmup_steps, weight_decay=0.0,
-                                         grad_clip=1.0),
-                       train=RunConfig(steps=a.steps, grad_accum=a.grad_accum, seed=a.seed, device=a.device,
-                                       out_dir=a.out, log_every=log_every, eval_every=0, ckpt_every=a.ckpt_every,
-                                       keep_last=2, plots=not a.no_plots))
+    return finetune_config(a.out, steps=a.steps, lr=lr, schedule=schedule, warmup_steps=a.warmup_steps,
+                           grad_accum=a.grad_accum, seed=a.seed, device=a.device, ckpt_every=a.ckpt_every,
+                           log_every=log_every, plots=not a.no_plots, log=a.log, final_dtype=a.dtype)
 
 
 def cmd_sft(a) -> int:
@@ -463,8 +484,8 @@ def cmd_distill_traces(a) -> int:
     counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
                              max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, keep=a.keep,
                              seed=a.seed, open_think=not a.no_open_think)
-    print(f"kept {counts['kept']} of {counts['completions']} completions, covering {counts['problems_covered']} "
-          f"of {counts['problems']} problems; wrote {a.out}")
+    print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
+          f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
     return 0
 
 
@@ -475,6 +496,34 @@ def cmd_distill_train(a) -> int:
                        seq_len=a.seq_len, batch_size=a.batch_size, alpha=a.alpha, temperature=a.temperature)
     rec = last.get("train", {})
     print(f"step {rec.get('step')}: kl {rec.get('kl', float('nan')):.4f}; model written to {a.out}/final")
+    return 0
+
+
+def cmd_recipe_r1(a) -> int:
+    import dataclasses
+
+    from nanoseek.train.recipe import DEFAULT_TASK_ARGS, preset, run_recipe, with_overrides
+
+    kwargs = _task_kwargs(a.task_arg)
+    if a.data is not None:
+        kwargs["path"] = a.data
+    if not a.task_arg:
+        kwargs = {**DEFAULT_TASK_ARGS.get(a.task, {}), **kwargs}
+    cfg = preset(a.preset)
+    cfg = dataclasses.replace(cfg, model=a.model, task=a.task, task_args=kwargs, out_dir=a.out or f"runs/r1-{a.task}",
+                              device=a.device, seed=a.seed, plots=not a.no_plots, log=a.log)
+    given = {"cold_start.data": a.sft_data, "cold_start.steps": a.sft_steps, "rl.steps": a.grpo_steps,
+             "eval.problems": a.eval_problems}
+    given = {k: v for k, v in given.items() if v is not None}
+    for text in a.set:
+        from nanoseek.train.config import parse_override
+
+        keys, value = parse_override(text)
+        given[".".join(keys)] = value
+    cfg = with_overrides(cfg, **given)
+    card = run_recipe(cfg)
+    print(card.read_text())
+    print(f"wrote {card}")
     return 0
 
 
@@ -498,6 +547,16 @@ def _run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, warmu
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the final/ weights (bfloat16 halves a 135M fine-tune's 517 MB); training and "
+                        "checkpoints stay fp32")
+    _log_arg(p)
+
+
+def _log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", choices=["jsonl", "tensorboard", "wandb"], default="jsonl",
+                   help="also log to TensorBoard or Weights & Biases (offline unless WANDB_MODE is set), beside "
+                        "metrics.jsonl; needs `pip install 'nanoseek[tracking]'`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", choices=["on", "off"], default="off")
     _model_args(p)
-    _sampling_args(p, temperature=0.7)
+    _sampling_args(p, temperature=None)
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("convert", help="GGUF → Hugging Face safetensors directory")
@@ -668,6 +727,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open-think", action="store_true")
     p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
     p.set_defaults(fn=cmd_grpo)
+
+    p = sub.add_parser("recipe", help="whole training recipes in one command (r1: cold-start SFT → GRPO → report)")
+    rec = p.add_subparsers(dest="recipe_cmd", required=True)
+    r = rec.add_parser("r1", help="DeepSeek-R1's recipe: cold-start SFT on format data, then GRPO; the same eval "
+                                  "before and after each stage; a report card (report.md + PNGs). Re-run the "
+                                  "same command to continue an interrupted run")
+    r.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
+    _task_args(r)
+    r.add_argument("--out", default=None, help="recipe directory (default runs/r1-TASK)")
+    r.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: under 15 min on 2 cores for SmolLM2-135M; gpu: a real run on one GPU")
+    r.add_argument("--sft-data", default=None, help="chat jsonl for the cold start (default: worked solutions "
+                                                    "of the task's train problems)")
+    r.add_argument("--sft-steps", type=int, default=None, help="cold-start SFT steps (preset's by default)")
+    r.add_argument("--grpo-steps", type=int, default=None, help="GRPO rollouts (preset's by default)")
+    r.add_argument("--eval-problems", type=int, default=None, help="held-out problems per eval (preset's)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one recipe setting, e.g. --set rl.grpo.group_size=8, --set cold_start.lr=2e-5, "
+                        "--set eval.protocol.samples=4 (see nanoseek/train/recipe.py; repeatable)")
+    r.add_argument("--no-plots", action="store_true")
+    _log_arg(r)
+    r.set_defaults(fn=cmd_recipe_r1)
 
     p = sub.add_parser("data", help="training data: token shards")
     data = p.add_subparsers(dest="data_cmd", required=True)

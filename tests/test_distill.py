@@ -26,7 +26,7 @@ class ScriptedEngine:
     def __init__(self, tok, replies):
         self.tok, self.replies = tok, replies
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, on_delta=None):
         assert len(prompts) == len(self.replies)
         return [Completion(index=i, prompt_tokens=len(p), token_ids=self.tok.encode(r, add_special_tokens=False),
                            finish_reason="stop") for i, (p, r) in enumerate(zip(prompts, self.replies))]
@@ -42,7 +42,7 @@ def test_traces_keep_only_correct_well_formed_replies(tmp_path):
                "four and four </think> <answer>8</answer>"]             # right
     out = tmp_path / "traces.jsonl"
     counts = generate_traces(ScriptedEngine(tok, replies), tok, task, problems, out, samples=2)
-    assert counts == {"problems": 2, "completions": 4, "kept": 2, "problems_covered": 2}
+    assert counts == {"problems": 2, "completions": 4, "kept": 2, "problems_covered": 2, "duplicates": 0}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["train/0", "train/1"]
     reply = rows[0]["messages"][-1]
@@ -53,6 +53,10 @@ def test_traces_keep_only_correct_well_formed_replies(tmp_path):
     counts = generate_traces(ScriptedEngine(tok, replies), tok, task, problems, tmp_path / "f.jsonl", samples=2,
                              keep="formatted")
     assert counts["kept"] == 3
+    # the same reply sampled twice is kept once
+    counts = generate_traces(ScriptedEngine(tok, [replies[0]] * 2 + [replies[3]] * 2), tok, task, problems,
+                             tmp_path / "d.jsonl", samples=2)
+    assert (counts["kept"], counts["duplicates"]) == (2, 2)
 
 
 def _tiny(tok, seed):

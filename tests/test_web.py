@@ -258,6 +258,8 @@ def test_config_lists_models_with_prices(client):
     (m,) = cfg["models"]
     assert m["id"] == "tiny" and m["reasoning"] is False and m["context"] == CONTEXT
     assert m["prices"] == {"input_cache_hit": 0.1, "input_cache_miss": 0.2, "output": 0.4}
+    # the page samples with the model's recommendation (here none is known: nanoseek's fallback)
+    assert m["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "source": "nanoseek"}
 
 
 # ---------------------------------------------------------------------------------------------------------

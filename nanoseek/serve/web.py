@@ -31,6 +31,7 @@ from nanoseek.serve.errors import ApiError
 from nanoseek.serve.limits import Hold, RateLimiter
 from nanoseek.serve.render import MAX_RENDER_CHARS, RenderError, RenderWorker, pygments_css
 from nanoseek.serve.store import KeyRecord
+from nanoseek.weights.registry import sampling_defaults
 
 WEB_DIR = FilePath(__file__).with_name("web")
 STATIC_DIR = WEB_DIR / "static"
@@ -113,6 +114,9 @@ def web_router(models: dict, gate: Gate, renderer: RenderWorker | None = None,
     render_limits = render_limits or RateLimiter()
     conversations = Conversations(store) if store is not None else None
     static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}   # a fixed allowlist: no path tricks
+    # The page samples with each model's recommended settings (generation_config.json, else the registry's),
+    # not the API's OpenAI defaults, unless the conversation sets a temperature: at 1.0 a small model rambles.
+    sampling = {name: asdict(sampling_defaults(m.root or name)) for name, m in models.items()}
 
     async def owner(request: Request) -> KeyRecord | None:
         """The API's rule (Gate.caller). The app's guard (serve/app.py) runs this before the body is read
@@ -153,8 +157,8 @@ def web_router(models: dict, gate: Gate, renderer: RenderWorker | None = None,
 
     @router.get("/app/api/config")
     def config(key: KeyRecord | None = Depends(owner)):
-        return {"models": [{"id": name, "reasoning": m.reasoning, "context": m.context, "prices": asdict(m.prices)}
-                           for name, m in models.items()],
+        return {"models": [{"id": name, "reasoning": m.reasoning, "context": m.context, "prices": asdict(m.prices),
+                            "sampling": sampling[name]} for name, m in models.items()],
                 "key": None if key is None else {"name": key.name, "prefix": key.prefix},
                 "conversations": conversations is not None}
 

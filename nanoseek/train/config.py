@@ -71,6 +71,8 @@ class RunConfig:
     # DeepSeek-V3.2 (DSA): the first N steps train only the lightning indexer toward the dense attention
     # (V3.2 report §2.1.1, dense warm-up); ignored by models without DSA
     indexer_warmup_steps: int = 0
+    final_dtype: str = "float32"  # fine-tuning: the dtype final/ is written in (bfloat16 halves its size)
+    log: str = "jsonl"  # metrics.jsonl always; "tensorboard" or "wandb" (offline unless WANDB_MODE says) beside it
 
 
 @dataclass

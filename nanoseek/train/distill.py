@@ -27,6 +27,7 @@ from nanoseek.chat import split_reasoning
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError
 from nanoseek.evaluate import completion_text, sample_seed
+from nanoseek.progress import progress_bar
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train.loop import Objective, cross_entropy
@@ -48,8 +49,9 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
                     samples: int = 4, max_tokens: int = 1024, temperature: float = 0.6, top_p: float = 0.95,
                     keep: str = "correct", seed: int = 0, open_think: bool = True) -> dict[str, Any]:
     """Sample `samples` completions per problem from the teacher `engine`, keep the correct well-formed ones
-    (keep="correct") or every well-formed one (keep="formatted"), and write them as chat jsonl atomically.
-    Returns counts: problems, completions, kept, problems with at least one kept trace."""
+    (keep="correct") or every well-formed one (keep="formatted"), drop repeats of a reply already kept for the
+    same problem, and write them as chat jsonl atomically. Returns counts: problems, completions, kept,
+    problems with at least one kept trace, duplicates dropped."""
     if keep not in ("correct", "formatted"):
         raise BadInputError(f"keep {keep!r}: correct or formatted")
     if samples < 1:
@@ -58,8 +60,10 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     prompts = [template.render(tokenizer, p) for p in problems]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(template.stop),
                              seed=sample_seed(seed, p.id, j)) for p in problems for j in range(samples)]
-    outs = engine.generate([pr.ids for pr in prompts for _ in range(samples)], params)
-    records, covered = [], set()
+    with progress_bar("distill traces (completions)", len(params)) as advance:
+        outs = engine.generate([pr.ids for pr in prompts for _ in range(samples)], params,
+                               on_delta=lambda d: advance() if d.finish_reason is not None else None)
+    records, covered, seen, duplicates = [], set(), set(), 0
     for k, completion in enumerate(outs):
         i = k // samples
         problem, prompt = problems[i], prompts[i]
@@ -67,7 +71,13 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
         r = task.reward(text, problem, started_in_think=prompt.starts_in_reasoning,
                         num_tokens=len(completion.token_ids))
         if r.format == 1.0 and (keep == "formatted" or r.accuracy == 1.0):
-            records.append(trace_record(template, problem, text, prompt.starts_in_reasoning))
+            rec = trace_record(template, problem, text, prompt.starts_in_reasoning)
+            key = (problem.id, json.dumps(rec["messages"][-1], sort_keys=True))
+            if key in seen:   # the same reply twice (common at low temperature) would count double in SFT
+                duplicates += 1
+                continue
+            seen.add(key)
+            records.append(rec)
             covered.add(problem.id)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +85,7 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     os.replace(tmp, out)
     return {"problems": len(problems), "completions": len(outs), "kept": len(records),
-            "problems_covered": len(covered)}
+            "problems_covered": len(covered), "duplicates": duplicates}
 
 
 class KDObjective(Objective):
@@ -83,6 +93,7 @@ class KDObjective(Objective):
     gradient scale independent of τ (Hinton et al. §2). The teacher runs without gradients."""
 
     name = "distill"
+    console_keys = ("kl", "ce")
 
     def __init__(self, teacher: nn.Module, alpha: float = 1.0, temperature: float = 1.0):
         if not 0 <= alpha <= 1 or temperature <= 0:
@@ -119,6 +130,12 @@ def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len:
     try:
         loaded = load_trainable(student, env.device)
         tmodel = load_model(teacher).model.to(env.device).eval()
+        tv, sv = tmodel.config.vocab_size, loaded.model.config.vocab_size
+        if tv != sv:
+            # Checked before any batch: the student's token ids would index past a smaller teacher's table.
+            raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} "
+                                f"{sv:,}: logit distillation needs one tokenizer (for another teacher, make "
+                                "traces with `distill traces` and `sft` on them)")
         source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
         meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
         objective = KDObjective(tmodel, alpha, temperature)

@@ -101,6 +101,7 @@ class GRPOObjective(Objective):
     """`reference`: the frozen starting policy, needed when β > 0."""
 
     name = "grpo"
+    console_keys = ("reward", "accuracy", "format", "kl", "completion_len", "frac_reward_zero_std", "loss")
 
     def __init__(self, cfg: GRPOConfig, reference: nn.Module | None = None):
         if cfg.beta > 0 and reference is None:
@@ -125,6 +126,8 @@ class GRPOObjective(Objective):
                             beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, aggregation=c.aggregation,
                             max_len=c.max_new_tokens, num_tokens=batch.token_norm)
         n = batch.mask.sum().clamp(min=1)
+        if c.beta == 0:
+            m.pop("kl")   # no reference model, so no KL was measured: log none rather than a false 0
         metrics = {k: torch.tensor(v, device=logits.device) for k, v in {**m, **batch.stats}.items()}
         metrics["entropy"] = ((entropy * batch.mask).sum() / n).detach()
         return loss, metrics
@@ -140,7 +143,8 @@ class Rollouts:
                  rank: int = 0, world_size: int = 1):
         self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
         if cfg.prompts_per_step % world_size:
-            raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
+            raise BadInputError(f"--prompts-per-step {cfg.prompts_per_step} must divide among {world_size} "
+                                "processes: make it a multiple of the process count")
         self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
@@ -259,8 +263,8 @@ class Rollouts:
         order = list(range(len(rows)))
         chunks = [order[i::self.micro_batches] for i in range(self.micro_batches)]
         if any(not c for c in chunks):
-            raise BadInputError(f"{len(rows)} completions cannot fill {self.micro_batches} micro-batches "
-                                "(lower train.grad_accum or raise prompts_per_step × group_size)")
+            raise BadInputError(f"{len(rows)} completions cannot fill {self.micro_batches} micro-batches: "
+                                "lower --grad-accum, or raise --prompts-per-step × --group-size")
         out = []
         pad = self.engine.eos_token_ids[0] if self.engine.eos_token_ids else 0
         for chunk in chunks:

@@ -53,6 +53,9 @@ class Objective:
     averaged over micro-batches and ranks for the logs; a metric named `ce` is the held-out figure."""
 
     name = "objective"
+    # The metrics the progress line shows, in order (those a record has): what the objective optimises
+    # first, so the console and the plots (plots.py) carry the same keys.
+    console_keys: tuple[str, ...] = ("loss",)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -86,8 +89,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed as written (rank 0 only)."""
 
-    def __init__(self, path: Path, keep_until: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_until: int | None = None, tracker=None):
+        self.path, self.tracker = path, tracker
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and path.exists():
             # Resuming: drop what the interrupted run logged past its last checkpoint (and any torn line),
@@ -103,9 +106,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
         self._f.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -137,11 +144,16 @@ class Trainer:
             raise BadInputError(f"[train] precision {run.precision!r}: expected auto, fp32 or bf16")
         if run.grad_accum < 1 or run.steps < 0:
             raise BadInputError("[train] grad_accum must be ≥ 1 and steps ≥ 0")
+        from nanoseek.train.tracking import check_kind
+
+        check_kind(run.log)   # before any work: a typo should not surface after the model loads
         dev = self.env.device
         self.bf16 = run.precision == "bf16" or (run.precision == "auto" and dev.type == "cuda")
         self.lm = model.to(dev).train()
         mcfg = model.config
         self.moe = model.moe_layers() if isinstance(mcfg, (DeepseekConfig, DeepseekV4Config)) else []
+        # The plots name each MoE by its model layer (layer 0 is often dense, so the first MoE is layer 1+).
+        self.moe_labels = moe_labels(model)
         self.gamma = mcfg.bias_update_speed if self.moe else 0.0
         self.alpha = mcfg.seq_aux_alpha if self.moe else 0.0
         self.dsa = dsa_modules(model)
@@ -173,6 +185,8 @@ class Trainer:
             raise BadInputError(f"{self.run_dir} holds checkpoints of an earlier run ({path.name}) and "
                                 "train.resume is off: use another out_dir or remove them")
         if path is not None:
+            self._check_same_model(path)
+            self._warn_schedule(path)
             # The saved param groups carry the old run's hyperparameters; this run's config wins (a resumed run
             # may lower the lr on purpose), only the moments and step counts come from the checkpoint.
             keep = ("peak_lr", "weight_decay", "betas", "eps", "momentum")
@@ -186,12 +200,39 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
             resumed = self.step
         if self.env.is_main:
-            self.log = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=resumed)
+            tracker = None
+            if self.cfg.train.log != "jsonl":
+                from nanoseek.train.tracking import Tracker
+
+                tracker = Tracker(self.cfg.train.log, self.run_dir, self.cfg.to_dict(), self.moe_labels)
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=resumed, tracker=tracker)
             tmp = self.run_dir / ".config.json.tmp"
             tmp.write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
             tmp.replace(self.run_dir / "config.json")
             if resumed is not None:
                 print(f"nanoseek: resumed from {path} (step {resumed})", file=sys.stderr)
+
+    def _check_same_model(self, path: Path) -> None:
+        """Resuming a run with another model would fail deep inside the state-dict loader (90 lines of size
+        mismatches): compare the checkpoint's recorded model with this one first and say what changed."""
+        saved = ckpt.read_meta(path).get("model")
+        now = json.loads(json.dumps(ckpt.model_spec(self.lm.config)))  # tuples → lists, as meta.json holds them
+        if saved is None or saved == now:
+            return
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise BadInputError(f"{self.run_dir} holds a run of another model ({shown}{more}): choose a new --out "
+                            "(train.out_dir) for the changed model, or undo the change to resume")
+
+    def _warn_schedule(self, path: Path) -> None:
+        """The lr schedule is a function of (step, train.steps): resuming with another train.steps re-shapes it
+        (a cosine decay stretches from the current step on; wsd's decay moves). Allowed, but said at start."""
+        before = ckpt.read_meta(path).get("train_config", {}).get("train", {}).get("steps")
+        if self.env.is_main and before is not None and before != self.cfg.train.steps:
+            print(f"nanoseek: warning: train.steps changed from {before} to {self.cfg.train.steps} since "
+                  f"{path.name}: the {self.cfg.optim.schedule} lr schedule is re-shaped over the new length",
+                  file=sys.stderr)
 
     def _autocast(self):
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -325,7 +366,7 @@ class Trainer:
             if self.log:
                 self.log.close()
             return last
-        with _Progress(self.env.is_main, run.steps, self.step) as progress:
+        with _Progress(self.env.is_main, run.steps, self.step, self.objective.console_keys) as progress:
             while self.step < run.steps:
                 rec = self.train_step()
                 last["train"] = rec
@@ -352,17 +393,52 @@ class Trainer:
             if run.plots:
                 from nanoseek.train.plots import plot_run
 
-                plot_run(self.run_dir)
+                plot_run(self.run_dir, self.objective.name, self.moe_labels)
         return last
 
 
-class _Progress:
-    """A rich progress bar with the latest figures on a terminal; plain lines every log_every otherwise."""
+def moe_labels(model: nn.Module) -> list[str]:
+    """A name per MoE in moe_layers() order, by model layer index: ['layer 1', 'layer 2', 'MTP depth 1']."""
+    # The same list as moe_layers() (V4's hash-routed layers are not in it), so labels and statistics align.
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    return [_layer_label(names[id(m)]) for m in layers]
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled, self.total, self.start = enabled, total, start
+
+def _layer_label(module_name: str) -> str:
+    """'model.layers.3.mlp' → 'layer 3'; 'mtp.0.mlp' → 'MTP depth 1'."""
+    parts = module_name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return f"layer {parts[i + 1]}"
+        if p == "mtp" and parts[i + 1].isdigit():
+            return f"MTP depth {int(parts[i + 1]) + 1}"
+    return module_name
+
+
+def format_metrics(rec: dict[str, Any], keys: Iterable[str]) -> str:
+    """The figures of a record the console shows: the objective's keys, then lr, throughput and MoE load."""
+    parts = [f"{k} {rec[k]:.4f}" for k in keys if isinstance(rec.get(k), (int, float))]
+    if "lr" in rec:
+        parts.append(f"lr {rec['lr']:.2e}")
+    if "tokens_per_s" in rec:
+        parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+    if "load_max_mean" in rec:
+        parts.append(f"load max/mean {max(rec['load_max_mean']):.2f}")
+    return "  ".join(parts)
+
+
+class _Progress:
+    """A rich progress bar with the latest figures on a terminal; otherwise a plain line every log_every
+    steps, and at least every PLAIN_EVERY_S seconds (a log file or CI shows progress even for short runs)."""
+
+    PLAIN_EVERY_S = 10.0
+
+    def __init__(self, enabled: bool, total: int, start: int, keys: Iterable[str] = ("loss",)):
+        self.enabled, self.total, self.start, self.keys = enabled, total, start, tuple(keys)
         self.tty = sys.stderr.isatty()
         self._prog = None
+        self._last = time.monotonic()
 
     def __enter__(self):
         if self.enabled and self.tty:
@@ -378,17 +454,13 @@ class _Progress:
     def update(self, step: int, rec: dict[str, Any], ev: dict[str, Any] | None, force: bool) -> None:
         if not self.enabled:
             return
-        parts = [f"loss {rec.get('loss', float('nan')):.4f}"]
+        info = format_metrics(rec, self.keys)
         if ev and "eval_ce" in ev:
-            parts.append(f"eval {ev['eval_ce']:.4f}")
-        parts.append(f"lr {rec.get('lr', 0):.2e}")
-        parts.append(f"{rec.get('tokens_per_s', 0):,.0f} tok/s")
-        if "load_max_mean" in rec:
-            parts.append(f"load max/mean {max(rec['load_max_mean']):.2f}")
-        info = "  ".join(parts)
+            info += f"  held-out ce {ev['eval_ce']:.4f}"
         if self._prog is not None:
             self._prog.update(self._task, completed=step, info=info)
-        elif force:
+        elif force or step == self.total or time.monotonic() - self._last >= self.PLAIN_EVERY_S:
+            self._last = time.monotonic()
             print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):

@@ -139,7 +139,7 @@ def _read_hf(spec: str, field: str) -> Iterator[str]:
         import datasets
     except ImportError:
         raise UnsupportedError(f"{spec}: Hugging Face datasets need the datasets package "
-                               f"(pip install datasets==5.2.0)") from None
+                               f"(pip install 'nanoseek[datasets]')") from None
     try:  # streaming: nothing is downloaded beyond what is read
         ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         for i, row in enumerate(ds):

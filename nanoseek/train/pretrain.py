@@ -29,6 +29,7 @@ class LanguageModeling(Objective):
     """
 
     name = "pretrain"
+    console_keys = ("ce", "mtp", "balance")   # CE alone compares with the held-out CE; the loss adds λ·MTP
 
     def __init__(self, mtp_weight: float = 0.0):
         self.mtp_weight = mtp_weight

@@ -95,6 +95,9 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
             raise BadInputError(f"{path}:{n}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
         convs.append(msgs)
+    if not convs:
+        raise BadInputError(f"{path}: no conversations (the file is empty; a traces file from `distill traces` "
+                            "is empty when no completion was kept: try more --samples or --keep formatted)")
     return convs
 
 
@@ -125,8 +128,16 @@ class SFTBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, device="cpu"):
+        if x.shape[0] < world_size:
+            raise BadInputError(f"{x.shape[0]} packed row(s) cannot give each of {world_size} processes one: "
+                                "lower --seq-len, add data, or run fewer processes")
         if x.shape[0] < batch_size * world_size:
-            raise BadInputError(f"{x.shape[0]} packed rows cannot fill a global batch of {batch_size * world_size}")
+            # Small data (a 20-conversation file packs into one row): fit the batch to it rather than fail.
+            fitted = x.shape[0] // world_size
+            if rank == 0:
+                print(f"nanoseek: note: {x.shape[0]} packed row(s) cannot fill --batch-size {batch_size} "
+                      f"× {world_size} process(es); using --batch-size {fitted}", file=sys.stderr)
+            batch_size = fitted
         self.x, self.y, self.bs, self.rank, self.world = x, y, batch_size, rank, world_size
         self.seed, self.device = seed, device
         self.steps_per_epoch = x.shape[0] // (batch_size * world_size)

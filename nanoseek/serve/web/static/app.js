@@ -464,7 +464,14 @@ async function streamReply(conv, controller) {
     model, messages, stream: true, stream_options: { include_usage: true },
     thinking: { type: conv.deepthink ? "enabled" : "disabled" },
   };
+  const info = modelInfo(model);
   if (conv.temperature !== null && conv.temperature !== undefined) body.temperature = conv.temperature;
+  else if (info && info.sampling) {
+    // The model's recommended sampling (nanoseek models), not the API's OpenAI default of 1.0.
+    body.temperature = info.sampling.temperature;
+    body.top_p = info.sampling.top_p;
+    if (info.sampling.top_k) body.top_k = info.sampling.top_k;
+  }
 
   const view = assistantView(null);
   view.node.dataset.state = "streaming";

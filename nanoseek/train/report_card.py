@@ -1,0 +1,123 @@
+"""The R1 recipe's report card: report.md in the recipe's directory, with stages.png (pass@1 and its 95%
+interval per stage, with the format rate) and grpo.png (reward, accuracy, format rate, KL, length per step).
+Everything is read back from the files the stages wrote, so the card can be rebuilt at any time."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from nanoseek.train.loop import read_jsonl
+
+STAGES = ("base", "sft", "grpo")
+LABELS = {"base": "base model", "sft": "after cold-start SFT", "grpo": "after GRPO"}
+
+
+def _evals(out: Path) -> dict[str, dict[str, Any]]:
+    return {s: json.loads((out / "eval" / f"{s}.json").read_text())
+            for s in STAGES if (out / "eval" / f"{s}.json").is_file()}
+
+
+def _pct(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    lo, hi = m["ci95"]
+    return f"{100 * m['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def plot_stages(evals: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    from nanoseek.train.plots import _plt, _save
+
+    if not evals:
+        return None
+    plt = _plt()
+    names = list(evals)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.27
+    for j, (key, label) in enumerate((("strict/pass@1", "strict pass@1 (format-gated)"),
+                                      ("answer/pass@1", "answer pass@1 (lenient)"))):
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        vals = [evals[n]["metrics"][key]["value"] for n in names]
+        err = [[v - evals[n]["metrics"][key]["ci95"][0] for n, v in zip(names, vals)],
+               [evals[n]["metrics"][key]["ci95"][1] - v for n, v in zip(names, vals)]]
+        ax.bar(xs, vals, width, yerr=err, capsize=3, label=label)
+    ax.bar([i + width for i in range(len(names))], [evals[n]["stats"]["format_rate"] for n in names], width,
+           label="format rate", color="0.7")
+    ax.set_xticks(range(len(names)), [LABELS[n] for n in names])
+    ax.set(ylim=(0, 1.05), ylabel="share of problems", title="pass@1 per stage (95% intervals over problems)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
+    from nanoseek.train.plots import plot_grpo
+
+    out = Path(out)
+    evals = _evals(out)
+    grpo_log = [r for r in read_jsonl(out / "grpo" / "metrics.jsonl") if r.get("kind") == "train"] \
+        if (out / "grpo" / "metrics.jsonl").is_file() else []
+    sft_log = [r for r in read_jsonl(out / "sft" / "metrics.jsonl") if r.get("kind") == "train"] \
+        if (out / "sft" / "metrics.jsonl").is_file() else []
+    images = []
+    if plots:
+        if plot_stages(evals, out / "stages.png"):
+            images.append(("pass@1 per stage", "stages.png"))
+        if plot_grpo(grpo_log, out / "grpo.png", title="GRPO per step (from the SFT model)"):
+            images.append(("GRPO per step", "grpo.png"))
+    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo") if (out / f"{s}.done").is_file()}
+    protocol = cfg.eval.protocol
+    first = next(iter(evals.values()), None)
+    lines = [f"# R1 recipe report card: {cfg.model} on {cfg.task}", "",
+             f"- task: `{cfg.task}` {json.dumps(cfg.task_args)}; machine: {_machine()}",
+             (f"- eval (the same at every stage): {first['stats']['problems'] if first else cfg.eval.problems} "
+              f"held-out test problems, {protocol.samples} samples at T={protocol.temperature}, top-p "
+              f"{protocol.top_p}, plus greedy, ≤{protocol.max_tokens} tokens, seed {protocol.seed}. `strict` = the "
+              "reward's format-gated accuracy; `answer` = lenient answer extraction. Intervals: 95% over problems."),
+             (f"- cold-start SFT: {cfg.cold_start.steps} steps, lr {cfg.cold_start.lr:g}, on "
+              f"{cfg.cold_start.data or f'{cfg.cold_start.conversations} worked solutions of train problems'}"
+              + (f" ({done['sft']['seconds']:.0f} s)" if "sft" in done else "")),
+             (f"- GRPO: {cfg.rl.steps} rollouts of {cfg.rl.grpo.prompts_per_step} prompts × "
+              f"{cfg.rl.grpo.group_size}, lr {cfg.rl.lr:g}, β {cfg.rl.grpo.beta:g}, ≤{cfg.rl.grpo.max_new_tokens} "
+              f"new tokens, T {cfg.rl.grpo.temperature:g}"
+              + (f" ({done['grpo']['seconds']:.0f} s)" if "grpo" in done else "")),
+             "", "| stage | strict pass@1 | answer pass@1 | strict greedy | format rate | mean tokens | eval s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rep in evals.items():
+        m, s = rep["metrics"], rep["stats"]
+        lines.append(f"| {LABELS[name]} | {_pct(m.get('strict/pass@1'))} | {_pct(m.get('answer/pass@1'))} | "
+                     f"{_pct(m.get('strict/greedy'))} | {100 * s['format_rate']:.1f}% | {s['mean_tokens']:.1f} | "
+                     f"{s['generate_s']:.0f} |")
+    if sft_log:
+        first_ce, last_ce = sft_log[0].get("ce", float("nan")), sft_log[-1].get("ce", float("nan"))
+        lines += ["", f"SFT CE on reply tokens: {first_ce:.3f} at step 1 → {last_ce:.3f} at step {sft_log[-1]['step']}."]
+    if grpo_log:
+        keys = [k for k in ("reward", "accuracy", "format", "kl", "completion_len", "frac_reward_zero_std")
+                if any(k in r for r in grpo_log)]
+        lines += ["", "GRPO per step (rollout statistics of the policy being trained):", "",
+                  "| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for r in grpo_log:
+            lines.append(f"| {r['step']} | " + " | ".join(f"{r[k]:.4g}" if k in r else "-" for k in keys) + " |")
+    lines += [""] + [f"![{alt}]({src})" for alt, src in images]
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _machine() -> str:
+    """The GPU when one trained, else the CPU model (lscpu's 'Model name'), else what platform says."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
