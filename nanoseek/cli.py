@@ -464,7 +464,9 @@ def cmd_grpo(a) -> int:
                       temperature=a.temperature, top_p=a.top_p, inner_updates=a.inner_updates, eps_low=a.eps_low,
                       eps_high=a.eps_high, beta=a.beta, scale_rewards=a.scale_rewards, aggregation=a.aggregation,
                       dynamic_sampling=a.dynamic_sampling, template=a.template, open_think=not a.no_open_think,
-                      gen_batch=a.gen_batch, seed=a.seed).validate()
+                      gen_batch=a.gen_batch, seed=a.seed, top_k=a.top_k, unbiased_kl=a.unbiased_kl,
+                      offpolicy_threshold=a.offpolicy_mask, keep_sampling_mask=a.keep_sampling_mask,
+                      keep_routing=a.keep_routing).validate()
     # Full fine-tuning of a trained model: constant lr after a short warmup and no weight decay (DAPO, Dr. GRPO).
     tcfg = _finetune_config(a, a.lr, "constant", log_every=1)
     last = run_grpo(a.model, task, gcfg, tcfg)
@@ -726,6 +728,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat")
     p.add_argument("--no-open-think", action="store_true")
     p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
+    p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0: off)")
+    v32 = p.add_argument_group("DeepSeek-V3.2 stability options (off by default)")
+    v32.add_argument("--unbiased-kl", action="store_true", help="KL term ρ·k3, ρ = π_θ/π_old (with --beta > 0)")
+    v32.add_argument("--offpolicy-mask", type=float, default=None, metavar="DELTA",
+                     help="drop negative-advantage sequences whose mean log(π_old/π_θ) exceeds DELTA")
+    v32.add_argument("--keep-sampling-mask", action="store_true",
+                     help="log-probs over the rollout's top-p/top-k set (recomputed from π_old's logits)")
+    v32.add_argument("--keep-routing", action="store_true",
+                     help="MoE policies: replay the rollout's expert choices in the loss forward")
     p.set_defaults(fn=cmd_grpo)
 
     p = sub.add_parser("recipe", help="whole training recipes in one command (r1: cold-start SFT → GRPO → report)")
