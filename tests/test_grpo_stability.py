@@ -8,15 +8,21 @@ import math
 
 import pytest
 import torch
+from test_chat import make_tokenizer
+from test_grpo import DigitTask
 
 from nanoseek.models import build_model
 from nanoseek.models.config import DeepseekConfig
-from nanoseek.train.grpo import GRPOConfig, GRPOObjective, Rollouts, replay_routing, routers
+from nanoseek.train.grpo import (
+    GRPOConfig,
+    GRPOObjective,
+    Rollouts,
+    replay_routing,
+    routers,
+)
 from nanoseek.train.grpo_loss import grpo_loss
 from nanoseek.train.loop import LMForward
 from nanoseek.train.pretrain import init_weights
-from test_chat import make_tokenizer
-from test_grpo import DigitTask
 
 # Two sequences of three tokens; the second has only two completion tokens.
 LOGP = [[-1.0, -2.0, -0.5], [-0.3, -1.2, -9.0]]
