@@ -501,6 +501,21 @@ def cmd_distill_train(a) -> int:
     return 0
 
 
+def cmd_distill_onpolicy(a) -> int:
+    from nanoseek.train.onpolicy import ChatPrompts, OnPolicyConfig, run_onpolicy
+
+    if a.task is None and a.data is None:
+        raise BadInputError("give the prompts with --task NAME or --data CHAT.jsonl")
+    task = _task(a)[0] if a.task else ChatPrompts(a.data)
+    cfg = OnPolicyConfig(prompts_per_step=a.prompts_per_step, samples=a.samples, max_new_tokens=a.max_new_tokens,
+                         temperature=a.temperature, top_p=a.top_p, template=a.template,
+                         open_think=not a.no_open_think, gen_batch=a.gen_batch, seed=a.seed).validate()
+    last = run_onpolicy(a.teacher, a.model, task, cfg, _finetune_config(a, a.lr, "constant", log_every=1))
+    rec = last.get("train", {})
+    print(f"step {rec.get('step')}: reverse kl {rec.get('kl', float('nan')):.4f}; model written to {a.out}/final")
+    return 0
+
+
 def cmd_recipe_r1(a) -> int:
     import dataclasses
 
@@ -708,6 +723,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--batch-size", type=int, default=8)
     d.set_defaults(fn=cmd_distill_train)
+    d = dist.add_parser("onpolicy", help="on-policy distillation (DeepSeek-V4): the student samples, a teacher "
+                                         "with the same tokenizer scores its tokens; per-token reverse KL")
+    d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")
+    d.add_argument("--model", required=True, help="the student")
+    d.add_argument("--task", default=None, help="prompts from a task: arithmetic, countdown, gsm8k or jsonl")
+    d.add_argument("--data", default=None, help="with --task: its jsonl file or folder; alone: chat jsonl whose "
+                                                "messages (before the last reply) are the prompts")
+    d.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="task setting, e.g. digits=3 (repeatable)")
+    _run_args(d, steps=100, lr=1e-5, warmup=0, ckpt_every=50)
+    d.add_argument("--prompts-per-step", type=int, default=8)
+    d.add_argument("--samples", type=int, default=1, help="student completions per prompt")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat")
+    d.add_argument("--no-open-think", action="store_true")
+    d.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
+    d.set_defaults(fn=cmd_distill_onpolicy)
 
     p = sub.add_parser("grpo", help="GRPO reasoning RL with a task's rule-based reward (R1 recipe)")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")

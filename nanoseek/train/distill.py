@@ -88,6 +88,21 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
             "problems_covered": len(covered), "duplicates": duplicates}
 
 
+def check_same_tokenizer(t, s, teacher: str, student: str, what: str) -> None:
+    """One line, before any batch: logit-level distillation (KD, on-policy) compares next-token distributions
+    over the same ids, so teacher `t` and student `s` (LoadedModels) need one tokenizer. Compared by size of
+    the embedding table, and by the vocabularies themselves when both checkpoints carry tokenizer files."""
+    across = "across vocabularies use trace distillation (`nanoseek distill traces`, then `nanoseek sft`)"
+    tv, sv = t.model.config.vocab_size, s.model.config.vocab_size
+    if tv != sv:
+        # The student's token ids would index past a smaller teacher's table.
+        raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} {sv:,}: "
+                            f"{what} needs one tokenizer; {across}")
+    if t.tokenizer is not None and s.tokenizer is not None and t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise BadInputError(f"--teacher {teacher} and --model {student} have different tokenizers of the same size: "
+                            f"{what} needs one tokenizer; {across}")
+
+
 class KDObjective(Objective):
     """α·τ²·KL(p_teacher^τ ‖ p_student^τ) + (1 − α)·CE on reply tokens (labels ≠ -100). τ² keeps the
     gradient scale independent of τ (Hinton et al. §2). The teacher runs without gradients."""
@@ -129,13 +144,9 @@ def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len:
     env = D.init_distributed(train.train.device)
     try:
         loaded = load_trainable(student, env.device)
-        tmodel = load_model(teacher).model.to(env.device).eval()
-        tv, sv = tmodel.config.vocab_size, loaded.model.config.vocab_size
-        if tv != sv:
-            # Checked before any batch: the student's token ids would index past a smaller teacher's table.
-            raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} "
-                                f"{sv:,}: logit distillation needs one tokenizer (for another teacher, make "
-                                "traces with `distill traces` and `sft` on them)")
+        tloaded = load_model(teacher)
+        tmodel = tloaded.model.to(env.device).eval()
+        check_same_tokenizer(tloaded, loaded, teacher, student, "logit distillation")
         source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
         meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
         objective = KDObjective(tmodel, alpha, temperature)
