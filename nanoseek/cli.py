@@ -326,7 +326,7 @@ def cmd_data_prepare(a) -> int:
     from nanoseek.train.prepare import prepare
 
     m = prepare(a.inputs, a.tokenizer, a.out, val_fraction=a.val_fraction, text_field=a.text_field,
-                workers=a.workers, shard_tokens=a.shard_tokens, doc_split=a.doc_split)
+                workers=a.workers, shard_tokens=a.shard_tokens, doc_split=a.doc_split, fim_rate=a.fim_rate)
     total = 0
     for split, entries in m["splits"].items():
         tokens, docs = sum(e["tokens"] for e in entries), sum(e["docs"] for e in entries)
@@ -807,6 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.005, help="share of documents (or tokens) held out")
     d.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU)")
     d.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file at most")
+    d.add_argument("--fim-rate", type=float, default=0.1,
+                   help="share of documents in fill-in-the-middle form (DeepSeek-V3: 0.1); tokenizers with FIM "
+                        "tokens only")
     d.set_defaults(fn=cmd_data_prepare)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens")
