@@ -398,13 +398,19 @@ def _task_kwargs(pairs: list[str]) -> dict:
 
 
 def _task(a):
-    """The task named by --task, built from --task-arg pairs and --data; also returns those arguments."""
+    """The task named by --task, built from --task-arg pairs and --data, with --tools when the command has
+    them (multi-turn tool episodes, tasks/tools.py); also returns those arguments."""
     from nanoseek.tasks import get_task
 
     kwargs = _task_kwargs(a.task_arg)
     if a.data is not None:
         kwargs["path"] = a.data
-    return get_task(a.task, **kwargs), kwargs
+    task = get_task(a.task, **kwargs)
+    if getattr(a, "tools", None):
+        from nanoseek.tasks.tools import ToolTask
+
+        task = ToolTask(task, tuple(t.strip() for t in a.tools.split(",") if t.strip()), a.max_turns)
+    return task, kwargs
 
 
 def cmd_eval(a) -> int:
@@ -552,6 +558,13 @@ def _task_args(p: argparse.ArgumentParser) -> None:
                    help="task setting, e.g. digits=3 (repeatable)")
 
 
+def _tool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="multi-turn tool episodes with these tools: calculator, python (comma-separated; "
+                        "python runs in a limited separate process, see nanoseek/sandbox.py)")
+    p.add_argument("--max-turns", type=int, default=4, help="model turns per tool episode")
+
+
 def _run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, warmup: int, ckpt_every: int,
               lr_help: str = "peak lr") -> None:
     """The run settings every fine-tuning command shares (read back by `_finetune_config`)."""
@@ -679,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
     p.add_argument("--keep-samples", action="store_true", help="put every completion's text in the JSON")
     _model_args(p)
+    _tool_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat jsonl ({messages}); loss on replies only")
@@ -763,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open-think", action="store_true")
     p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
     p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0: off)")
+    _tool_args(p)
     v32 = p.add_argument_group("DeepSeek-V3.2 stability options (off by default)")
     v32.add_argument("--unbiased-kl", action="store_true", help="KL term ρ·k3, ρ = π_θ/π_old (with --beta > 0)")
     v32.add_argument("--offpolicy-mask", type=float, default=None, metavar="DELTA",

@@ -40,6 +40,7 @@ from nanoseek.errors import BadInputError, UnsupportedError
 from nanoseek.evaluate import completion_text, sample_seed
 from nanoseek.tasks.base import GeneratedTask, Task
 from nanoseek.tasks.prompts import Template
+from nanoseek.tasks.tools import ToolTask, run_episodes
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from nanoseek.train import distributed as D
 from nanoseek.train.loop import Objective
@@ -231,7 +232,7 @@ class Rollouts:
 
     def _problems(self):
         """This rank's endless problem stream: every W-th train problem; a finite task restarts, reshuffled."""
-        if isinstance(self.task, GeneratedTask):  # already endless and seeded
+        if isinstance(self.task, GeneratedTask) or getattr(self.task, "endless", False):  # endless and seeded
             yield from itertools.islice(self.task.iter_problems("train"), self.rank, None, self.world)
             return
         problems = list(self.task.iter_problems("train"))
@@ -256,33 +257,28 @@ class Rollouts:
         want = cfg.prompts_per_step // self.world
         kept: list[list[tuple]] = []  # groups of (prompt ids, completion ids, reward)
         last_round: list[list[tuple]] = []
-        rewards_all, acc, fmt, lengths, truncated, zero_std = [], [], [], [], [], 0
+        rewards_all, acc, fmt, lengths, truncated, tool_calls, zero_std = [], [], [], [], [], [], 0
         was_training = self.policy.training
         self.policy.eval()
         for _ in range(cfg.max_rounds if cfg.dynamic_sampling else 1):
             last_round = []
             problems = [next(self._stream) for _ in range(want)]
             self.consumed += want
-            prompts = [self.template.render(self.tokenizer, p) for p in problems]
             params = [cfg.sampling(stop=list(self.template.stop),
                                    seed=sample_seed(cfg.seed, f"{self.rollouts}/{p.id}", g))
                       for p in problems for g in range(G)]
-            outs = self.engine.generate([pr.ids for pr in prompts for _ in range(G)], params,
-                                        record_routing=cfg.keep_routing)
-            for i, (p, pr) in enumerate(zip(problems, prompts)):
+            played = self._play(problems, params)
+            for i in range(len(problems)):
                 group = []
-                for out in outs[i * G:(i + 1) * G]:
-                    completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
-                    text = completion_text(self.tokenizer, out, self.template.stop)
-                    r = self.task.reward(text, p, started_in_think=pr.starts_in_reasoning,
-                                         num_tokens=len(out.token_ids))
-                    routing = torch.stack(out.routing) if out.routing else None
-                    group.append((pr.ids, completion, r.total, routing))
+                for prompt, completion, r, own, routing, n, finish, calls in played[i * G:(i + 1) * G]:
+                    routing = torch.stack(routing) if routing else None
+                    group.append((prompt, completion, r.total, routing, own))
                     rewards_all.append(r.total)
                     acc.append(r.accuracy)
                     fmt.append(r.format)
-                    lengths.append(len(out.token_ids))
-                    truncated.append(out.finish_reason == "length")
+                    lengths.append(n)
+                    truncated.append(finish == "length")
+                    tool_calls.append(calls)
                 flat = len({g[2] for g in group}) == 1
                 zero_std += flat
                 last_round.append(group)
@@ -303,11 +299,37 @@ class Rollouts:
                  "completion_len": _mean(lengths), "truncated": _mean(truncated),
                  "frac_reward_zero_std": zero_std / max(n_groups, 1),
                  "rollout_s": time.perf_counter() - t0}   # generation + rewards: GRPO's usual bottleneck
+        if isinstance(self.task, ToolTask):
+            stats["tool_calls"] = _mean(tool_calls)
         rows = [row for group in kept for row in group]
         adv = group_advantages(torch.tensor([row[2] for row in rows]), G, cfg.scale_rewards)
-        tokens = D.all_reduce_sum(torch.tensor([float(sum(len(row[1]) for row in rows))]))
+        tokens = D.all_reduce_sum(torch.tensor([float(sum(_own_count(row) for row in rows))]))
         norm = float(tokens) / (self.micro_batches * self.world)
         return self._micro_batches(rows, adv, stats, norm)
+
+    def _play(self, problems, params) -> list[tuple]:
+        """G completions (or tool episodes) per problem → per row (prompt ids, completion ids, reward,
+        own-token mask over the completion or None for all, routing record, own tokens, finish, tool calls)."""
+        G, cfg = self.cfg.group_size, self.cfg
+        if isinstance(self.task, ToolTask):
+            if cfg.template != "chat":
+                raise BadInputError("tool tasks render conversations with the chat template: --template chat")
+            eps = run_episodes(self.engine.generate, self.tokenizer, self.task,
+                               [p for p in problems for _ in range(G)], params, open_think=cfg.open_think,
+                               record_routing=cfg.keep_routing, context=self.engine.context)
+            return [(e.ids[:e.prompt_len], e.ids[e.prompt_len:], e.score(self.task), e.own[e.prompt_len:],
+                     e.routing, e.own_tokens, e.finish_reason, e.calls) for e in eps]
+        prompts = [self.template.render(self.tokenizer, p) for p in problems]
+        outs = self.engine.generate([pr.ids for pr in prompts for _ in range(G)], params,
+                                    record_routing=cfg.keep_routing)
+        rows = []
+        for k, out in enumerate(outs):
+            p, pr = problems[k // G], prompts[k // G]
+            completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
+            text = completion_text(self.tokenizer, out, self.template.stop)
+            r = self.task.reward(text, p, started_in_think=pr.starts_in_reasoning, num_tokens=len(out.token_ids))
+            rows.append((pr.ids, completion, r, None, out.routing, len(out.token_ids), out.finish_reason, 0))
+        return rows
 
     def _micro_batches(self, rows, adv, stats, token_norm: float | None = None) -> list[RolloutBatch]:
         device = next(self.policy.parameters()).device
@@ -326,12 +348,18 @@ class Rollouts:
             for b, i in enumerate(chunk):
                 prompt, completion = rows[i][0], rows[i][1]
                 ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-                mask[b, len(prompt) - 1:len(prompt) - 1 + len(completion)] = 1
+                own = rows[i][4] if len(rows[i]) > 4 and rows[i][4] is not None else [1] * len(completion)
+                # Only the model's own tokens: a tool episode's results and turn glue carry no loss.
+                mask[b, len(prompt) - 1:len(prompt) - 1 + len(completion)] = torch.tensor(own, dtype=mask.dtype)
             ids, mask = ids.to(device), mask.to(device)
             routing = _routing([rows[i][3] if len(rows[i]) > 3 else None for i in chunk], L)
             out.append(RolloutBatch(ids, mask, adv[chunk].to(device), token_norm=token_norm, stats=stats,
                                     routing=routing))
         return out
+
+
+def _own_count(row: tuple) -> int:
+    return sum(row[4]) if len(row) > 4 and row[4] is not None else len(row[1])
 
 
 def _routing(records: list[torch.Tensor | None], length: int) -> torch.Tensor | None:
