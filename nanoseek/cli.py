@@ -487,6 +487,15 @@ def cmd_distill_traces(a) -> int:
 
     task, kwargs = _task(a)
     problems = task.problems("train", a.limit)
+    if a.teacher_url:
+        from nanoseek.train.distill import generate_traces_api
+
+        counts = generate_traces_api(a.teacher_url, a.teacher_key, a.teacher_model, task, problems, a.out,
+                                     samples=a.samples, max_tokens=a.max_tokens, temperature=a.temperature,
+                                     top_p=a.top_p, keep=a.keep, seed=a.seed, open_think=not a.no_open_think)
+        print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
+              f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
+        return 0
     s = _session(a)
     s.engine.max_batch = a.batch_size
     counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
@@ -726,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=64, help="completions decoded together")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="chat jsonl for `nanoseek sft --data`")
+    d.add_argument("--teacher-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible API as the teacher instead of --model (e.g. https://api.deepseek.com "
+                        "or http://127.0.0.1:8000/v1); traces are text, so any vocabulary works")
+    d.add_argument("--teacher-key", default=None, help="API key for --teacher-url (Bearer)")
+    d.add_argument("--teacher-model", default=None, help="model name to ask --teacher-url for")
     d.set_defaults(fn=cmd_distill_traces)
     d = dist.add_parser("train", help="train a student toward a teacher's next-token distributions on chat jsonl")
     d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")

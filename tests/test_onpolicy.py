@@ -138,3 +138,57 @@ def test_another_tokenizer_is_one_line_naming_trace_distillation():
         with pytest.raises(BadInputError) as e:
             check_same_tokenizer(teacher, loaded(a), "T", "S", "on-policy distillation")
         assert "distill traces" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_distill_traces_from_an_endpoint_teacher(tmp_path):
+    """`distill traces --teacher-url/--teacher-key`: a stand-in OpenAI-compatible server on 127.0.0.1 answers
+    right for even problems and wrong for odd ones; the kept traces are the right ones, reasoning_content
+    becomes the think block, and the key goes as a Bearer token."""
+    import json as _json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from nanoseek.tasks.arithmetic import ArithmeticTask
+    from nanoseek.train.distill import generate_traces_api
+
+    task = ArithmeticTask()
+    problems = task.problems("train", 4)
+    answers = {p.prompt: p.answer for p in problems}
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            question = body["messages"][-1]["content"]
+            k = list(answers).index(question)
+            answer = answers[question] if k % 2 == 0 else "-1"
+            reply = {"choices": [{"message": {"role": "assistant", "content": f"<answer>{answer}</answer>",
+                                              "reasoning_content": "adding up"}}],
+                     "usage": {"completion_tokens": 9}}
+            data = _json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        counts = generate_traces_api(f"http://127.0.0.1:{server.server_port}/v1", "sk-test", "teacher", task,
+                                     problems, tmp_path / "traces.jsonl", samples=1, max_tokens=32)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert counts["kept"] == 2 and counts["completions"] == 4
+    assert all(path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "teacher"
+               for path, auth, body in seen)
+    rows = [_json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [problems[0].id, problems[2].id]
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": f"<answer>{problems[0].answer}</answer>",
+                                       "reasoning_content": "adding up"}
