@@ -525,7 +525,8 @@ def cmd_distill_onpolicy(a) -> int:
     cfg = OnPolicyConfig(prompts_per_step=a.prompts_per_step, samples=a.samples, max_new_tokens=a.max_new_tokens,
                          temperature=a.temperature, top_p=a.top_p, template=a.template,
                          open_think=not a.no_open_think, gen_batch=a.gen_batch, seed=a.seed).validate()
-    last = run_onpolicy(a.teacher, a.model, task, cfg, _finetune_config(a, a.lr, "constant", log_every=1))
+    last = run_onpolicy(a.teacher, a.model, task, cfg, _finetune_config(a, a.lr, "constant", log_every=1),
+                        teacher_url=a.teacher_url, teacher_key=a.teacher_key, teacher_model=a.teacher_model)
     rec = last.get("train", {})
     print(f"step {rec.get('step')}: reverse kl {rec.get('kl', float('nan')):.4f}; model written to {a.out}/final")
     return 0
@@ -753,7 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_distill_train)
     d = dist.add_parser("onpolicy", help="on-policy distillation (DeepSeek-V4): the student samples, a teacher "
                                          "with the same tokenizer scores its tokens; per-token reverse KL")
-    d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")
+    d.add_argument("--teacher", default=None, help="built-in name, GGUF file or HF directory (same tokenizer)")
+    d.add_argument("--teacher-url", default=None, metavar="URL",
+                   help="instead of --teacher: a nanoseek server (e.g. http://127.0.0.1:8000) scoring with its "
+                        "top-20 prompt log-probs")
+    d.add_argument("--teacher-key", default=None, help="API key for --teacher-url")
+    d.add_argument("--teacher-model", default=None, help="model name at --teacher-url")
     d.add_argument("--model", required=True, help="the student")
     d.add_argument("--task", default=None, help="prompts from a task: arithmetic, countdown, gsm8k or jsonl")
     d.add_argument("--data", default=None, help="with --task: its jsonl file or folder; alone: chat jsonl whose "

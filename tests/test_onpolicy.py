@@ -192,3 +192,65 @@ def test_distill_traces_from_an_endpoint_teacher(tmp_path):
     assert [r["id"] for r in rows] == [problems[0].id, problems[2].id]
     assert rows[0]["messages"][-1] == {"role": "assistant", "content": f"<answer>{problems[0].answer}</answer>",
                                        "reasoning_content": "adding up"}
+
+
+def test_server_teacher_prompt_logprobs_and_top_k_scores():
+    """A nanoseek server as the teacher: /v1/completions with echo + logprobs returns every prompt token's
+    log-prob with the top-20 (the first token has none), named by id on request; equal to the served model's
+    own forward. ServerTeacher turns them into the top-k teacher rows of the loss; a tokenizer mismatch is the
+    one-line error; echo + logprobs is not streamed (a 4xx)."""
+    import httpx
+    from test_serve import _served, _Server
+
+    from nanoseek.serve.app import create_app
+    from nanoseek.train.onpolicy import ServerTeacher
+
+    sm = _served("teacher", None)
+    server = _Server(create_app({"teacher": sm}, None, require_auth=False))
+    try:
+        ids = [5, 17, 99, 3, 42, 7]
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 20,
+                                                              "max_tokens": 1, "temperature": 0,
+                                                              "return_tokens_as_token_ids": True}, timeout=30)
+        assert r.status_code == 200, r.text
+        lps = r.json()["choices"][0]["logprobs"]
+        assert lps["tokens"][:len(ids)] == [f"token_id:{t}" for t in ids]
+        assert lps["token_logprobs"][0] is None and lps["top_logprobs"][0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(sm.scheduler.model(torch.tensor([ids]))[0, :-1].float(), -1)[:, :len(sm.tokenizer)]
+        for j in range(1, len(ids)):
+            assert lps["token_logprobs"][j] == pytest.approx(float(want[j - 1, ids[j]]), abs=1e-4)
+            top = {int(k.split(":")[1]): v for k, v in lps["top_logprobs"][j].items()}
+            v, i = want[j - 1].topk(20)
+            assert list(top) == i.tolist() and list(top.values()) == pytest.approx(v.tolist(), abs=1e-4)
+        assert len(lps["tokens"]) == len(ids) + 1    # then the one generated token
+        stream = httpx.post(server.url + "/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1,
+                                                                   "stream": True}, timeout=30)
+        assert 400 <= stream.status_code < 500
+        # The scorer: rows of top-20 at the masked positions only.
+        teacher = ServerTeacher(server.url + "/v1")
+        teacher.check_tokenizer(sm.tokenizer, "S")
+        batch = torch.tensor([ids, ids[:4] + [0, 0]])
+        mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.float)
+        t_ids, t_logp = teacher(batch, mask)
+        assert t_ids.shape == (2, 5, 20)
+        v, i = want.topk(20)
+        assert torch.equal(t_ids[0, 2:], i[2:]) and torch.allclose(t_logp[0, 2:], v[2:], atol=1e-4)
+        assert torch.equal(t_ids[1, 1:3], i[1:3]) and not t_ids[1, 3:].any()
+        other = make_tokenizer(None)
+        other.add_tokens(["zzz-only-here"])
+        with pytest.raises(BadInputError, match="distill traces"):
+            ServerTeacher(server.url).check_tokenizer(_ShiftedTokenizer(other), "S")
+    finally:
+        server.stop()
+        sm.scheduler.stop(timeout=5)
+
+
+class _ShiftedTokenizer:
+    """A student tokenizer that numbers tokens differently."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, add_special_tokens=False):
+        return [t + 1 for t in self.tok.encode(text, add_special_tokens=add_special_tokens)]

@@ -11,7 +11,8 @@ off-policy sequence masking (grpo_loss.py), and here the two that need the rollo
 - keep sampling mask: the top-p/top-k set is *recomputed* from π_old's logits (the first pass over a rollout,
   whose weights sampled it) with the engine's own truncation rule, then kept for the μ − 1 later passes;
   π_θ, π_old and π_ref are all renormalised over it. The sampled token is always in it (the decode path and
-  the training forward may round differently at the boundary).
+  the training forward may round differently at the boundary). It is held as a [b, L-1, V] bool tensor per
+  micro-batch (V bytes per position: 50 MB for 1,000 positions of a 50k vocabulary).
 - keep routing: the rollout is generated with `record_routing`, and the loss forward replays those experts
   (Router.forced) at every position the decode loop computed, prompt included (a prompt computed once and
   copied to the group's other rows carries its record along). Positions it never fed (the last token,

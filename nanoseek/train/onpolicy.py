@@ -15,7 +15,8 @@ trace distillation (`distill traces`, then `sft`), which only exchanges text. Th
 
 Teachers:
 - a local model: full logits, the exact loss above (over the tokenizer's ids; padded vocabulary rows dropped).
-- top-k scores (a server's prompt logprobs with their top-20, `OnPolicyBatch.teacher_ids/teacher_logp`): the
+- a server (`ServerTeacher`: `/v1/completions` with echo + logprobs, the prompt-token log-probs with their
+  top-20, `OnPolicyBatch.teacher_ids/teacher_logp`): the
   loss is the exact KL between the two distributions *coarse-grained* onto the teacher's K tokens plus one
   "rest" bucket: Σ_{v∈K} p_s(v)(log p_s(v) − log p_t(v)) + p_s(rest)(log p_s(rest) − log p_t(rest)), with
   p(rest) = 1 − Σ_{v∈K} p(v). It lower-bounds the full-vocabulary KL (merging outcomes never raises a KL),
@@ -230,8 +231,76 @@ class OnPolicySource(Rollouts):
         return out
 
 
-def run_onpolicy(teacher: str, student: str, task: Task, cfg: OnPolicyConfig, train) -> dict[str, Any]:
-    """On-policy distil local `teacher` into `student` on `task`'s prompts; writes `<out_dir>/final`."""
+class ServerTeacher:
+    """A nanoseek server (or any server with the same contract) as the teacher: `/v1/completions` with the
+    student's token ids as the prompt, `echo`, `logprobs: K` and `return_tokens_as_token_ids` returns each
+    prompt token's log-prob with the K most likely tokens (the loss on that truncated distribution: module
+    doc). Chat APIs' top_logprobs describe the API's own samples and cannot score given tokens."""
+
+    def __init__(self, url: str, key: str | None = None, model: str | None = None, top_k: int = 20,
+                 timeout_s: float = 300.0):
+        # Both /tokenize and /v1/completions are asked for: take the server's root whether or not URL ends in /v1.
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.key, self.model, self.k, self.timeout_s = key, model, top_k, timeout_s
+
+    def _post(self, path: str, body: dict) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        if self.model:
+            body = {**body, "model": self.model}
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise BadInputError(f"teacher {self.url}{path}: HTTP {e.code}: "
+                                f"{e.read()[:300].decode(errors='replace')}") from None
+        except (urllib.error.URLError, TimeoutError, ValueError) as e:
+            raise BadInputError(f"teacher {self.url}{path}: {e}") from None
+
+    def check_tokenizer(self, tokenizer, student: str) -> None:
+        """The same ids for a probe text, or the one-line error (the server's vocabulary is not visible)."""
+        probe = "Teacher and student: 12 + 34 = 46, naïve café — 東京 <think> </answer>\n"
+        got = self._post("/tokenize", {"prompt": probe, "add_special_tokens": False}).get("tokens")
+        if got != list(tokenizer.encode(probe, add_special_tokens=False)):
+            raise BadInputError(f"teacher {self.url} and student {student} do not tokenize alike: on-policy "
+                                "distillation needs one tokenizer; across vocabularies use trace distillation "
+                                "(`nanoseek distill traces`, then `nanoseek sft`)")
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [b, L] (right-padded) → the teacher's top-K ids and log-probs [b, L-1, K] (zeros off `mask`)."""
+        b, length = ids.shape
+        t_ids = torch.zeros(b, length - 1, self.k, dtype=torch.long)
+        t_logp = torch.zeros(b, length - 1, self.k)
+        for r in range(b):
+            used = mask[r].nonzero()
+            if not len(used):
+                continue
+            end = int(used[-1]) + 2            # tokens up to the last scored one
+            seq = ids[r, :end].tolist()
+            reply = self._post("/v1/completions", {"prompt": seq, "echo": True, "logprobs": self.k, "max_tokens": 1,
+                                                   "temperature": 0, "return_tokens_as_token_ids": True})
+            tops = reply["choices"][0]["logprobs"]["top_logprobs"]
+            for j in range(1, end):           # token j's row: the distribution at position j - 1
+                row = tops[j] or {}
+                if mask[r, j - 1] and len(row) < self.k:
+                    raise BadInputError(f"teacher {self.url} returned {len(row)} of {self.k} top log-probs")
+                for c, (name, v) in enumerate(list(row.items())[:self.k]):
+                    t_ids[r, j - 1, c] = int(name.split(":", 1)[1])
+                    t_logp[r, j - 1, c] = v
+        return t_ids.to(ids.device), t_logp.to(ids.device)
+
+
+def run_onpolicy(teacher: str | None, student: str, task: Task, cfg: OnPolicyConfig, train, *,
+                 teacher_url: str | None = None, teacher_key: str | None = None,
+                 teacher_model: str | None = None) -> dict[str, Any]:
+    """On-policy distil `teacher` (a local model) or the server at `teacher_url` into `student` on `task`'s
+    prompts; writes `<out_dir>/final`."""
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
     from nanoseek.weights.registry import load_model
@@ -239,16 +308,24 @@ def run_onpolicy(teacher: str, student: str, task: Task, cfg: OnPolicyConfig, tr
     cfg.validate()
     env = D.init_distributed(train.train.device)
     try:
+        if (teacher is None) == (teacher_url is None):
+            raise BadInputError("give the teacher as --teacher MODEL or --teacher-url URL (one of them)")
         loaded = load_trainable(student, env.device)
-        t = load_model(teacher)
-        check_same_tokenizer(t, loaded, teacher, student, "on-policy distillation")
-        tmodel = t.model.to(env.device).eval()
-        for p in tmodel.parameters():
-            p.requires_grad_(False)
+        tmodel, scorer = None, None
+        if teacher_url is not None:
+            scorer = ServerTeacher(teacher_url, teacher_key, teacher_model)
+            scorer.check_tokenizer(loaded.tokenizer, student)
+        else:
+            t = load_model(teacher)
+            check_same_tokenizer(t, loaded, teacher, student, "on-policy distillation")
+            tmodel = t.model.to(env.device).eval()
+            for p in tmodel.parameters():
+                p.requires_grad_(False)
         torch.manual_seed(train.train.seed)
         source = OnPolicySource(loaded.model, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
-                                rank=env.rank, world_size=env.world_size)
-        meta = {"teacher": str(teacher), "base_model": str(student), "task": task.name, "onpolicy": vars(cfg)}
+                                rank=env.rank, world_size=env.world_size, scorer=scorer)
+        meta = {"teacher": str(teacher or teacher_url), "base_model": str(student), "task": task.name,
+                "onpolicy": vars(cfg)}
         objective = OnPolicyObjective(tmodel, len(loaded.tokenizer))
         return fit_and_save(Trainer(train, loaded.model, objective, source, None, env, meta), loaded, env)
     finally:
