@@ -237,10 +237,22 @@ def test_server_teacher_prompt_logprobs_and_top_k_scores():
         v, i = want.topk(20)
         assert torch.equal(t_ids[0, 2:], i[2:]) and torch.allclose(t_logp[0, 2:], v[2:], atol=1e-4)
         assert torch.equal(t_ids[1, 1:3], i[1:3]) and not t_ids[1, 3:].any()
-        other = make_tokenizer(None)
-        other.add_tokens(["zzz-only-here"])
         with pytest.raises(BadInputError, match="distill traces"):
-            ServerTeacher(server.url).check_tokenizer(_ShiftedTokenizer(other), "S")
+            ServerTeacher(server.url).check_tokenizer(_ShiftedTokenizer(make_tokenizer(None)), "S")
+        # Through the Trainer: a student of the same tokenizer trains on the server's top-20 scores.
+        from test_grpo import _policy
+
+        student = _policy(sm.tokenizer)
+        src = OnPolicySource(student, sm.tokenizer, DigitTask(),
+                             OnPolicyConfig(prompts_per_step=2, max_new_tokens=4, template="plain", open_think=False),
+                             micro_batches=1, scorer=teacher)
+        batch = src.next_batch()
+        assert batch.teacher_ids is not None
+        from nanoseek.train.loop import LMForward
+
+        loss, m = OnPolicyObjective(None, len(sm.tokenizer)).loss(LMForward(student), batch)
+        assert torch.isfinite(loss) and float(m["kl"]) > 0
+        loss.backward()
     finally:
         server.stop()
         sm.scheduler.stop(timeout=5)
