@@ -251,7 +251,7 @@ def run_episodes(generate, tokenizer, task: ToolTask, problems: Sequence[Problem
             if not calls or turn == task.max_turns - 1:
                 e.done = True
                 continue
-            _tool_turn(e, calls, task, tokenizer, functions, thinking, sampled, context,
+            _tool_turn(e, calls, task, tokenizer, functions, thinking, out, context,
                        max(p.max_tokens for p in turn_params))
     return episodes
 
@@ -262,12 +262,12 @@ def _turn_params(p: SamplingParams, turn: int) -> SamplingParams:
     return replace(p, seed=(p.seed * 1_000_003 + turn) % 2**63, stop=list(p.stop))
 
 
-def _tool_turn(e: Episode, calls, task: ToolTask, tokenizer, functions, thinking, sampled: list[int],
+def _tool_turn(e: Episode, calls, task: ToolTask, tokenizer, functions, thinking, out,
                context: int | None, max_tokens: int) -> None:
     """Run the turn's calls and append the results the way the template renders them; or end the episode."""
-    said = tokenizer.decode(sampled, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    content = tokenizer.decode([t for t in sampled if t not in tokenizer.all_special_ids],
-                               skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # The turn as text, as the template will render it back; the token that ended it (EOS) is the template's.
+    content = tokenizer.decode(out.token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ended = tokenizer.decode([out.stop_token], skip_special_tokens=False) if out.stop_token is not None else ""
     e.messages.append({"role": "assistant", "content": content})
     for call in calls:
         e.calls += 1
@@ -288,7 +288,6 @@ def _tool_turn(e: Episode, calls, task: ToolTask, tokenizer, functions, thinking
         raise BadInputError("the chat template does not render a conversation as a prefix of its continuation, "
                             "so tool episodes cannot keep the model's own tokens; use a template that does")
     glue = before[at + len(content):]           # how the template closes the turn, e.g. "<|im_end|>\n"
-    ended = said[len(content):] if said.startswith(content) else ""
     glue = glue.removeprefix(ended)                  # the token that ended the turn is already in the sequence
     extra = tokenizer.encode(glue + after.text[len(before):], add_special_tokens=False)
     if context is not None and len(e.ids) + len(extra) + max_tokens > context:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-from contextlib import contextmanager
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +42,8 @@ from nanoseek.evaluate import completion_text, sample_seed
 from nanoseek.tasks.base import GeneratedTask, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.tasks.tools import ToolTask, run_episodes
-from nanoseek.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from nanoseek.train import distributed as D
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from nanoseek.train.loop import Objective
 
 
@@ -188,6 +188,8 @@ class GRPOObjective(Objective):
 class Rollouts:
     """The Trainer's batch source for GRPO: rolls out when the current rollout is used up."""
 
+    batch_cls = RolloutBatch   # what a checkpoint's pending batches are rebuilt as
+
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: GRPOConfig, *, micro_batches: int,
                  rank: int = 0, world_size: int = 1):
         self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
@@ -228,7 +230,7 @@ class Rollouts:
             next(self._stream)
         self.consumed = state["consumed"]
         device = next(self.policy.parameters()).device
-        pending = [RolloutBatch.from_state(b, device) for b in state.get("pending", [])]
+        pending = [self.batch_cls.from_state(b, device) for b in state.get("pending", [])]
         self._queue = [pending[i] for i in state.get("order", [])]
 
     def _problems(self):

@@ -184,6 +184,8 @@ class OnPolicySource(Rollouts):
     completions, no rewards; `scorer`, if given, turns (ids, completion start) rows into top-k teacher
     scores (a server teacher)."""
 
+    batch_cls = OnPolicyBatch
+
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: OnPolicyConfig, *, micro_batches: int,
                  rank: int = 0, world_size: int = 1, scorer=None):
         self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
