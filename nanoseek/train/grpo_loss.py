@@ -15,7 +15,8 @@ DeepSeek-V3.2's stability options (§3.1 of its report), opt-in:
                π_old, so E_old[ρ·k3] = E_θ[k3] = KL(π_θ ‖ π_ref), and its gradient is the KL's
   off-policy   a sequence with negative advantage whose mean per-token log(π_old/π_θ) exceeds a threshold
   masking      drops out of the surrogate: learning from one's own mistakes made under a policy too far
-               from the current one destabilises (positive sequences always stay)
+               from the current one destabilises (positive sequences always stay). π_old here is the
+               trainer's recomputation at the first pass (grpo.py), so it acts from the second inner update
   sampling     token_logprobs(…, allowed=): the log-probs are renormalised over the rollout's top-p/top-k
   mask         action space, so π_θ and π_old are compared on the distribution that was actually sampled
 """
