@@ -185,3 +185,38 @@ def test_keep_routing_needs_a_moe_policy():
     tok = make_tokenizer(None)
     with pytest.raises(BadInputError, match="keep_routing"):
         Rollouts(_policy(tok), tok, DigitTask(), GRPOConfig(keep_routing=True, template="plain"), micro_batches=1)
+
+
+def test_offpolicy_masking_takes_pi_old_from_the_sampler_where_recorded():
+    # One inner update: the trainer's old_logp equals logp, so only the sampler's log-probs can show a gap.
+    logp = _t(LOGP)
+    mask = _t(MASK)
+    adv = _t([-1.0, -1.0])
+    behaviour = torch.full((2, 3), float("nan"))
+    behaviour[1, :2] = torch.tensor([-0.3 + 0.5, -1.2 + 0.5])   # the sampler saw seq 1 0.5 nats likelier
+    _, m = grpo_loss(logp, logp.clone(), adv, mask, aggregation="grpo", offpolicy_threshold=0.3,
+                     behaviour_logp=behaviour)
+    assert m["offpolicy_masked"] == pytest.approx(0.5)          # seq 1 only: mean gap 0.5 > 0.3
+    _, m = grpo_loss(logp, logp.clone(), adv, mask, aggregation="grpo", offpolicy_threshold=0.3)
+    assert m["offpolicy_masked"] == 0.0
+
+
+def test_rollouts_record_the_samplers_logprobs_for_offpolicy_masking():
+    """At temperature 1 the engine's log-probs of the sampled tokens are recorded at their positions; they
+    match the training forward's on the same weights (the train–inference gap is rounding only here)."""
+    from test_grpo import _policy
+
+    tok = make_tokenizer(None)
+    policy = _policy(tok)
+    cfg = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=5, template="plain", open_think=False,
+                     offpolicy_threshold=0.1)
+    batch = Rollouts(policy, tok, DigitTask(), cfg, micro_batches=1).next_batch()
+    beh = batch.behaviour_logp
+    assert beh is not None and beh.shape == batch.mask.shape
+    recorded = ~torch.isnan(beh)
+    assert bool((batch.mask.bool() | ~recorded).all())            # only on completion positions
+    assert int(recorded.sum()) >= int(batch.mask.sum()) - batch.ids.shape[0]   # all but each ending token
+    with torch.no_grad():
+        logp = GRPOObjective(cfg)._logp(policy(batch.ids), batch.ids)[0]
+    assert torch.allclose(beh[recorded], logp[recorded], atol=1e-4)
+    assert GRPOConfig(offpolicy_threshold=0.1, top_p=0.9).records_behaviour is False

@@ -73,6 +73,12 @@ class GRPOConfig:
     keep_sampling_mask: bool = False  # renormalise over the rollout's top-p/top-k set (no-op without them)
     keep_routing: bool = False       # replay the rollout's MoE expert choices in the loss forward
 
+    @property
+    def records_behaviour(self) -> bool:
+        """Off-policy masking takes π_old from the sampler: its reported log-probs are the raw model's, which
+        is the sampling distribution only at temperature 1 without truncation (else the first pass's)."""
+        return self.offpolicy_threshold is not None and self.temperature == 1.0 and not self.truncates
+
     def validate(self) -> GRPOConfig:
         if self.group_size < 2:
             raise BadInputError("group_size must be ≥ 2: advantages compare completions within a group")
@@ -112,7 +118,9 @@ class RolloutBatch:
     token_norm: DAPO's divisor, the rollout's completion tokens over all ranks / (micro-batches × ranks), so
     that after the loop's accumulation average and DDP's rank average the loss is Σ tokens / N_global.
     routing [b, L, n_moe_layers, k]: the rollout's experts per position (-1: free), with keep_routing.
-    sample_mask [b, L-1, V] bool: the rollout's top-p/top-k set, with keep_sampling_mask (first pass)."""
+    sample_mask [b, L-1, V] bool: the rollout's top-p/top-k set, with keep_sampling_mask (first pass).
+    behaviour_logp [b, L-1]: the sampler's log-prob of each completion token (NaN where none: the ending
+    token, tool episodes), recorded for off-policy masking when the sampler's distribution is the policy's."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -122,6 +130,7 @@ class RolloutBatch:
     token_norm: float | None = None
     routing: torch.Tensor | None = None
     sample_mask: torch.Tensor | None = None
+    behaviour_logp: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
@@ -173,7 +182,7 @@ class GRPOObjective(Objective):
         loss, m = grpo_loss(logp, batch.old_logp, batch.advantages, batch.mask, ref_logp=batch.ref_logp,
                             beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, aggregation=c.aggregation,
                             max_len=c.max_new_tokens, num_tokens=batch.token_norm, unbiased_kl=c.unbiased_kl,
-                            offpolicy_threshold=c.offpolicy_threshold)
+                            offpolicy_threshold=c.offpolicy_threshold, behaviour_logp=batch.behaviour_logp)
         n = batch.mask.sum().clamp(min=1)
         if c.beta == 0:
             m.pop("kl")   # no reference model, so no KL was measured: log none rather than a false 0
@@ -268,14 +277,15 @@ class Rollouts:
             problems = [next(self._stream) for _ in range(want)]
             self.consumed += want
             params = [cfg.sampling(stop=list(self.template.stop),
-                                   seed=sample_seed(cfg.seed, f"{self.rollouts}/{p.id}", g))
+                                   seed=sample_seed(cfg.seed, f"{self.rollouts}/{p.id}", g),
+                                   logprobs=0 if cfg.records_behaviour else None)
                       for p in problems for g in range(G)]
             played = self._play(problems, params)
             for i in range(len(problems)):
                 group = []
-                for prompt, completion, r, own, routing, n, finish, calls in played[i * G:(i + 1) * G]:
+                for prompt, completion, r, own, routing, n, finish, calls, behaviour in played[i * G:(i + 1) * G]:
                     routing = torch.stack(routing) if routing else None
-                    group.append((prompt, completion, r.total, routing, own))
+                    group.append((prompt, completion, r.total, routing, own, behaviour))
                     rewards_all.append(r.total)
                     acc.append(r.accuracy)
                     fmt.append(r.format)
@@ -312,7 +322,8 @@ class Rollouts:
 
     def _play(self, problems, params) -> list[tuple]:
         """G completions (or tool episodes) per problem → per row (prompt ids, completion ids, reward,
-        own-token mask over the completion or None for all, routing record, own tokens, finish, tool calls)."""
+        own-token mask over the completion or None for all, routing record, own tokens, finish, tool calls,
+        the sampler's log-probs of the completion tokens or None)."""
         G, cfg = self.cfg.group_size, self.cfg
         if isinstance(self.task, ToolTask):
             if cfg.template != "chat":
@@ -321,7 +332,7 @@ class Rollouts:
                                [p for p in problems for _ in range(G)], params, open_think=cfg.open_think,
                                record_routing=cfg.keep_routing, context=self.engine.context)
             return [(e.ids[:e.prompt_len], e.ids[e.prompt_len:], e.score(self.task), e.own[e.prompt_len:],
-                     e.routing, e.own_tokens, e.finish_reason, e.calls) for e in eps]
+                     e.routing, e.own_tokens, e.finish_reason, e.calls, None) for e in eps]
         prompts = [self.template.render(self.tokenizer, p) for p in problems]
         outs = self.engine.generate([pr.ids for pr in prompts for _ in range(G)], params,
                                     record_routing=cfg.keep_routing)
@@ -331,7 +342,9 @@ class Rollouts:
             completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
             text = completion_text(self.tokenizer, out, self.template.stop)
             r = self.task.reward(text, p, started_in_think=pr.starts_in_reasoning, num_tokens=len(out.token_ids))
-            rows.append((pr.ids, completion, r, None, out.routing, len(out.token_ids), out.finish_reason, 0))
+            behaviour = [lp["logprob"] for lp in out.logprobs] if out.logprobs is not None else None
+            rows.append((pr.ids, completion, r, None, out.routing, len(out.token_ids), out.finish_reason, 0,
+                         behaviour))
         return rows
 
     def _micro_batches(self, rows, adv, stats, token_norm: float | None = None) -> list[RolloutBatch]:
@@ -356,8 +369,17 @@ class Rollouts:
                 mask[b, len(prompt) - 1:len(prompt) - 1 + len(completion)] = torch.tensor(own, dtype=mask.dtype)
             ids, mask = ids.to(device), mask.to(device)
             routing = _routing([rows[i][3] if len(rows[i]) > 3 else None for i in chunk], L)
+            behaviour = None
+            if any(len(rows[i]) > 5 and rows[i][5] is not None for i in chunk):
+                behaviour = torch.full((len(chunk), L - 1), float("nan"))
+                for b, i in enumerate(chunk):
+                    lps = rows[i][5] if len(rows[i]) > 5 else None
+                    if lps:
+                        start = len(rows[i][0]) - 1
+                        behaviour[b, start:start + len(lps)] = torch.tensor(lps)
+                behaviour = behaviour.to(device)
             out.append(RolloutBatch(ids, mask, adv[chunk].to(device), token_norm=token_norm, stats=stats,
-                                    routing=routing))
+                                    routing=routing, behaviour_logp=behaviour))
         return out
 
 

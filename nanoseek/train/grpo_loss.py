@@ -15,8 +15,9 @@ DeepSeek-V3.2's stability options (§3.1 of its report), opt-in:
                π_old, so E_old[ρ·k3] = E_θ[k3] = KL(π_θ ‖ π_ref), and its gradient is the KL's
   off-policy   a sequence with negative advantage whose mean per-token log(π_old/π_θ) exceeds a threshold
   masking      drops out of the surrogate: learning from one's own mistakes made under a policy too far
-               from the current one destabilises (positive sequences always stay). π_old here is the
-               trainer's recomputation at the first pass (grpo.py), so it acts from the second inner update
+               from the current one destabilises (positive sequences always stay). π_old is the sampler's
+               own log-prob where the rollout recorded it (`behaviour_logp`: the train–inference gap V3.2
+               guards against), else the trainer's recomputation at the first pass
   sampling     token_logprobs(…, allowed=): the log-probs are renormalised over the rollout's top-p/top-k
   mask         action space, so π_θ and π_old are compared on the distribution that was actually sampled
 """
@@ -71,9 +72,12 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def offpolicy_keep(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   threshold: float) -> torch.Tensor:
+                   threshold: float, behaviour_logp: torch.Tensor | None = None) -> torch.Tensor:
     """V3.2's off-policy sequence mask [B]: 0 for a sequence with A < 0 whose mean over its tokens of
-    log π_old − log π_θ (a sample estimate of KL(π_old ‖ π_θ)) exceeds `threshold`, else 1."""
+    log π_old − log π_θ (a sample estimate of KL(π_old ‖ π_θ)) exceeds `threshold`, else 1. Where
+    `behaviour_logp` [B, T] is not NaN, it is π_old (the sampler's own log-probs)."""
+    if behaviour_logp is not None:
+        old_logp = torch.where(torch.isnan(behaviour_logp), old_logp, behaviour_logp.to(old_logp.dtype))
     n = mask.sum(1).clamp(min=1)
     divergence = ((old_logp - logp).detach() * mask).sum(1) / n
     return (~((advantages < 0) & (divergence > threshold))).to(logp.dtype)
@@ -83,7 +87,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, aggregation: Aggregation = "dapo",
               max_len: int | None = None, num_tokens: float | None = None, unbiased_kl: bool = False,
-              offpolicy_threshold: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              offpolicy_threshold: float | None = None,
+              behaviour_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate (negated, to minimise) over completion tokens.
 
     logp, old_logp, ref_logp, mask: [B, T] (mask 1 on completion tokens); advantages [B]. `old_logp` is the
@@ -92,7 +97,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     `num_tokens` replaces DAPO's divisor (this batch's token count) when the batch is one of several whose
     tokens must be normalized together (accumulation, data parallelism).
     `unbiased_kl`: the KL term is ρ·k3 (V3.2) instead of k3. `offpolicy_threshold`: V3.2's off-policy
-    sequence masking (offpolicy_keep) on the surrogate; the KL term and the normalisers are unchanged.
+    sequence masking (offpolicy_keep, π_old from `behaviour_logp` where given) on the surrogate; the KL term and
+    the normalisers are unchanged.
     Returns the loss and metrics: kl (mean per token), clip fractions (low, high), ratio mean, and with
     masking the share of sequences masked."""
     eps_high = eps_low if eps_high is None else eps_high
@@ -103,7 +109,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     keep = None
     if offpolicy_threshold is not None:
-        keep = offpolicy_keep(logp, old_logp, advantages.to(logp.dtype), mask, offpolicy_threshold)
+        keep = offpolicy_keep(logp, old_logp, advantages.to(logp.dtype), mask, offpolicy_threshold, behaviour_logp)
         per_token = per_token * keep[:, None]
     kl = None
     if beta != 0.0:
