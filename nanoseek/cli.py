@@ -422,13 +422,19 @@ def _task_kwargs(pairs: list[str]) -> dict:
 
 
 def _task(a):
-    """The task named by --task, built from --task-arg pairs and --data; also returns those arguments."""
+    """The task named by --task, built from --task-arg pairs and --data, with --tools when the command has
+    them (multi-turn tool episodes, tasks/tools.py); also returns those arguments."""
     from nanoseek.tasks import get_task
 
     kwargs = _task_kwargs(a.task_arg)
     if a.data is not None:
         kwargs["path"] = a.data
-    return get_task(a.task, **kwargs), kwargs
+    task = get_task(a.task, **kwargs)
+    if getattr(a, "tools", None):
+        from nanoseek.tasks.tools import ToolTask
+
+        task = ToolTask(task, tuple(t.strip() for t in a.tools.split(",") if t.strip()), a.max_turns)
+    return task, kwargs
 
 
 def cmd_eval(a) -> int:
@@ -488,7 +494,9 @@ def cmd_grpo(a) -> int:
                       temperature=a.temperature, top_p=a.top_p, inner_updates=a.inner_updates, eps_low=a.eps_low,
                       eps_high=a.eps_high, beta=a.beta, scale_rewards=a.scale_rewards, aggregation=a.aggregation,
                       dynamic_sampling=a.dynamic_sampling, template=a.template, open_think=not a.no_open_think,
-                      gen_batch=a.gen_batch, seed=a.seed).validate()
+                      gen_batch=a.gen_batch, seed=a.seed, top_k=a.top_k, unbiased_kl=a.unbiased_kl,
+                      offpolicy_threshold=a.offpolicy_mask, keep_sampling_mask=a.keep_sampling_mask,
+                      keep_routing=a.keep_routing).validate()
     # Full fine-tuning of a trained model: constant lr after a short warmup and no weight decay (DAPO, Dr. GRPO).
     tcfg = _finetune_config(a, a.lr, "constant", log_every=1)
     last = run_grpo(a.model, task, gcfg, tcfg)
@@ -503,6 +511,15 @@ def cmd_distill_traces(a) -> int:
 
     task, kwargs = _task(a)
     problems = task.problems("train", a.limit)
+    if a.teacher_url:
+        from nanoseek.train.distill import generate_traces_api
+
+        counts = generate_traces_api(a.teacher_url, a.teacher_key, a.teacher_model, task, problems, a.out,
+                                     samples=a.samples, max_tokens=a.max_tokens, temperature=a.temperature,
+                                     top_p=a.top_p, keep=a.keep, seed=a.seed, open_think=not a.no_open_think)
+        print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
+              f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
+        return 0
     s = _session(a)
     s.engine.max_batch = a.batch_size
     counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
@@ -520,6 +537,22 @@ def cmd_distill_train(a) -> int:
                        seq_len=a.seq_len, batch_size=a.batch_size, alpha=a.alpha, temperature=a.temperature)
     rec = last.get("train", {})
     print(f"step {rec.get('step')}: kl {rec.get('kl', float('nan')):.4f}; model written to {a.out}/final")
+    return 0
+
+
+def cmd_distill_onpolicy(a) -> int:
+    from nanoseek.train.onpolicy import ChatPrompts, OnPolicyConfig, run_onpolicy
+
+    if a.task is None and a.data is None:
+        raise BadInputError("give the prompts with --task NAME or --data CHAT.jsonl")
+    task = _task(a)[0] if a.task else ChatPrompts(a.data)
+    cfg = OnPolicyConfig(prompts_per_step=a.prompts_per_step, samples=a.samples, max_new_tokens=a.max_new_tokens,
+                         temperature=a.temperature, top_p=a.top_p, template=a.template,
+                         open_think=not a.no_open_think, gen_batch=a.gen_batch, seed=a.seed).validate()
+    last = run_onpolicy(a.teacher, a.model, task, cfg, _finetune_config(a, a.lr, "constant", log_every=1),
+                        teacher_url=a.teacher_url, teacher_key=a.teacher_key, teacher_model=a.teacher_model)
+    rec = last.get("train", {})
+    print(f"step {rec.get('step')}: reverse kl {rec.get('kl', float('nan')):.4f}; model written to {a.out}/final")
     return 0
 
 
@@ -557,6 +590,13 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="jsonl file, or a folder with train.jsonl/test.jsonl (gsm8k, jsonl)")
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="task setting, e.g. digits=3 (repeatable)")
+
+
+def _tool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="multi-turn tool episodes with these tools: calculator, python (comma-separated; "
+                        "python runs in a limited separate process, see nanoseek/sandbox.py)")
+    p.add_argument("--max-turns", type=int, default=4, help="model turns per tool episode")
 
 
 def _run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, warmup: int, ckpt_every: int,
@@ -691,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
     p.add_argument("--keep-samples", action="store_true", help="put every completion's text in the JSON")
     _model_args(p)
+    _tool_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat jsonl ({messages}); loss on replies only")
@@ -724,6 +765,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=64, help="completions decoded together")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="chat jsonl for `nanoseek sft --data`")
+    d.add_argument("--teacher-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible API as the teacher instead of --model (e.g. https://api.deepseek.com "
+                        "or http://127.0.0.1:8000/v1); traces are text, so any vocabulary works")
+    d.add_argument("--teacher-key", default=None, help="API key for --teacher-url (Bearer)")
+    d.add_argument("--teacher-model", default=None, help="model name to ask --teacher-url for")
     d.set_defaults(fn=cmd_distill_traces)
     d = dist.add_parser("train", help="train a student toward a teacher's next-token distributions on chat jsonl")
     d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")
@@ -735,6 +781,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--batch-size", type=int, default=8)
     d.set_defaults(fn=cmd_distill_train)
+    d = dist.add_parser("onpolicy", help="on-policy distillation (DeepSeek-V4): the student samples, a teacher "
+                                         "with the same tokenizer scores its tokens; per-token reverse KL")
+    d.add_argument("--teacher", default=None, help="built-in name, GGUF file or HF directory (same tokenizer)")
+    d.add_argument("--teacher-url", default=None, metavar="URL",
+                   help="instead of --teacher: a nanoseek server (e.g. http://127.0.0.1:8000) scoring with its "
+                        "top-20 prompt log-probs")
+    d.add_argument("--teacher-key", default=None, help="API key for --teacher-url")
+    d.add_argument("--teacher-model", default=None, help="model name at --teacher-url")
+    d.add_argument("--model", required=True, help="the student")
+    d.add_argument("--task", default=None, help="prompts from a task: arithmetic, countdown, gsm8k or jsonl")
+    d.add_argument("--data", default=None, help="with --task: its jsonl file or folder; alone: chat jsonl whose "
+                                                "messages (before the last reply) are the prompts")
+    d.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="task setting, e.g. digits=3 (repeatable)")
+    _run_args(d, steps=100, lr=1e-5, warmup=0, ckpt_every=50)
+    d.add_argument("--prompts-per-step", type=int, default=8)
+    d.add_argument("--samples", type=int, default=1, help="student completions per prompt")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat")
+    d.add_argument("--no-open-think", action="store_true")
+    d.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
+    d.set_defaults(fn=cmd_distill_onpolicy)
 
     p = sub.add_parser("grpo", help="GRPO reasoning RL with a task's rule-based reward (R1 recipe)")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF directory")
@@ -755,6 +825,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat")
     p.add_argument("--no-open-think", action="store_true")
     p.add_argument("--gen-batch", type=int, default=64, help="completions decoded together")
+    p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0: off)")
+    _tool_args(p)
+    v32 = p.add_argument_group("DeepSeek-V3.2 stability options (off by default)")
+    v32.add_argument("--unbiased-kl", action="store_true", help="KL term ρ·k3, ρ = π_θ/π_old (with --beta > 0)")
+    v32.add_argument("--offpolicy-mask", type=float, default=None, metavar="DELTA",
+                     help="drop negative-advantage sequences whose mean log(π_old/π_θ) exceeds DELTA")
+    v32.add_argument("--keep-sampling-mask", action="store_true",
+                     help="log-probs over the rollout's top-p/top-k set (recomputed from π_old's logits)")
+    v32.add_argument("--keep-routing", action="store_true",
+                     help="MoE policies: replay the rollout's expert choices in the loss forward")
     p.set_defaults(fn=cmd_grpo)
 
     p = sub.add_parser("recipe", help="whole training recipes in one command (r1: cold-start SFT → GRPO → report)")

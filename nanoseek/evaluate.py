@@ -33,6 +33,7 @@ from nanoseek.engine.request import Completion
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError
 from nanoseek.tasks import Problem, Task, Template
+from nanoseek.tasks.tools import ToolTask
 
 Z95 = 1.959963984540054
 
@@ -218,9 +219,12 @@ def evaluate(engine, tokenizer, task: Task, cfg: EvalConfig, problems: Sequence[
             params.append(SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, stop=list(template.stop)))
 
     t0 = time.perf_counter()
-    with progress_bar(f"eval {task.name}", len(jobs)) if progress else nullcontext(lambda: None) as advance:
-        outs = engine.generate([prompts[i].ids for i, _ in jobs], params,
-                               on_delta=lambda d: advance() if d.finish_reason is not None else None)
+    if isinstance(task, ToolTask):   # multi-turn tool episodes (tasks/tools.py); scored on the last turn
+        outs = _episodes(engine, tokenizer, task, [problems[i] for i, _ in jobs], params, cfg.open_think)
+    else:
+        with progress_bar(f"eval {task.name}", len(jobs)) if progress else nullcontext(lambda: None) as advance:
+            outs = engine.generate([prompts[i].ids for i, _ in jobs], params,
+                                   on_delta=lambda d: advance() if d.finish_reason is not None else None)
     gen_s = time.perf_counter() - t0
 
     results = [ProblemResult(p.id, p.answer) for p in problems]
@@ -241,6 +245,18 @@ def evaluate(engine, tokenizer, task: Task, cfg: EvalConfig, problems: Sequence[
              "mean_tokens": tokens / len(every),
              "truncated_rate": sum(s.finish_reason == "length" for s in every) / len(every)}
     return EvalReport(model_name, task.name, dict(task_args or {}), cfg, results, summarize(task, results), stats)
+
+
+def _episodes(engine, tokenizer, task, problems, params, open_think: bool) -> list[Completion]:
+    """Tool episodes as Completions to score: the last turn's tokens; a sandbox violation scores as empty."""
+    from nanoseek.tasks.tools import run_episodes
+
+    outs = []
+    for e in run_episodes(engine.generate, tokenizer, task, problems, params, open_think=open_think,
+                          context=engine.context):
+        last = [] if e.violation else tokenizer.encode(e.text, add_special_tokens=False)
+        outs.append(Completion(len(outs), e.prompt_len, last, e.text, e.finish_reason))
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ SIZES = {
                 *TINY_TASK],
     ("distill", "traces"): ["--limit", "2", "--samples", "1", "--max-tokens", "4"],
     ("distill", "train"): TINY_FT,
+    ("distill", "onpolicy"): [*TINY_FT[:4], "--no-plots", "--prompts-per-step", "1", "--max-new-tokens", "4",
+                              *TINY_TASK],
     ("recipe", "r1"): ["--sft-steps", "1", "--grpo-steps", "1", "--eval-problems", "2", "--device", "cpu",
                        "--no-plots", *TINY_TASK, *(x for kv in (
                            "cold_start.conversations=4", "cold_start.seq_len=512", "rl.grpo.group_size=2",

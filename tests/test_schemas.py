@@ -395,7 +395,8 @@ def test_prefix_rules(messages, param):
 
 @pytest.mark.parametrize("body, param", [({"prompt": []}, "prompt"), ({"prompt": [[1], []]}, "prompt[1]"),
                                          ({"prompt": [1, -2]}, "prompt"),
-                                         ({"prompt": "x", "echo": True, "logprobs": 1}, "echo")])
+                                         ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "stream"),
+                                         ({"prompt": "x", "echo": True, "logprobs": 1, "suffix": "y"}, "suffix")])
 def test_completion_value_rules(body, param):
     err = refused(CompletionRequest, body)
     assert (err.status, err.param) == (400, param)

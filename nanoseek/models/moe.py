@@ -29,6 +29,10 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.006)
         # fp32 always: sign updates of size γ=1e-3 vanish in bf16 once |b| grows.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Keep routing (V3.2 GRPO): expert ids [N, k] to use instead of this router's own choice in the next
+        # forwards, set by the trainer from a rollout's routing record; rows of -1 choose freely (padding, the
+        # last token). Gating weights still come from the current scores, so the router keeps its gradient.
+        self.forced: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] → gating weights [N, k], expert ids [N, k], scores [N, E] (unbiased, fp32)."""
@@ -48,6 +52,11 @@ class Router(nn.Module):
                 group_mask.shape[0], self.n_experts)
             choice = choice.masked_fill(~expert_mask, float("-inf"))
         idx = choice.topk(self.top_k, dim=-1)[1]
+        if self.forced is not None:
+            forced = self.forced.to(idx.device)
+            if forced.shape != idx.shape:
+                raise ValueError(f"forced routing {tuple(forced.shape)} does not match {tuple(idx.shape)} tokens")
+            idx = torch.where(forced >= 0, forced, idx)
         weights = scores.gather(1, idx)
         if self.norm_topk:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

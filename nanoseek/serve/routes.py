@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -308,12 +309,19 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         if (gone := await _run_to_end(job, bill)) is not None:
             return gone
 
+        scored = None
+        if req.echo and req.logprobs is not None:   # prompt log-probs: what a distillation teacher serves
+            scored = await asyncio.to_thread(lambda: [prompt_logprob_rows(sm, ids, req.logprobs) for ids in prompts])
+        as_ids = bool(req.return_tokens_as_token_ids)
+
         def body():
             choices = []
             for i, h in enumerate(job.handles):
                 out = h.completion
-                lps = (completion_logprobs(sm.tokenizer, zip(out.token_ids, out.logprobs))[0]
-                       if out.logprobs is not None else None)
+                pairs = list(zip(out.token_ids, out.logprobs)) if out.logprobs is not None else None
+                if scored is not None:
+                    pairs = scored[i // n] + (pairs or [])
+                lps = completion_logprobs(sm.tokenizer, pairs, 0, as_ids)[0] if pairs is not None else None
                 choices.append(CompletionChoice(index=i, text=echoes[i] + out.text, logprobs=lps,
                                                 finish_reason=api_finish(out.finish_reason)))
             return choices
@@ -324,6 +332,28 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
 
     router.chat_service = ChatService(gate, pick, run_chat, models)
     return router
+
+
+@torch.no_grad()
+def prompt_logprob_rows(sm, ids: list[int], k: int) -> list[tuple[int, dict | None]]:
+    """(token, logprob row) for every prompt token: the first has none; token j's row is the model's
+    distribution after tokens < j: its log-prob and the k most likely tokens (in the engine's row format).
+
+    One full forward without a cache, on a worker thread beside the decode loop: it reads the weights only
+    and touches no KV cache, so it cannot disturb the rows the loop is running (the per-forward statistics
+    MoE layers keep are not used by serving). Its compute is the prompt's prefill."""
+    model = sm.scheduler.model
+    device = next(model.parameters()).device
+    out = model(torch.tensor([ids], device=device))
+    logits = out[0] if isinstance(out, tuple) else out
+    vocab = len(sm.tokenizer)   # padded rows of the embedding table are no tokens
+    lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)[:, :vocab]
+    chosen = lp.gather(-1, torch.tensor(ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+    top_v, top_i = lp.topk(min(k, vocab), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    rows: list[tuple[int, dict | None]] = [(ids[0], None)]
+    for j in range(len(ids) - 1):
+        rows.append((ids[j + 1], {"logprob": chosen[j], "top": list(zip(top_i[j].tolist(), top_v[j].tolist()))}))
+    return rows
 
 
 async def _run_to_end(job: Job, bill: _Bill) -> JSONResponse | None:

@@ -508,8 +508,11 @@ class CompletionRequest(_Request):
     echo: bool | None = Field(None, description="Prepend the prompt to each choice's text.")
     suffix: str | None = Field(None, description="Fill in the middle: the text that follows the completion "
                                "(DeepSeek FIM, Beta). Needs a model with FIM tokens and string prompts.")
-    logprobs: int | None = Field(None, description="Chosen token's logprob plus this many alternatives.",
+    logprobs: int | None = Field(None, description="Chosen token's logprob plus this many alternatives. With "
+                                 "echo: the prompt's tokens too (the first has none), then the generated ones.",
                                  **_range(ge=0, le=MAX_LOGPROBS))
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM extension: logprobs name tokens "
+                                                    "'token_id:N', so a client can map them back to ids exactly.")
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:
@@ -541,8 +544,10 @@ class CompletionRequest(_Request):
         if self.suffix and any(not isinstance(x, str) for x in self.prompts):
             raise ApiError.bad_request("Invalid 'prompt': fill-in-the-middle (suffix) needs text prompts, not "
                                        "token ids.", param="prompt")
-        if self.echo and self.logprobs is not None:
-            raise ApiError.unsupported("echo", "echo with logprobs needs prompt logprobs, which are not computed")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ApiError.unsupported("stream", "echo with logprobs (prompt log-probs) is not streamed")
+        if self.echo and self.logprobs is not None and self.suffix:
+            raise ApiError.unsupported("suffix", "echo with logprobs scores the prompt as sent, not a FIM prompt")
 
     def _logprobs(self) -> int | None:
         return self.logprobs

@@ -93,15 +93,20 @@ def chat_logprobs(tok, pairs) -> list[TokenLogprob]:
     return rows
 
 
-def completion_logprobs(tok, pairs, offset: int = 0) -> tuple[CompletionLogprobs, int]:
+def completion_logprobs(tok, pairs, offset: int = 0, as_ids: bool = False) -> tuple[CompletionLogprobs, int]:
     """Legacy logprobs from (token id, engine logprob row) pairs; text offsets start at `offset` (a stream
-    continues them chunk to chunk). Returns them and the offset after the last token."""
+    continues them chunk to chunk). Returns them and the offset after the last token. A row may be None (an
+    echoed prompt's first token has no logprob). `as_ids`: tokens named 'token_id:N' (vLLM's
+    return_tokens_as_token_ids)."""
+    def name(t: int) -> str:
+        return f"token_id:{t}" if as_ids else _token_str(tok, t)[0]
+
     lps = CompletionLogprobs()
     for token_id, lp in pairs:
         s, raw = _token_str(tok, token_id)
-        lps.tokens.append(s)
-        lps.token_logprobs.append(lp["logprob"])
-        lps.top_logprobs.append({_token_str(tok, t)[0]: v for t, v in lp["top"]} or None)
+        lps.tokens.append(name(token_id) if as_ids else s)
+        lps.token_logprobs.append(lp["logprob"] if lp is not None else None)
+        lps.top_logprobs.append(({name(t): v for t, v in lp["top"]} or None) if lp is not None else None)
         lps.text_offset.append(offset)
         offset += len(bytes(raw).decode(errors="replace"))
     return lps, offset

@@ -63,15 +63,21 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     with progress_bar("distill traces (completions)", len(params)) as advance:
         outs = engine.generate([pr.ids for pr in prompts for _ in range(samples)], params,
                                on_delta=lambda d: advance() if d.finish_reason is not None else None)
+    replies = [(completion_text(tokenizer, c, template.stop), prompts[k // samples].starts_in_reasoning,
+                len(c.token_ids)) for k, c in enumerate(outs)]
+    return _keep_traces(task, template, problems, replies, samples, keep, out)
+
+
+def _keep_traces(task: Task, template: Template, problems: Sequence[Problem], replies, samples: int, keep: str,
+                 out: str | Path) -> dict[str, Any]:
+    """The rejection sampling both teachers share: replies[k] = (text, started_in_think, tokens) of sample
+    k % samples of problem k // samples."""
     records, covered, seen, duplicates = [], set(), set(), 0
-    for k, completion in enumerate(outs):
-        i = k // samples
-        problem, prompt = problems[i], prompts[i]
-        text = completion_text(tokenizer, completion, template.stop)
-        r = task.reward(text, problem, started_in_think=prompt.starts_in_reasoning,
-                        num_tokens=len(completion.token_ids))
+    for k, (text, started, n_tokens) in enumerate(replies):
+        problem = problems[k // samples]
+        r = task.reward(text, problem, started_in_think=started, num_tokens=n_tokens)
         if r.format == 1.0 and (keep == "formatted" or r.accuracy == 1.0):
-            rec = trace_record(template, problem, text, prompt.starts_in_reasoning)
+            rec = trace_record(template, problem, text, started)
             key = (problem.id, json.dumps(rec["messages"][-1], sort_keys=True))
             if key in seen:   # the same reply twice (common at low temperature) would count double in SFT
                 duplicates += 1
@@ -84,8 +90,70 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     os.replace(tmp, out)
-    return {"problems": len(problems), "completions": len(outs), "kept": len(records),
+    return {"problems": len(problems), "completions": len(replies), "kept": len(records),
             "problems_covered": len(covered), "duplicates": duplicates}
+
+
+def generate_traces_api(url: str, key: str | None, model: str | None, task: Task, problems: Sequence[Problem],
+                        out: str | Path, *, samples: int = 4, max_tokens: int = 1024, temperature: float = 0.6,
+                        top_p: float = 0.95, keep: str = "correct", seed: int = 0, open_think: bool = True,
+                        timeout_s: float = 600.0) -> dict[str, Any]:
+    """`generate_traces` with an OpenAI-compatible endpoint as the teacher (DeepSeek's API, a nanoseek server,
+    any chat API): one chat request per sample with the same messages, seed and sampling as a local teacher.
+    Traces are text, so the teacher's vocabulary does not matter (the way across vocabularies). A reply's
+    `reasoning_content` (DeepSeek's reasoner, a nanoseek server) becomes its think block; a model that writes
+    `<think>` itself keeps its text as is. `open_think` has no say here: an API renders its own prompt."""
+    import urllib.error
+    import urllib.request
+
+    if keep not in ("correct", "formatted"):
+        raise BadInputError(f"keep {keep!r}: correct or formatted")
+    if samples < 1:
+        raise BadInputError("samples must be ≥ 1")
+    template = Template("chat", open_think)
+    endpoint = url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    replies = []
+    with progress_bar("distill traces (completions)", len(problems) * samples) as advance:
+        for p in problems:
+            for j in range(samples):
+                body = {"messages": template.messages(p), "max_tokens": max_tokens, "temperature": temperature,
+                        "top_p": top_p, "seed": sample_seed(seed, p.id, j) % 2**31}
+                if model:
+                    body["model"] = model
+                req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
+                try:
+                    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                        reply = json.loads(resp.read())
+                except urllib.error.HTTPError as e:
+                    detail = e.read()[:300].decode(errors="replace")
+                    raise BadInputError(f"teacher {endpoint}: HTTP {e.code}: {detail}") from None
+                except (urllib.error.URLError, TimeoutError, ValueError) as e:
+                    raise BadInputError(f"teacher {endpoint}: {e}") from None
+                msg = (reply.get("choices") or [{}])[0].get("message") or {}
+                content, reasoning = msg.get("content") or "", msg.get("reasoning_content")
+                text = f"<think>\n{reasoning}\n</think>\n\n{content}" if reasoning else content
+                tokens = (reply.get("usage") or {}).get("completion_tokens")
+                replies.append((text, False, tokens))
+                advance()
+    return _keep_traces(task, template, problems, replies, samples, keep, out)
+
+
+def check_same_tokenizer(t, s, teacher: str, student: str, what: str) -> None:
+    """One line, before any batch: logit-level distillation (KD, on-policy) compares next-token distributions
+    over the same ids, so teacher `t` and student `s` (LoadedModels) need one tokenizer. Compared by size of
+    the embedding table, and by the vocabularies themselves when both checkpoints carry tokenizer files."""
+    across = "across vocabularies use trace distillation (`nanoseek distill traces`, then `nanoseek sft`)"
+    tv, sv = t.model.config.vocab_size, s.model.config.vocab_size
+    if tv != sv:
+        # The student's token ids would index past a smaller teacher's table.
+        raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} {sv:,}: "
+                            f"{what} needs one tokenizer; {across}")
+    if t.tokenizer is not None and s.tokenizer is not None and t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise BadInputError(f"--teacher {teacher} and --model {student} have different tokenizers of the same size: "
+                            f"{what} needs one tokenizer; {across}")
 
 
 class KDObjective(Objective):
@@ -129,13 +197,9 @@ def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len:
     env = D.init_distributed(train.train.device)
     try:
         loaded = load_trainable(student, env.device)
-        tmodel = load_model(teacher).model.to(env.device).eval()
-        tv, sv = tmodel.config.vocab_size, loaded.model.config.vocab_size
-        if tv != sv:
-            # Checked before any batch: the student's token ids would index past a smaller teacher's table.
-            raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} "
-                                f"{sv:,}: logit distillation needs one tokenizer (for another teacher, make "
-                                "traces with `distill traces` and `sft` on them)")
+        tloaded = load_model(teacher)
+        tmodel = tloaded.model.to(env.device).eval()
+        check_same_tokenizer(tloaded, loaded, teacher, student, "logit distillation")
         source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
         meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
         objective = KDObjective(tmodel, alpha, temperature)

@@ -9,6 +9,17 @@ switches covers the variants a user wants to ablate:
   KL           β · k3(π_ref ‖ π_θ) per token (Schulman's unbiased, always ≥ 0 estimator), dropped at β = 0
   aggregation  "grpo": mean over sequences of each sequence's token mean (length-biased, per Dr. GRPO);
                "dapo": sum over all tokens / number of tokens; "dr_grpo": token sum / (sequences × max length)
+
+DeepSeek-V3.2's stability options (§3.1 of its report), opt-in:
+  unbiased KL  k3 weighted by the importance ratio π_θ/π_old (not detached): the tokens were sampled from
+               π_old, so E_old[ρ·k3] = E_θ[k3] = KL(π_θ ‖ π_ref), and its gradient is the KL's
+  off-policy   a sequence with negative advantage whose mean per-token log(π_old/π_θ) exceeds a threshold
+  masking      drops out of the surrogate: learning from one's own mistakes made under a policy too far
+               from the current one destabilises (positive sequences always stay). π_old is the sampler's
+               own log-prob where the rollout recorded it (`behaviour_logp`: the train–inference gap V3.2
+               guards against), else the trainer's recomputation at the first pass
+  sampling     token_logprobs(…, allowed=): the log-probs are renormalised over the rollout's top-p/top-k
+  mask         action space, so π_θ and π_old are compared on the distribution that was actually sampled
 """
 
 from __future__ import annotations
@@ -44,19 +55,40 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(target) and the entropy of π at each position: logits [B, T, V], targets [B, T] → [B, T] each.
-    In fp32: the ratio exp(logp − old_logp) amplifies rounding, and bf16 logits would make it drift from 1."""
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    In fp32: the ratio exp(logp − old_logp) amplifies rounding, and bf16 logits would make it drift from 1.
+    `allowed` [B, T, V] bool: π is renormalised over those tokens only (keep sampling mask)."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p = logp_all.exp()
+    # 0 · log 0 = 0 for the masked-out tokens (their logp is -inf; the product would be NaN).
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
     return logp, entropy
+
+
+def offpolicy_keep(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   threshold: float, behaviour_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """V3.2's off-policy sequence mask [B]: 0 for a sequence with A < 0 whose mean over its tokens of
+    log π_old − log π_θ (a sample estimate of KL(π_old ‖ π_θ)) exceeds `threshold`, else 1. Where
+    `behaviour_logp` [B, T] is not NaN, it is π_old (the sampler's own log-probs)."""
+    if behaviour_logp is not None:
+        old_logp = torch.where(torch.isnan(behaviour_logp), old_logp, behaviour_logp.to(old_logp.dtype))
+    n = mask.sum(1).clamp(min=1)
+    divergence = ((old_logp - logp).detach() * mask).sum(1) / n
+    return (~((advantages < 0) & (divergence > threshold))).to(logp.dtype)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, aggregation: Aggregation = "dapo",
-              max_len: int | None = None, num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              max_len: int | None = None, num_tokens: float | None = None, unbiased_kl: bool = False,
+              offpolicy_threshold: float | None = None,
+              behaviour_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate (negated, to minimise) over completion tokens.
 
     logp, old_logp, ref_logp, mask: [B, T] (mask 1 on completion tokens); advantages [B]. `old_logp` is the
@@ -64,18 +96,28 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     1 and the gradient is the plain policy gradient; it matters from the second of μ updates on.
     `num_tokens` replaces DAPO's divisor (this batch's token count) when the batch is one of several whose
     tokens must be normalized together (accumulation, data parallelism).
-    Returns the loss and metrics: kl (mean per token), clip fractions (low, high), ratio mean."""
+    `unbiased_kl`: the KL term is ρ·k3 (V3.2) instead of k3. `offpolicy_threshold`: V3.2's off-policy
+    sequence masking (offpolicy_keep, π_old from `behaviour_logp` where given) on the surrogate; the KL term and
+    the normalisers are unchanged.
+    Returns the loss and metrics: kl (mean per token), clip fractions (low, high), ratio mean, and with
+    masking the share of sequences masked."""
     eps_high = eps_low if eps_high is None else eps_high
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None].to(logp.dtype)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
+    keep = None
+    if offpolicy_threshold is not None:
+        keep = offpolicy_keep(logp, old_logp, advantages.to(logp.dtype), mask, offpolicy_threshold, behaviour_logp)
+        per_token = per_token * keep[:, None]
     kl = None
     if beta != 0.0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs the reference model's log-probabilities")
         kl = k3_kl(logp, ref_logp)
+        if unbiased_kl:
+            kl = ratio * kl
         per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_len, num_tokens)
     n = mask.sum().clamp(min=1)
@@ -86,6 +128,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             "ratio": float((ratio * mask).sum() / n),
             "kl": float((kl * mask).sum() / n) if kl is not None else 0.0,
         }
+        if keep is not None:
+            metrics["offpolicy_masked"] = float(1 - keep.mean())
     return loss, metrics
 
 
