@@ -111,5 +111,20 @@ class MLA(nn.Module):
         v = kv[..., :self.kv_lora].unsqueeze(1)
         if mask is None and q.shape[2] > 1:
             mask = torch.ones(q.shape[2], kv.shape[1], dtype=torch.bool, device=kv.device).tril()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        if kv.device.type == "cpu":
+            out = self._latent_matmuls(q, kv, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return torch.einsum("bhtc,hvc->bthv", out, w_uv.to(out.dtype))
+
+    def _latent_matmuls(self, q, kv, mask):
+        """The absorbed attention as two plain matmuls: q [B, H, T, C] against the one shared latent key head
+        kv [B, L, C], every head's queries stacked into rows. On CPU, SDPA with enable_gqa (one key head) costs
+        ~16x this at 32k cached positions (tiny MLA, 1 thread; benchmarks/results/long-context-cpu-*.md), as
+        it walks the keys per head; on CUDA its fused kernels are the better choice, so it stays there."""
+        b, h, t, c = q.shape
+        logits = (q.reshape(b, h * t, c) @ kv.transpose(1, 2)).view(b, h, t, -1).float() * self.scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = logits.softmax(-1).to(kv.dtype)
+        return (probs.view(b, h * t, -1) @ kv[..., :self.kv_lora]).view(b, h, t, self.kv_lora)
