@@ -74,41 +74,45 @@ PROMPTS = {
 }
 
 
-def _time(engine, prompts: list[list[int]], new: int, repeats: int):
-    """Median decode tok/s over the prompts (each alone), and the outputs of the last repeat."""
+def _once(engine, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+    """Decode tok/s over the prompts, each alone, and the outputs."""
     from nanoseek.engine.sampling import SamplingParams
 
     p = SamplingParams(temperature=0, max_tokens=new)
-    rates, outs = [], []
-    for _ in range(repeats):
-        toks = secs = 0.0
-        outs = []
-        for ids in prompts:
-            t0 = time.perf_counter()
-            o = engine.generate([ids], p)[0]
-            total = time.perf_counter() - t0
-            toks += len(o.token_ids) - 1
-            secs += total - o.first_token_s
-            outs.append(o.token_ids)
-        rates.append(toks / secs)
-    return statistics.median(rates), outs
+    toks = secs = 0.0
+    outs = []
+    for ids in prompts:
+        t0 = time.perf_counter()
+        o = engine.generate([ids], p)[0]
+        total = time.perf_counter() - t0
+        toks += len(o.token_ids) - 1
+        secs += total - o.first_token_s
+        outs.append(o.token_ids)
+    return toks / secs, outs
 
 
 def speculative_rows(model, tokenizer, prompts: list[list[int]], drafters: dict, new: int, repeats: int,
                      k: int = 6) -> list[dict]:
-    """Plain decoding, then each drafter (name -> Drafter), on the same model and prompts."""
+    """Plain decoding and each drafter (name -> Drafter) on the same model and prompts. Repeats interleave
+    the variants, so a machine whose load drifts affects them alike; each figure is a median."""
     from nanoseek.engine.generate import Engine
 
-    base, want = _time(Engine(model, tokenizer), prompts, new, repeats)
-    rows = [{"drafter": "none", "tok_s": base, "speedup": 1.0, "acceptance": None, "per_step": None,
-             "agreement": 1.0}]
-    for name, drafter in drafters.items():
-        eng = Engine(model, tokenizer, drafter=drafter, draft_tokens=k)
-        rate, got = _time(eng, prompts, new, repeats)
+    engines = {"none": Engine(model, tokenizer)}
+    engines.update({name: Engine(model, tokenizer, drafter=d, draft_tokens=k) for name, d in drafters.items()})
+    rates = {name: [] for name in engines}
+    outs = {}
+    for _ in range(repeats):
+        for name, eng in engines.items():
+            r, outs[name] = _once(eng, prompts, new)
+            rates[name].append(r)
+    base, want = statistics.median(rates["none"]), outs["none"]
+    rows = []
+    for name, eng in engines.items():
         st = eng.loop.stats()
+        rate = statistics.median(rates[name])
         rows.append({"drafter": name, "tok_s": rate, "speedup": rate / base,
                      "acceptance": st["spec_acceptance_rate"], "per_step": st["spec_tokens_per_step"],
-                     "agreement": sum(a == b for a, b in zip(got, want)) / len(want)})
+                     "agreement": sum(a == b for a, b in zip(outs[name], want)) / len(want)})
     return rows
 
 
@@ -136,6 +140,8 @@ def main() -> int:
     ap.add_argument("--mtp-model", default=None, help="a checkpoint with an MTP module (e.g. tiny preset, exported)")
     ap.add_argument("--mtp-text", default=None, help="held-out text for the MTP model's prompts")
     ap.add_argument("--mtp-prompts", type=int, default=8)
+    ap.add_argument("--sets", nargs="*", default=list(PROMPTS), choices=list(PROMPTS),
+                    help="which built-in prompt sets to run (none: only the MTP rows)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -149,12 +155,13 @@ def main() -> int:
              f"Machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
              f"Greedy, batch 1, up to {a.new} new tokens, draft tokens {a.draft_tokens}, median of {a.repeats}.",
              f"Command: `{' '.join(sys.argv)}`", ""]
-    s = Session(LoadOptions(model=a.model, quant=a.quant, threads=a.threads))
+    s = Session(LoadOptions(model=a.model, quant=a.quant, threads=a.threads)) if a.sets else None
     drafters = {"ngram": NgramDrafter()}
-    if a.draft_model:
+    if a.draft_model and s is not None:
         d = Session(LoadOptions(model=a.draft_model, quant=a.quant)).model
         drafters[f"draft={a.draft_model}"] = ModelDrafter(d, s.engine.vocab_size, s.engine.context)
-    for name, text in PROMPTS.items():
+    for name in a.sets:
+        text = PROMPTS[name]
         ids = render_prompt(s.tokenizer, [{"role": "user", "content": text}]).ids
         rows = speculative_rows(s.model, s.tokenizer, [ids], drafters, a.new, a.repeats, a.draft_tokens)
         lines += _table(f"{a.model} ({s.quant} weights): {name} ({len(ids)} prompt tokens)", rows)

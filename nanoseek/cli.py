@@ -32,6 +32,9 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                         "model), or draft=MODEL (a small model with the same tokenizer)"
                         + ("; NAME:SPEC for one served model, repeatable" if several else ""))
     p.add_argument("--draft-tokens", type=int, default=6, help="draft tokens verified per step, 1-7 (default 6)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: decode in static-shape steps replayed as CUDA graphs (one per batch "
+                        "bucket); allocates the full KV cache up front. Ignored, with a warning, on CPU")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -65,7 +68,8 @@ def _session(a):
     from nanoseek.session import LoadOptions, Session
 
     return Session(LoadOptions(model=a.model, device=a.device, dtype=a.dtype, quant=a.quant, threads=a.threads,
-                               compile=a.compile, speculative=a.speculative, draft_tokens=a.draft_tokens))
+                               compile=a.compile, speculative=a.speculative, draft_tokens=a.draft_tokens,
+                               cuda_graphs=a.cuda_graphs))
 
 
 def cmd_models(a) -> int:
@@ -278,10 +282,11 @@ def cmd_serve(a) -> int:
             # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
             s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
                                     threads=a.threads, compile=a.compile, speculative=speculative.get(name),
-                                    draft_tokens=a.draft_tokens))
+                                    draft_tokens=a.draft_tokens, cuda_graphs=a.cuda_graphs))
             sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len,
                               prefix_cache_tokens=a.prefix_cache_tokens, drafter=s.drafter,
-                              draft_tokens=a.draft_tokens).start()
+                              draft_tokens=a.draft_tokens,
+                              runner=s.engine.runner if a.cuda_graphs else None).start()
             served[name] = ServedModel(name, s.tokenizer, sched, sched.max_len, reasoning=name in a.reasoning_model,
                                        prices=prices.for_model(name), root=source)
             print(f"loaded {name} from {source} in {s.load_s:.1f} s (context {sched.max_len}, "

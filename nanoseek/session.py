@@ -29,6 +29,7 @@ class LoadOptions:
     compile: bool = False  # torch.compile the decoder blocks (faster decode, ~20 s warm-up)
     speculative: str | None = None  # mtp | ngram | draft=MODEL (engine/draft.py); None: plain decoding
     draft_tokens: int = 6           # drafts verified per step (at most 7)
+    cuda_graphs: bool = False  # decode through engine/graphs.py's captured static-shape steps (CUDA only)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Session:
             raise BadInputError(f"{loaded.path}: no tokenizer files next to the weights; chat needs one")
         self.drafter = make_drafter(opts, self.model)
         self.engine = Engine(self.model, self.tokenizer, compile=opts.compile, drafter=self.drafter,
-                             draft_tokens=opts.draft_tokens)
+                             draft_tokens=opts.draft_tokens, cuda_graphs=opts.cuda_graphs)
         self.load_s = time.perf_counter() - t0
 
     def complete(self, prompts: Sequence[str], params: SamplingParams,

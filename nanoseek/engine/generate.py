@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from nanoseek.engine.draft import Drafter
+from nanoseek.engine.graphs import make_runner
 from nanoseek.engine.request import Completion, Delta, check_prompt
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.scheduler import Scheduler
-from nanoseek.engine.step import ModelRunner
 from nanoseek.errors import BadInputError
 
 
@@ -27,7 +27,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_batch: int = 64,
                  prefill_chunk: int = 512, eos_token_ids: Sequence[int] | None = None, compile: bool = False,
-                 drafter: Drafter | None = None, draft_tokens: int = 6):
+                 drafter: Drafter | None = None, draft_tokens: int = 6, cuda_graphs: bool = False):
         self.model = model
         self.drafter, self.draft_tokens = drafter, draft_tokens  # speculative decoding (engine/draft.py)
         if compile:
@@ -35,7 +35,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.runner = ModelRunner(model, tokenizer, eos_token_ids)
+        # cuda_graphs: static-shape decode steps replayed as CUDA graphs (engine/graphs.py); CPU ignores it.
+        self.runner = make_runner(model, tokenizer, eos_token_ids, cuda_graphs=cuda_graphs)
         self.context = self.runner.context
         self.vocab_size = self.runner.vocab_size
         self.device = self.runner.device

@@ -155,7 +155,7 @@ class Scheduler:
         self.max_len = min(self.runner.context, max_len or 4096)
         self.device = self.runner.device
         with torch.inference_mode():
-            cache = model.new_cache(min(max_batch, 4), min(self.max_len, 256))
+            cache = self.runner.new_cache(max_batch, self.max_len)
             self.rows = RowTable(cache, max_batch, self.max_len)
             # 0 turns prefix caching off; otherwise the pool holds this many tokens, rounded up to blocks. A cache
             # whose state is not per position (V4's compressed windows) cannot be cut into blocks: no prefix cache.

@@ -3,8 +3,9 @@
 Owns:
   * `ModelRunner`: vocabulary width, EOS ids, context and device, worked out once per model; `prefill` (a
     chunk of one row's prompt), `decode` (one token for each of rows [0, d)) and `verify` (several tokens per
-    row, for speculative decoding). `decode` is the extension point for a static-shape step (CPU compile, CUDA
-    graphs): a subclass pads to a batch bucket and a fixed cache length and replays, the loop does not change.
+    row, for speculative decoding); `new_cache`, the loop's cache. `decode` is the extension point for a
+    static-shape step (CPU compile, CUDA graphs): a subclass pads to a batch bucket and a fixed cache length
+    and replays, the loop does not change (engine/graphs.py's `GraphRunner`).
   * `RoutingRecorder`: forward hooks on the MoE routers that collect each forward's expert choices, so the
     loop can hand every row its routing (for replaying a rollout's routing in RL training).
 """
@@ -40,6 +41,11 @@ class ModelRunner:
         # For drafters that read the final hidden states (MTP): each forward leaves them in `hidden`.
         self.keep_hidden = False
         self.hidden: torch.Tensor | None = None
+
+    def new_cache(self, max_batch: int, max_len: int) -> Cache:
+        """The loop's cache at start: a few short rows that grow with what runs (engine/rows.py). A
+        static-shape runner (engine/graphs.py) returns its one full-size cache instead."""
+        return self.model.new_cache(min(max_batch, 4), min(max_len, 256))
 
     def prefill(self, tokens: Sequence[int], start: int, row: Cache) -> torch.Tensor:
         """Write `tokens` at positions start.. of a one-row cache view; the last position's logits [1, V]."""

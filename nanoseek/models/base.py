@@ -20,9 +20,10 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache | None = None,
+                window: int | None = None) -> torch.Tensor:
         x = self.embed_tokens(ids)
-        at = self.rotary.positions(pos, x.dtype, cached=cache is not None)
+        at = self.rotary.positions(pos, x.dtype, cached=cache is not None, window=window)
         for i, layer in enumerate(self.layers):
             x = layer(x, at, None if cache is None else cache.layers[i])
         return self.norm(x)
@@ -34,20 +35,23 @@ class CausalLM(nn.Module):
     forward(ids [B, T], pos [B, T] | None, cache | None, logits_for="all"|"last") → logits [B, T|1, V].
     Without `pos`, positions are 0..T-1 and attention is plainly causal (training, reference checks); with a
     cache, tokens are written at `pos` and attend to everything cached at or before their position.
+    `window` (with a cache): read exactly that many cached keys, masked by position, with no host sync: the
+    static shapes a captured decode step needs (engine/graphs.py).
     """
 
     config: object
     model: DecoderStack
     lm_head: nn.Linear
 
-    def hidden(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None):
+    def hidden(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
+               window: int | None = None):
         if pos is None:
             pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        return self.model(ids, pos, cache)
+        return self.model(ids, pos, cache, window)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        h = self.hidden(ids, pos, cache)
+                last_only: bool = False, window: int | None = None) -> torch.Tensor:
+        h = self.hidden(ids, pos, cache, window)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

@@ -231,8 +231,9 @@ class Positions:
     """Where a forward pass's tokens sit, computed once per forward and shared by every layer.
 
     pos [B, T] absolute positions; cos/sin [B, T, rope_dim/2] rotary tables for them; with a cache,
-    `length` keys are read from it and `mask` [B, 1, T, length] (None when every query sees every key,
-    i.e. single-row decode) says which; without a cache, attention is causal over the T tokens given."""
+    `length` keys are read from it and `mask` [B, 1, T, length] says which (None when every query sees every
+    key, i.e. single-row decode, or when it is plain causal over T == length, see `build`: attention then
+    runs causal); without a cache, attention is causal over the T tokens given."""
 
     pos: torch.Tensor
     cos: torch.Tensor
@@ -244,13 +245,21 @@ class Positions:
 
     @classmethod
     def build(cls, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: bool,
-              interleaved: bool = False, length: int | None = None) -> Positions:
-        """`length` = max(pos) + 1 when the caller already knows it (saves a device sync per forward)."""
+              interleaved: bool = False, length: int | None = None, window: bool = False) -> Positions:
+        """`length` = max(pos) + 1 when the caller already knows it (saves a device sync per forward).
+
+        `window=True`: `length` is a fixed read window at least max(pos) + 1 (a static-shape decode step,
+        engine/graphs.py), so the mask is always built: keys past a row's position may hold stale data.
+        Otherwise the mask is left out where every query sees every key (single-row decode) and where it is
+        plain causal: one row whose T positions are 0..T-1 (a first prefill chunk; positions within a cached
+        forward's row are consecutive, which every caller guarantees), so attention can take SDPA's causal
+        path (FlashAttention on CUDA) instead of a materialized mask."""
         if not cached:
             return cls(pos, cos, sin, False, interleaved)
         length = int(pos.max()) + 1 if length is None else length
+        b, t = pos.shape
         mask = None
-        if pos.shape[0] > 1 or pos.shape[1] > 1:
+        if window or (b > 1 or t > 1) and not (b == 1 and t == length):
             keys = torch.arange(length, device=pos.device)
             mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
         return cls(pos, cos, sin, True, interleaved, length, mask)

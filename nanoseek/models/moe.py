@@ -43,13 +43,22 @@ class Router(nn.Module):
             group_score = grouped.topk(2, dim=-1)[0].sum(-1) if self.scoring == "sigmoid" else grouped.amax(-1)
             keep = group_score.topk(self.topk_group, dim=-1)[1]
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~group_mask.repeat_interleave(self.n_experts // self.n_group, 1),
-                                        float("-inf"))
+            # expand + reshape, not repeat_interleave: the same mask with shapes known up front (graph capture).
+            expert_mask = group_mask[:, :, None].expand(-1, -1, self.n_experts // self.n_group).reshape(
+                group_mask.shape[0], self.n_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
         idx = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, idx)
         if self.norm_topk:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scaling, idx, scores
+
+
+def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] for expert ids `idx`. A scatter, not `torch.bincount`: bincount sizes its output
+    from max(idx), a host sync on CUDA that breaks graph capture and stalls every MoE layer."""
+    flat = idx.reshape(-1)
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _grouped_mm_available() -> bool:
@@ -58,7 +67,12 @@ def _grouped_mm_available() -> bool:
 
 class Experts(nn.Module):
     """E SwiGLU experts packed as gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I],
-    transformers 5.x's layout. Tokens are sorted by expert and run as two grouped GEMMs."""
+    transformers 5.x's layout. Tokens are sorted by expert and run as two grouped GEMMs.
+
+    `static_shapes` (set by engine/graphs.py around a captured decode step): every token runs through every
+    expert, weighted by its gate (zero for experts it did not choose): two plain GEMMs whose shapes depend
+    only on the token count, no sort, gather or data-dependent group sizes. E/k times the FLOPs, which decode
+    (a few hundred tokens, bound by reading the weights, all of which a batch touches anyway) can afford."""
 
     def __init__(self, cfg: DeepseekConfig):
         super().__init__()
@@ -68,13 +82,16 @@ class Experts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.006)
         nn.init.normal_(self.down_proj, std=0.006)
         self.use_grouped_mm = _grouped_mm_available()
+        self.static_shapes = False
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.static_shapes:
+            return self.forward_all(x, idx, weights)
         n, k = idx.shape
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        counts = expert_counts(flat, self.gate_up_proj.shape[0])
         xs = x[token]
         w1, w2 = self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type):  # training in bf16: autocast does not cover _grouped_mm
@@ -100,6 +117,18 @@ class Experts(nn.Module):
         if xs.device.type == "cpu" and not torch.compiler.is_compiling():
             return xs.dtype in (torch.float32, torch.bfloat16, torch.float16)
         return xs.dtype == torch.bfloat16
+
+    def forward_all(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Static-shape path (see the class docstring): x [N, H] → [N, H]."""
+        n = x.shape[0]
+        e, two_i, h = self.gate_up_proj.shape
+        gate = weights.new_zeros(n, e).scatter_(1, idx, weights)  # [N, E], zero for experts not chosen
+        gu = F.linear(x, self.gate_up_proj.view(e * two_i, h)).view(n, e, two_i)
+        g, u = gu.chunk(2, dim=-1)
+        act = (F.silu(g) * u) * gate.to(gu.dtype)[..., None]  # the gate folded in before the down projection
+        # One batched GEMM per expert's down projection [E, N, I] x [E, I, H], summed over experts.
+        ys = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))
+        return ys.sum(0).to(x.dtype)
 
     def forward_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference path: one pair of matmuls per expert over its contiguous slice of sorted tokens."""
@@ -129,7 +158,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(flat)
-        self.last_load = torch.bincount(idx.reshape(-1), minlength=self.gate.n_experts).detach()
+        self.last_load = expert_counts(idx, self.gate.n_experts).detach()
         if self.training:
             self.last_scores, self.last_idx = scores.view(*shape[:-1], -1), idx.view(*shape[:-1], -1)
         out = self.experts(flat, idx, weights)

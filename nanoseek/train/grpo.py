@@ -51,6 +51,7 @@ class GRPOConfig:
     template: str = "chat"
     open_think: bool = True
     gen_batch: int = 64              # completions decoded together
+    cuda_graphs: bool = False        # rollouts decode through captured static-shape steps (CUDA only)
     seed: int = 0
 
     def validate(self) -> GRPOConfig:
@@ -143,7 +144,7 @@ class Rollouts:
             raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
         self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = Template(cfg.template, cfg.open_think)
-        self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
+        self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch, cuda_graphs=cfg.cuda_graphs)
         self.rollouts = 0          # rollouts made so far
         self.consumed = 0          # problems this rank has taken from its stream
         self._stream = self._problems()
