@@ -1,14 +1,15 @@
 """Speculative decoding on CPU: plain decoding against each drafter, same model, same prompts, one run.
 
     .venv/bin/python benchmarks/speculative.py [--model smollm2-135m] [--quant auto] [--new 256] [--repeats 2]
-        [--draft-model NAME] [--mtp-model DIR --mtp-text FILE] [--threads 2] [--out FILE]
+        [--draft-model NAME] [--mtp-model DIR --mtp-data DATA_DIR] [--sets ...] [--threads 2] [--out FILE]
 
 Prompt sets (batch 1, greedy, the chat template of the model):
   * repeat: "repeat this passage exactly" with a ~300-token passage;
   * edit:   the same passage with a light edit asked for (one name replaced throughout);
   * code:   a Python function with a rename asked for.
 With --mtp-model (a DeepSeek-V3-style checkpoint with an MTP module, e.g. the tiny preset trained on
-tinyshakespeare) the MTP drafter is measured on held-out text from --mtp-text: plain continuation, no template.
+tinyshakespeare) the MTP drafter is measured on prompts from the held-out split of --mtp-data (a `nanoseek data
+prepare` directory made with the model's tokenizer): plain continuation, no template.
 
 Columns: decode tok/s (tokens after the first / their wall time, median of --repeats), speed-up over plain
 decoding of the same prompts, acceptance rate (accepted / proposed drafts), tokens per verify step, and
@@ -20,11 +21,13 @@ weights a verify step's numerics may differ from a one-token step's, so this can
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from machine import cpu_name  # benchmarks/machine.py
 
@@ -138,7 +141,8 @@ def main() -> int:
     ap.add_argument("--draft-tokens", type=int, default=6)
     ap.add_argument("--draft-model", default=None, help="a draft model for draft=MODEL rows (same tokenizer)")
     ap.add_argument("--mtp-model", default=None, help="a checkpoint with an MTP module (e.g. tiny preset, exported)")
-    ap.add_argument("--mtp-text", default=None, help="held-out text for the MTP model's prompts")
+    ap.add_argument("--mtp-data", default=None, help="a `nanoseek data prepare` directory: prompts come from its "
+                                                     "held-out (val) split")
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--sets", nargs="*", default=list(PROMPTS), choices=list(PROMPTS),
                     help="which built-in prompt sets to run (none: only the MTP rows)")
@@ -168,8 +172,9 @@ def main() -> int:
         print("\n".join(lines[-len(rows) - 4:]), flush=True)
     if a.mtp_model:
         m = Session(LoadOptions(model=a.mtp_model, quant="none"))
-        text = Path(a.mtp_text).read_text(encoding="utf-8")
-        ids = m.tokenizer.encode(text)
+        meta = json.loads((Path(a.mtp_data) / "meta.json").read_text())
+        ids = np.concatenate([np.fromfile(Path(a.mtp_data) / f["file"], dtype=meta["dtype"])
+                              for f in meta["splits"]["val"]]).astype(np.int64).tolist()
         step = max(1, len(ids) // a.mtp_prompts)
         prompts = [ids[i * step:i * step + 64] for i in range(a.mtp_prompts)]
         rows = speculative_rows(m.model, m.tokenizer, prompts,

@@ -129,13 +129,18 @@ class Prompt:
 
 
 def render_prompt(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-                  thinking: bool | None = None) -> Prompt:
+                  thinking: bool | None = None, tools: list[dict] | None = None) -> Prompt:
     """Render messages with the tokenizer's chat template and tokenize the result.
 
     messages: {"role", "content"} dicts; content is a string, None, or a list of {"type": "text", "text"}
     parts (joined with no separator, as OpenAI concatenates text parts). Other keys pass through to the
     template, except `reasoning_content`, which is dropped: R1 keeps reasoning out of the history, so for
-    assistant turns only the text after the last `</think>` is kept.
+    assistant turns only the text after the last `</think>` is kept. The exception is DeepSeek's
+    thinking-mode replay rule: an assistant turn that made tool calls (`tool_calls`) keeps its
+    `reasoning_content`, written back as a `<think>` block before its content.
+
+    tools: OpenAI tool specs for a template that renders tools itself (passed as `tools`); templates without
+    tool support get them through nanoseek.toolcall.render_generic instead.
 
     thinking (only with add_generation_prompt): None leaves the template alone. True makes generation start
     with reasoning — appending "<think>\\n" unless the template already opened a think block. False closes
@@ -152,6 +157,8 @@ def render_prompt(tokenizer, messages: Sequence[dict], *, add_generation_prompt:
     template = getattr(tokenizer, "chat_template", None)
     if template:
         switches = {} if thinking is None else {"thinking": thinking, "enable_thinking": thinking}
+        if tools:
+            switches["tools"] = tools
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **switches)
     else:
@@ -196,6 +203,9 @@ def _normalize(message, index: int) -> dict:
                             "text parts.")
     if message["role"] == "assistant" and CLOSE_TAG in content:
         content = content.rsplit(CLOSE_TAG, 1)[1].lstrip("\n")
+    reasoning = message.get("reasoning_content")
+    if message["role"] == "assistant" and message.get("tool_calls") and isinstance(reasoning, str) and reasoning:
+        content = f"{OPEN_TAG}\n{reasoning}\n{CLOSE_TAG}\n\n{content}"
     out = {k: v for k, v in message.items() if k != "reasoning_content"}
     out["content"] = content
     return out

@@ -118,11 +118,24 @@ def cmd_chat(a) -> int:
 
 
 def cmd_convert(a) -> int:
+    from pathlib import Path
+
+    if Path(a.output).suffix.lower() == ".gguf":  # anything we load → GGUF; otherwise GGUF → HF directory
+        from nanoseek.weights.gguf_export import export_source
+
+        print(export_source(a.input, a.output, quant=a.quant, tokenizer=a.tokenizer, ollama=a.ollama).summary())
+        return 0
     from nanoseek.weights.gguf import gguf_to_hf
 
     out = gguf_to_hf(a.input, a.output)
     print(f"wrote {out}")
     return 0
+
+
+def _gguf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m"],
+                   help="GGUF tensor type (q4_k_m runs llama.cpp's quantizer: needs the bench extra)")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
 
 
 def _table(*columns, **kw):
@@ -308,7 +321,7 @@ def cmd_data_prepare(a) -> int:
     from nanoseek.train.prepare import prepare
 
     m = prepare(a.inputs, a.tokenizer, a.out, val_fraction=a.val_fraction, text_field=a.text_field,
-                workers=a.workers, shard_tokens=a.shard_tokens, doc_split=a.doc_split)
+                workers=a.workers, shard_tokens=a.shard_tokens, doc_split=a.doc_split, fim_rate=a.fim_rate)
     total = 0
     for split, entries in m["splits"].items():
         tokens, docs = sum(e["tokens"] for e in entries), sum(e["docs"] for e in entries)
@@ -348,8 +361,14 @@ def cmd_export(a) -> int:
 
     from nanoseek.train.checkpoint import export_hf
 
+    if a.format == "gguf" or (a.format == "auto" and a.out.lower().endswith(".gguf")):
+        from nanoseek.weights.gguf_export import export_source
+
+        print(export_source(a.checkpoint, a.out, quant=a.quant, tokenizer=a.tokenizer, ollama=a.ollama).summary())
+        return 0
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    out = export_hf(a.checkpoint, a.out_dir, dtype=dtype, tokenizer=a.tokenizer)
+    out = export_hf(a.checkpoint, a.out, dtype=dtype, tokenizer=a.tokenizer)
     print(f"wrote {out}")
     return 0
 
@@ -529,9 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, temperature=0.7)
     p.set_defaults(fn=cmd_chat)
 
-    p = sub.add_parser("convert", help="GGUF → Hugging Face safetensors directory")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = sub.add_parser("convert", help="GGUF → Hugging Face directory, or (OUTPUT ending .gguf) a model → GGUF")
+    p.add_argument("input", help="a .gguf file, or for a .gguf OUTPUT: an HF directory, .gguf or built-in name")
+    p.add_argument("output", help="an HF directory to write, or a .gguf file")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for a GGUF output (default: the input's own)")
+    _gguf_args(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("serve", help="DeepSeek/OpenAI-compatible HTTP API with continuous batching")
@@ -684,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.005, help="share of documents (or tokens) held out")
     d.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU)")
     d.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file at most")
+    d.add_argument("--fim-rate", type=float, default=0.1,
+                   help="share of documents in fill-in-the-middle form (DeepSeek-V3: 0.1); tokenizers with FIM "
+                        "tokens only")
     d.set_defaults(fn=cmd_data_prepare)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens")
@@ -701,11 +725,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one setting, e.g. --set optim.lr=3e-4 (repeatable)")
     p.set_defaults(fn=cmd_pretrain)
 
-    p = sub.add_parser("export", help="training checkpoint → Hugging Face directory (transformers, nanoseek serve)")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p = sub.add_parser("export", help="training checkpoint → Hugging Face directory (transformers, nanoseek serve) "
+                                      "or GGUF file (llama.cpp, Ollama)")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint; for "
+                                      "gguf, a fine-tuning run's final/ when it has one)")
+    p.add_argument("out", metavar="OUT", help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--format", choices=["auto", "hf", "gguf"], default="auto",
+                   help="auto: gguf when OUT ends in .gguf, else a Hugging Face directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="hf format only")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run recorded)")
+    _gguf_args(p)
     p.set_defaults(fn=cmd_export)
     return ap
 

@@ -161,16 +161,10 @@ def test_tokenize_and_detokenize_requests():
 
 
 CHAT_UNSUPPORTED = [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"), ("tool_choice", "required"),
-    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-    ("parallel_tool_calls", True), ("parallel_tool_calls", False),
     ("functions", [{"name": "f"}]), ("function_call", "auto"),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("logit_bias", {"50256": -100}), ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}),
-    ("web_search_options", {}), ("reasoning_effort", "low"), ("verbosity", "low"), ("store", True),
+    ("web_search_options", {}), ("verbosity", "low"), ("store", True),
     ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("min_tokens", 10),
     ("use_beam_search", True), ("prompt_logprobs", 1), ("include_stop_str_in_output", True), ("echo", True),
     ("chat_template_kwargs", {"enable_thinking": False}), ("chat_template", "{{ messages }}"),
@@ -194,7 +188,7 @@ def test_inert_values_of_unsupported_parameters_pass(name, value):
     assert name not in req.ignored_fields
 
 
-@pytest.mark.parametrize("name, value", [("suffix", "    return x"), ("best_of", 3), ("logit_bias", {"1": 1}),
+@pytest.mark.parametrize("name, value", [("best_of", 3), ("logit_bias", {"1": 1}),
                                          ("response_format", {"type": "json_object"}), ("guided_regex", "a+")])
 def test_completion_unsupported_parameter_is_400_naming_it(name, value):
     err = refused(CompletionRequest, {"model": "m", "prompt": "x", name: value})
@@ -203,6 +197,9 @@ def test_completion_unsupported_parameter_is_400_naming_it(name, value):
 
 def test_best_of_equal_to_n_and_empty_suffix_pass():
     CompletionRequest.parse({"prompt": "x", "n": 2, "best_of": 2, "suffix": ""})
+    assert CompletionRequest.parse({"prompt": "def f(", "suffix": "\n"}).suffix == "\n"
+    err = refused(CompletionRequest, {"prompt": [1, 2], "suffix": "x"})
+    assert (err.status, err.param) == (400, "prompt")
 
 
 def test_non_text_content_part_is_400_naming_it():
@@ -213,8 +210,8 @@ def test_non_text_content_part_is_400_naming_it():
 
 
 def test_unsupported_wins_over_type_errors():
-    err = refused(ChatCompletionRequest, {"messages": "oops", "temperature": "hot", "tools": [{"type": "function"}]})
-    assert (err.status, err.param) == (400, "tools")
+    err = refused(ChatCompletionRequest, {"messages": "oops", "temperature": "hot", "functions": [{"name": "f"}]})
+    assert (err.status, err.param) == (400, "functions")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,18 +371,16 @@ def test_empty_messages_is_400():
     assert (err.status, err.param) == (400, "messages")
 
 
-def test_r1_rule_refuses_reasoning_content_in_history():
-    body = {"messages": [{"role": "user", "content": "a"},
-                         {"role": "assistant", "content": "b", "reasoning_content": "thought"},
-                         {"role": "user", "content": "c"}]}
-    err = refused(ChatCompletionRequest, body)
-    assert (err.status, err.param) == (400, "messages[1].reasoning_content")
-    assert "prefix" in err.message
-    # null is no reasoning at all; a final assistant message without prefix may not carry it either
-    chat(messages=[*USER, {"role": "assistant", "content": "b", "reasoning_content": None}, *USER])
-    err = refused(ChatCompletionRequest, {"messages": [*USER, {"role": "assistant", "content": "b",
-                                                               "reasoning_content": "t"}]})
-    assert err.param == "messages[1].reasoning_content"
+def test_reasoning_content_in_history_kept_only_for_tool_call_turns():
+    """DeepSeek's thinking-mode replay rule replaces the R1-launch 400: reasoning sent back is accepted; it
+    stays in the history for a turn that made tool calls, and is dropped for any other turn."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    req = chat(messages=[*USER, {"role": "assistant", "content": "b", "reasoning_content": "thought"},
+                         {"role": "user", "content": "c"},
+                         {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "why"},
+                         {"role": "tool", "content": "42", "tool_call_id": "call_1"}])
+    msgs = req.template_messages()
+    assert "reasoning_content" not in msgs[1] and msgs[3]["reasoning_content"] == "why"
 
 
 @pytest.mark.parametrize("messages, param", [
@@ -573,7 +568,8 @@ def test_request_schema_publishes_ranges_but_not_unsupported_fields():
     props = ChatCompletionRequest.model_json_schema()["properties"]
     assert props["temperature"]["maximum"] == 2 and props["top_logprobs"]["maximum"] == 20
     assert props["n"]["maximum"] == 16
-    assert "tools" not in props and "messages" in props and "max_completion_tokens" in props
+    assert "functions" not in props and "messages" in props and "max_completion_tokens" in props
+    assert "tools" in props and "response_format" in props
 
 
 # ---------------------------------------------------------------------------------------------------------

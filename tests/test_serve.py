@@ -343,9 +343,9 @@ def _error(resp, status):
 
 def test_client_errors_are_openai_bodies(server, client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=HELLO,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
-    assert e.value.body["param"] == "tools"
+        client.chat.completions.create(model="tiny", messages=HELLO, tool_choice="required",
+                                       tools=[{"type": "function", "function": {"name": "bad name"}}])
+    assert e.value.body["param"] == "tools[0].function.name"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 400}])
     assert e.value.body["code"] == "context_length_exceeded"

@@ -222,3 +222,40 @@ def test_mirror_reasoning_flag(server):
     msg = _ask(server.client(), "reasoner").choices[0].message
     assert "reasoning" not in msg.model_extra
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thinking mode: reasoning_effort, budgets, and a grammar that starts after the reasoning block
+
+
+def test_reasoning_budget_closes_the_block_and_the_answer_follows(trained):
+    """A spent budget forces `</think>` through the constraint hook, in the one decode loop."""
+    from nanoseek.chat import split_reasoning
+    from nanoseek.engine.grammar import Grammar, GrammarCompiler
+    tok, model, prompt = trained
+    eng = Engine(model, tok)
+    comp = GrammarCompiler(tok, eng.vocab_size, eng.eos_token_ids)
+    out = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                       constraints=[comp.constraint(Grammar(None, reasoning="maybe", reasoning_budget=5))])[0]
+    reasoning, content = split_reasoning(out.text)
+    assert out.text.startswith("<think>\n2 p") and "</think>" in out.text
+    assert len(tok.encode(reasoning, add_special_tokens=False)) < 5 and reasoning.startswith("2 p")
+    assert out.text.count("</think>") == 1
+
+
+@pytest.mark.parametrize("model", ["reasoner", "r1-distill"])
+def test_json_mode_leaves_thinking_free(server, model):
+    r = _ask(server.client(), model, response_format={"type": "json_object"})
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] == REASONING   # the memorised reasoning, untouched
+    assert msg.content.lstrip().startswith("{")                # the answer is held to JSON
+
+
+def test_reasoning_effort_none_turns_thinking_off_and_others_are_accepted(server):
+    client = server.client()
+    msg = _ask(client, "r1-distill", reasoning_effort="none").choices[0].message
+    assert not (msg.model_extra or {}).get("reasoning_content")
+    for effort in ("minimal", "low", "medium", "high", "xhigh", "max"):
+        msg = _ask(client, "reasoner", reasoning_effort=effort).choices[0].message
+        assert (msg.model_extra["reasoning_content"], msg.content) == (REASONING, CONTENT)
+    assert _ask(client, "plain", reasoning_effort="high").choices[0].message.content == REPLY  # ignored

@@ -143,8 +143,10 @@ def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
     for a, b in zip(runs["big"], runs["accum"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["tokens"] == a["tokens"]
         assert b["load_max_mean"] == a["load_max_mean"]
+    # atol 1e-4 (3% of one lr-3e-3 step): Adam divides by sqrt(v), so where a gradient is near zero the
+    # summation order of the two micro-batches moves that element's step visibly (seen: 2.9e-5, 1 of 49k)
     for k, w in runs["big_w"].items():
-        assert torch.allclose(w, runs["accum_w"][k], atol=2e-5, rtol=1e-4), k
+        assert torch.allclose(w, runs["accum_w"][k], atol=1e-4, rtol=1e-4), k
 
 
 def test_config_overrides_and_errors(tmp_path):

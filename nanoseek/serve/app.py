@@ -3,7 +3,7 @@
 Owns `ServedModel` (one model as the server exposes it) and `create_app`, which assembles the parts:
   * serve/auth.py — who is calling, budget and rate-limit reservations, the usage ledger (the one copy,
     shared with the web app);
-  * serve/routes.py — the API routes (served with and without `/v1`), serve/streams.py — SSE and logprobs;
+  * serve/routes.py — the API routes (served at the root, under `/v1` and under DeepSeek's `/beta`), serve/streams.py — SSE and logprobs;
   * serve/web.py — the chat web app at `/`;
   * serve/errors.py — every failure as an OpenAI error body; serve/metrics.py — Prometheus;
   * serve/guard.py — the checks made before any route reads a body (size, Host, Origin, web-app auth).
@@ -14,6 +14,7 @@ deltas and do cheap bookkeeping.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ class ServedModel:
         pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         self.max_token_bytes = max(1, max(len(p.encode(errors="surrogatepass")) for p in pieces if isinstance(p, str)))
 
+    @functools.cached_property
+    def grammar(self):
+        """The model's grammar compiler (engine/grammar.py), built on the first constrained request: wrapping
+        the tokenizer for llguidance takes a second or two, once."""
+        from nanoseek.engine.grammar import GrammarCompiler
+        runner = self.scheduler.runner
+        return GrammarCompiler(self.tokenizer, runner.vocab_size, runner.eos_token_ids)
+
     def check_text_fits(self, text_bytes: int, param: str) -> None:
         """A 400 for text that cannot fit the context even if every token were the longest one: decided from
         its size alone, before a tokenizer or template spends time on it (issue 13, finding 3)."""
@@ -95,6 +104,7 @@ def create_app(models: dict[str, ServedModel], store: Store | None, *, require_a
     router = api_router(models, gate, metrics, RouteSettings(mirror_reasoning, keepalive_s, poll_s,
                                                              isolate_prefix_cache))
     app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/beta")   # DeepSeek's beta base URL: FIM, prefix completion, strict tools
     app.include_router(router)
     web = web_router(models, gate)   # the chat web app at /
     app.include_router(web)

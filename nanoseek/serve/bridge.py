@@ -26,10 +26,12 @@ class ClientGone(Exception):
 class Job:
     """Submit `len(params)` requests; `events()` yields (choice index, Delta) as they arrive, or None when
     `poll_s` passed with nothing (the caller may send a keep-alive). `timer`, if given, sees every delta.
-    `cache_salt`: the prefix-cache namespace of the caller (serve/auth.py's Caller.cache_salt)."""
+    `cache_salt`: the prefix-cache namespace of the caller (serve/auth.py's Caller.cache_salt). `constraints`:
+    one engine Constraint (or None) per request (a grammar: serve/structured.py)."""
 
     def __init__(self, scheduler: Scheduler, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
-                 request=None, poll_s: float = 0.5, timer: RequestTimer | None = None, cache_salt: bytes = b""):
+                 request=None, poll_s: float = 0.5, timer: RequestTimer | None = None, cache_salt: bytes = b"",
+                 constraints: Sequence | None = None):
         self.request, self.poll_s, self.timer = request, poll_s, timer
         self.queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         self.generated = [0] * len(params)      # tokens seen per choice: usage even for cancelled requests
@@ -38,7 +40,8 @@ class Job:
         loop = asyncio.get_running_loop()
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                self.handles.append(scheduler.submit(ids, p, on_delta=self._bridge(loop, i), cache_salt=cache_salt))
+                self.handles.append(scheduler.submit(ids, p, on_delta=self._bridge(loop, i), cache_salt=cache_salt,
+                                                     constraint=constraints[i] if constraints else None))
         except BaseException:
             self.cancel()   # choice k failed to submit (queue full): don't leave choices 0..k-1 running
             raise

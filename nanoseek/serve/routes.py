@@ -18,17 +18,21 @@ from dataclasses import dataclass, replace
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from nanoseek.chat import CLOSE_TAG, OPEN_TAG, Prompt, render_prompt, split_reasoning
+from nanoseek.chat import CLOSE_TAG, OPEN_TAG, Prompt, render_prompt
+from nanoseek.errors import BadInputError
+from nanoseek.fim import FIM_SPELLINGS, fim_prompt
+from nanoseek.fim import detect as detect_fim
 from nanoseek.serve.auth import Caller, Gate, Ticket
 from nanoseek.serve.bridge import ClientGone, Job
-from nanoseek.serve.errors import ApiError
+from nanoseek.serve.errors import ApiError, from_nanoseek
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.schemas import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChatMessage,
                                     Completion, CompletionChoice, CompletionRequest, DetokenizeRequest,
                                     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
                                     choice_params, to_sampling_params)
 from nanoseek.serve.streams import (api_finish, chat_logprobs, chat_stream, completion_logprobs, completion_stream,
-                                    hits, sse, usage)
+                                    dead_end, hits, sse, usage)
+from nanoseek.serve.structured import ChatPlan, plan_chat, read_reply
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class _Bill:
 
 
 def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: RouteSettings) -> APIRouter:
-    """The routes over `models` (name → ServedModel); served with and without the /v1 prefix by the app."""
+    """The routes over `models` (name → ServedModel); served at the root, under /v1 and under /beta."""
     default_model = next(iter(models))
     router = APIRouter()
 
@@ -94,7 +98,7 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         return caller, req, pick(req.model)
 
     async def run_job(sm, caller: Caller, request: Request, prompts: list[list[int]], params, n: int,
-                      explicit: bool, prompt_tokens: int):
+                      explicit: bool, prompt_tokens: int, constraints: list | None = None):
         """Reserve, then submit. Returns (job, bill); a submit that fails releases the reservation. One
         reservation covers the largest max_tokens for every choice (prompts of different lengths have
         different room left): the worst case of the lot."""
@@ -105,7 +109,7 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         salt = caller.cache_salt(settings.isolate_prefix_cache)
         try:
             job = Job(sm.scheduler, prompts, params, request, settings.poll_s, metrics.timer(sm.name, len(params)),
-                      cache_salt=salt)
+                      cache_salt=salt, constraints=constraints)
         except BaseException:
             ticket.release()
             raise
@@ -128,6 +132,14 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         await gate.caller(request)
         return ModelList(data=[ModelCard(id=n, created=m.created, root=m.root or n, max_model_len=m.context)
                                for n, m in models.items()])
+
+    @router.get("/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str, request: Request):
+        await gate.caller(request)
+        if model_id not in models:
+            raise ApiError.model_not_found(model_id)
+        m = models[model_id]
+        return ModelCard(id=model_id, created=m.created, root=m.root or model_id, max_model_len=m.context)
 
     @router.get("/user/balance")
     async def balance(request: Request):
@@ -173,17 +185,20 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
     async def chat_completions(request: Request):
         caller, req, sm = await read(request, ChatCompletionRequest)
         sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in req.messages), "messages")
-        prompt = await asyncio.to_thread(_chat_prompt, sm, req)
-        params = to_sampling_params(req, prompt_tokens=len(prompt.ids), max_model_len=sm.context)
+        plan = await asyncio.to_thread(_chat_plan, sm, req)
+        prompt = plan.prompt
+        # A grammar-held answer without max_tokens may take all the room left: a `length` cut means the JSON
+        # is incomplete, so it should come only from the context itself.
+        params = to_sampling_params(req, prompt_tokens=len(prompt.ids), max_model_len=sm.context,
+                                    default_max_tokens=sm.context if plan.constrained else None)
         n = req.n or 1
         job, bill = await run_job(sm, caller, request, [prompt.ids] * n, choice_params(params, n), n,
-                                  req.requested_max_tokens is not None, len(prompt.ids))
+                                  req.requested_max_tokens is not None, len(prompt.ids), plan.constraints(n))
         name = req.model or sm.name
-        split = sm.reasoning or prompt.starts_in_reasoning
         mirror = settings.mirror_reasoning if req.mirror_reasoning is None else req.mirror_reasoning
         if req.stream:
-            return sse(chat_stream(job, sm.tokenizer, name, prompt, split, mirror, req.include_usage,
-                                   settings.keepalive_s, bill))
+            return sse(chat_stream(job, sm.tokenizer, name, prompt, plan.split, mirror, req.include_usage,
+                                   settings.keepalive_s, bill, plan=plan))
         if (gone := await _run_to_end(job, bill)) is not None:
             return gone
 
@@ -191,16 +206,22 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
             choices, reasoning_tokens = [], 0
             for i, h in enumerate(job.handles):
                 out = h.completion
-                reasoning, content = (split_reasoning(out.text, prompt.starts_in_reasoning) if split
-                                      else (None, out.text))
-                if reasoning:
-                    reasoning_tokens += len(sm.tokenizer.encode(reasoning, add_special_tokens=False))
+                if out.finish_reason == "error":
+                    raise dead_end(out.error)
+                reply = read_reply(plan, out.text, out.finish_reason,
+                                   lambda: sm.tokenizer.decode(out.token_ids, skip_special_tokens=False))
+                if reply.reasoning:
+                    reasoning_tokens += len(sm.tokenizer.encode(reply.reasoning, add_special_tokens=False))
                 lps = (ChatLogprobs(content=chat_logprobs(sm.tokenizer, zip(out.token_ids, out.logprobs)))
                        if out.logprobs is not None else None)
-                choices.append(ChatChoice(index=i, message=ChatMessage.of(content, reasoning, mirror), logprobs=lps,
-                                          finish_reason=api_finish(out.finish_reason)))
+                message = ChatMessage.of(reply.content, reply.reasoning, mirror, reply.tool_calls)
+                choices.append(ChatChoice(index=i, message=message, logprobs=lps, finish_reason=reply.finish_reason))
             return choices, reasoning_tokens
-        choices, reasoning_tokens = await asyncio.to_thread(body)
+        try:
+            choices, reasoning_tokens = await asyncio.to_thread(body)
+        except BaseException:
+            await bill.done()
+            raise
         await bill.done(reasoning_tokens)
         totals = usage(len(prompt.ids), sum(job.generated), reasoning_tokens, hits(job, len(prompt.ids), n))
         return JSONResponse(ChatCompletion(model=name, choices=choices, usage=totals).model_dump(mode="json"))
@@ -211,10 +232,20 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         sm.check_text_fits(max((len(p.encode(errors="surrogatepass")) for p in req.prompts if isinstance(p, str)),
                                default=0), "prompt")
         vocab = len(sm.tokenizer)
+        fim = None
+        if req.suffix:
+            fim = detect_fim(sm.tokenizer)
+            if fim is None:
+                known = ", ".join(f"{t.name} ({t.begin}{t.hole}{t.end})" for t in FIM_SPELLINGS)
+                raise ApiError.bad_request(f"Invalid 'suffix': model '{sm.name}' has no fill-in-the-middle tokens "
+                                           f"in its vocabulary (known: {known}).", param="suffix",
+                                           code="fim_not_supported")
 
         def encode():
             out = []
             for i, p in enumerate(req.prompts):
+                if fim is not None:   # the text to fill lies between the prompt and the suffix
+                    p = fim_prompt(fim, p, req.suffix)
                 ids = sm.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 if not ids:
                     raise ApiError.bad_request(f"Invalid 'prompt[{i}]': it encodes to no tokens.", param="prompt")
@@ -294,15 +325,24 @@ def _message_bytes(message: dict) -> int:
     return total
 
 
-def _chat_prompt(sm, req: ChatCompletionRequest) -> Prompt:
+def _chat_plan(sm, req: ChatCompletionRequest) -> ChatPlan:
+    """The prompt and grammar to run (serve/structured.py), the prompt rendered by `_chat_prompt`."""
+    try:
+        return plan_chat(sm, req, lambda: sm.grammar,
+                         lambda messages, thinking, tools: _chat_prompt(sm, req, messages, thinking, tools))
+    except BadInputError as e:
+        raise from_nanoseek(e) from None
+
+
+def _chat_prompt(sm, req: ChatCompletionRequest, messages: list[dict], thinking: bool | None,
+                 tools: list[dict] | None) -> Prompt:
     """The prompt to run. With chat prefix completion it ends with the given start of the reply, and the
     response holds only the continuation (as DeepSeek returns it)."""
-    messages = req.template_messages()
     if not req.continues_final_message:
-        return render_prompt(sm.tokenizer, messages, thinking=req.thinking_enabled)
+        return render_prompt(sm.tokenizer, messages, thinking=thinking, tools=tools)
     # Prefix completion: render the conversation before the prefix with a generation prompt, then append the
     # prefix as the start of the reply, so the model continues it instead of starting a new turn.
-    base = render_prompt(sm.tokenizer, messages[:-1], thinking=req.thinking_enabled)
+    base = render_prompt(sm.tokenizer, messages[:-1], thinking=thinking, tools=tools)
     prefix, reasoning = messages[-1]["content"], req.prefix_reasoning
     text, in_reasoning = base.text, base.starts_in_reasoning
     if reasoning is not None:

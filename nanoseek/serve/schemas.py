@@ -68,7 +68,6 @@ def _no_tools(v) -> bool:
     return v is None or v == "none"
 
 
-_NO_TOOLS = "tool calling is not implemented"
 _NO_GRAMMAR = "constrained (structured) decoding is not implemented"
 _TEXT_ONLY = "nanoseek serves text-only models"
 
@@ -90,24 +89,19 @@ COMMON_UNSUPPORTED: Unsupported = {
 }
 
 CHAT_UNSUPPORTED: Unsupported = {
-    **COMMON_UNSUPPORTED,
-    "tools": (_empty, _NO_TOOLS), "tool_choice": (_no_tools, _NO_TOOLS),
-    "parallel_tool_calls": (_absent, _NO_TOOLS),
-    "functions": (_empty, _NO_TOOLS), "function_call": (_no_tools, _NO_TOOLS),
+    **{k: v for k, v in COMMON_UNSUPPORTED.items() if k != "response_format"},   # chat has response_format
+    "functions": (_empty, "the deprecated 'functions' parameter is not supported; use 'tools'"),
+    "function_call": (_no_tools, "the deprecated 'function_call' parameter is not supported; use 'tool_choice'"),
     "audio": (_absent, _TEXT_ONLY), "modalities": (lambda v: v is None or v == ["text"], _TEXT_ONLY),
     "prediction": (_absent, "predicted outputs are not implemented"),
     "web_search_options": (_absent, "web search is not available"),
-    "reasoning_effort": (_absent, "the length of the reasoning cannot be steered"),
     "verbosity": (_absent, "the length of the answer cannot be steered"),
     "echo": (_off, "chat completions cannot echo the prompt; use /v1/completions"),
     "chat_template": (_absent, "the model's own chat template is always used"),
     "chat_template_kwargs": (_empty, "use 'thinking': {\"type\": \"enabled\" | \"disabled\"} to switch reasoning"),
 }
 
-COMPLETION_UNSUPPORTED: Unsupported = {
-    **COMMON_UNSUPPORTED,
-    "suffix": (lambda v: v is None or v == "", "fill-in-the-middle (FIM) completion is not implemented"),
-}
+COMPLETION_UNSUPPORTED: Unsupported = COMMON_UNSUPPORTED
 
 
 def _reject_unsupported(data: dict, table: Unsupported) -> dict:
@@ -151,7 +145,7 @@ class ToolCallFunction(_Part):
 
 
 class ToolCall(_Part):
-    """A tool call in an earlier assistant turn (history only: nanoseek never makes one)."""
+    """A tool call: in an earlier assistant turn of the history, or in a response's message."""
 
     id: str
     type: Literal["function"] = "function"
@@ -174,8 +168,10 @@ class UserMessage(_Part):
 
 class AssistantMessage(_Part):
     """An earlier assistant turn, or — with prefix: true, last only — the start of the reply to continue
-    (DeepSeek's chat prefix completion, Beta). R1 rule: reasoning_content is refused anywhere else, since
-    earlier reasoning is never fed back; on the prefix message it is the reasoning to continue."""
+    (DeepSeek's chat prefix completion, Beta). reasoning_content (DeepSeek's thinking-mode replay rule) is
+    accepted anywhere: it is fed back to the model for turns that made tool calls (the reasoning behind the
+    calls is still in play) and dropped for every other turn; on the prefix message it is the reasoning to
+    continue."""
 
     role: Literal["assistant"]
     content: Content | None = None
@@ -203,6 +199,46 @@ class ThinkingOptions(_Part):
 
     model_config = ConfigDict(strict=True, extra="forbid")   # a thinking budget would otherwise vanish
     type: Literal["enabled", "disabled"]
+
+
+MAX_TOOLS = 128
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+class FunctionDef(_Part):
+    name: str = Field(description="a-z, A-Z, 0-9, underscores and dashes; at most 64 characters.")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="A JSON schema for the arguments (an object).")
+    strict: bool | None = Field(None, description="true: a schema the grammar cannot enforce is a 400 (the "
+                                "arguments always follow the schema when the grammar is on).")
+
+
+class Tool(_Part):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Part):
+    name: str
+
+
+class NamedToolChoice(_Part):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Part):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Part):
+    """text (default), json_object (one JSON object) or json_schema (a value valid against the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,6 +366,13 @@ class ChatCompletionRequest(_Request):
     mirror_reasoning: bool | None = Field(None, description="nanoseek extension: also send the reasoning as "
                                           "`reasoning` (vLLM/Ollama's name) besides `reasoning_content`. "
                                           "Unset: the server's default.")
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = Field(  # type: ignore[valid-type]
+        None, description="none: no reasoning; the others cap the reasoning at a token budget "
+        "(serve/structured.py REASONING_BUDGETS). Ignored by non-reasoning models.")
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, description=f"Functions the model may call (at most {MAX_TOOLS}).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -362,6 +405,8 @@ class ChatCompletionRequest(_Request):
                 d["name"] = m.name
             if isinstance(m, AssistantMessage) and m.tool_calls:
                 d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+                if m.reasoning_content:   # the replay rule: reasoning behind tool calls stays in the history
+                    d["reasoning_content"] = m.reasoning_content
             if isinstance(m, ToolMessage):
                 d["tool_call_id"] = m.tool_call_id
             out.append(d)
@@ -403,18 +448,44 @@ class ChatCompletionRequest(_Request):
                 # the prefix continues a reply, so there must be a conversation for it to reply to
                 raise ApiError.bad_request("Invalid 'messages[0].prefix': a prefix to continue needs at least "
                                            "one message before it.", param="messages[0].prefix")
-            if m.reasoning_content is not None and not (i == last and m.prefix):
-                raise ApiError.bad_request(
-                    f"Invalid 'messages[{i}].reasoning_content': earlier reasoning is not fed back to the model "
-                    "(DeepSeek-R1 contract); remove reasoning_content from the messages you send back. It is "
-                    "accepted only on a final assistant message with prefix: true, as reasoning to continue.",
-                    param=f"messages[{i}].reasoning_content")
+        self._check_tools()
         if self.max_completion_tokens is not None:
             check_integer("max_completion_tokens", self.max_completion_tokens, ge=1)
         if self.top_logprobs is not None:
             check_integer("top_logprobs", self.top_logprobs, ge=0, le=MAX_LOGPROBS)
             if not self.logprobs:
                 raise ApiError.bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+
+    def _check_tools(self) -> None:
+        tools = self.tools or []
+        if len(tools) > MAX_TOOLS:
+            raise ApiError.bad_request(f"Invalid 'tools': {len(tools)} tools; at most {MAX_TOOLS} are allowed.",
+                                       param="tools")
+        seen = set()
+        for i, t in enumerate(tools):
+            name = t.function.name
+            if not (0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)):
+                raise ApiError.bad_request(f"Invalid 'tools[{i}].function.name': {name!r} must be 1 to 64 of "
+                                           "a-z, A-Z, 0-9, '_' and '-'.", param=f"tools[{i}].function.name")
+            if name in seen:
+                raise ApiError.bad_request(f"Invalid 'tools': the function name {name!r} is declared twice.",
+                                           param="tools")
+            seen.add(name)
+            params = t.function.parameters
+            if params is not None and params.get("type", "object") != "object":
+                raise ApiError.bad_request(f"Invalid 'tools[{i}].function.parameters': the schema must describe "
+                                           "an object.", param=f"tools[{i}].function.parameters")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not tools:
+            raise ApiError.bad_request("Invalid 'tool_choice': it needs 'tools' to choose from.",
+                                       param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in seen:
+            raise ApiError.bad_request(f"Invalid 'tool_choice': no tool is named {choice.function.name!r}.",
+                                       param="tool_choice")
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+            raise ApiError.bad_request("Invalid 'response_format.json_schema': a 'schema' is required.",
+                                       param="response_format.json_schema")
 
     def _logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -424,8 +495,9 @@ class CompletionRequest(_Request):
     """POST /completions (legacy): raw prompt in, text out. `prompt` is one string, a list of strings, one
     list of token ids or a list of them; each prompt gets n choices, indexed prompt_index * n + i.
 
-    `suffix` (fill-in-the-middle) is refused with a 400, as are the chat-independent unsupported
-    parameters (logit_bias, response_format other than text, guided_* …) and best_of other than n.
+    `suffix` asks for fill-in-the-middle (the text between prompt and suffix; models whose tokenizer has FIM
+    tokens, nanoseek/fim.py). The chat-independent unsupported parameters (logit_bias, response_format other
+    than text, guided_* …) and best_of other than n are refused with a 400.
     """
 
     UNSUPPORTED: ClassVar[Unsupported] = COMPLETION_UNSUPPORTED
@@ -434,6 +506,8 @@ class CompletionRequest(_Request):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = Field(None, description="Prepend the prompt to each choice's text.")
+    suffix: str | None = Field(None, description="Fill in the middle: the text that follows the completion "
+                               "(DeepSeek FIM, Beta). Needs a model with FIM tokens and string prompts.")
     logprobs: int | None = Field(None, description="Chosen token's logprob plus this many alternatives.",
                                  **_range(ge=0, le=MAX_LOGPROBS))
 
@@ -464,6 +538,9 @@ class CompletionRequest(_Request):
                     raise ApiError.bad_request(f"Invalid '{where}': empty array of token ids.", param=where)
                 if any(t < 0 for t in ids):
                     raise ApiError.bad_request(f"Invalid '{where}': token ids must be >= 0.", param=where)
+        if self.suffix and any(not isinstance(x, str) for x in self.prompts):
+            raise ApiError.bad_request("Invalid 'prompt': fill-in-the-middle (suffix) needs text prompts, not "
+                                       "token ids.", param="prompt")
         if self.echo and self.logprobs is not None:
             raise ApiError.unsupported("echo", "echo with logprobs needs prompt logprobs, which are not computed")
 
@@ -480,12 +557,17 @@ def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, *, prompt
     """The engine's SamplingParams for one choice of `req`, validated.
 
     max_tokens: the request's (max_completion_tokens over max_tokens), else `default_max_tokens`, else the
-    endpoint's default (chat 4096, completions 16). Given prompt_tokens and max_model_len it is clamped to
+    endpoint's default (chat 4096, completions 16). An explicit one above max_model_len is a 400 naming both
+    numbers (it can never be honoured). Given prompt_tokens and max_model_len it is clamped to
     the room left in the context (DeepSeek: "the total length … is limited by the model's context length",
     the output then ends with finish_reason "length"); a prompt that leaves no room is a 400 stating both
     lengths. Range errors are 400 ApiErrors in SamplingParams' words. For n > 1 use `choice_params`.
     """
     max_tokens = req.requested_max_tokens
+    if max_tokens is not None and max_model_len is not None and max_tokens > max_model_len:
+        name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        raise ApiError.bad_request(f"Invalid '{name}': {max_tokens} is more than this model's context length of "
+                                   f"{max_model_len} tokens.", param=name)
     if max_tokens is None:
         max_tokens = default_max_tokens or req.DEFAULT_MAX_TOKENS
     if prompt_tokens is not None and max_model_len is not None:
@@ -631,10 +713,27 @@ class ChatMessage(BaseModel):
     content: str | None = None
     reasoning_content: str | None = _omitted_if_none()
     reasoning: str | None = _omitted_if_none()
+    tool_calls: list[ToolCall] | None = _omitted_if_none("The calls the model made (finish_reason tool_calls).")
 
     @classmethod
-    def of(cls, content: str | None, reasoning: str | None = None, mirror: bool = False) -> ChatMessage:
-        return cls(content=content, reasoning_content=reasoning, reasoning=reasoning if mirror else None)
+    def of(cls, content: str | None, reasoning: str | None = None, mirror: bool = False,
+           tool_calls: list[ToolCall] | None = None) -> ChatMessage:
+        return cls(content=content, reasoning_content=reasoning, reasoning=reasoning if mirror else None,
+                   tool_calls=tool_calls or None)
+
+
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = _omitted_if_none("Only in a call's first delta.")
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of tool call `index`: id, type and name come first, then fragments of the arguments."""
+
+    index: int
+    id: str | None = _omitted_if_none()
+    type: Literal["function"] | None = _omitted_if_none()
+    function: ToolCallFunctionDelta
 
 
 class ChatDelta(BaseModel):
@@ -644,6 +743,7 @@ class ChatDelta(BaseModel):
     content: str | None = _omitted_if_none()
     reasoning_content: str | None = _omitted_if_none()
     reasoning: str | None = _omitted_if_none()
+    tool_calls: list[ToolCallDelta] | None = _omitted_if_none()
 
     @classmethod
     def of(cls, *, role: bool = False, content: str | None = None, reasoning: str | None = None,

@@ -18,10 +18,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from nanoseek.chat import Prompt, ReasoningSplitter
 from nanoseek.serve.bridge import ClientGone, Job
-from nanoseek.serve.errors import error_response
+from nanoseek.serve.errors import ApiError, error_response
 from nanoseek.serve.schemas import (SSE_DONE, SSE_KEEPALIVE, ChatChunkChoice, ChatCompletionChunk, ChatDelta,
                                     ChatLogprobs, Completion, CompletionChoice, CompletionLogprobs, TokenLogprob,
-                                    TopLogprob, Usage, new_id, sse_event)
+                                    ToolCallDelta, ToolCallFunctionDelta, TopLogprob, Usage, new_id, sse_event)
+from nanoseek.toolcall import CallStream
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ def api_finish(reason: str | None) -> str:
     # "cancelled" happens only when the server stops under a request, or the client is gone; the client (if
     # any) sees the output so far as a normal end.
     return reason if reason in ("stop", "length") else "stop"
+
+
+def dead_end(message: str | None) -> ApiError:
+    """A constrained row whose grammar allowed no next token (engine finish_reason "error")."""
+    return ApiError(500, f"Constrained decoding failed: {message or 'the grammar allowed no next token'}.",
+                    code="grammar_dead_end")
 
 
 def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0) -> Usage:
@@ -161,12 +168,23 @@ def _stream_error(exc: BaseException) -> str:
 
 
 async def chat_stream(job: Job, tokenizer, name: str, prompt: Prompt, split: bool, mirror: bool,
-                      include_usage: bool, keepalive_s: float, bill):
+                      include_usage: bool, keepalive_s: float, bill, plan=None):
+    """`plan` (serve/structured.ChatPlan) with parse_tools: the content goes through a toolcall.CallStream,
+    and calls leave as OpenAI tool-call deltas (index, id, type and name first, then argument fragments);
+    a choice that made calls finishes with "tool_calls". Streams cannot take back what they sent: a call cut
+    by max_tokens has had its fragments sent, and finish_reason "length" says it is incomplete."""
     rid, created = new_id("chatcmpl"), int(time.time())
     n = len(job.handles)
     splitters = [ReasoningSplitter(start_in_reasoning=prompt.starts_in_reasoning) if split else None
                  for _ in range(n)]
     reasoning_text = [""] * n
+    calls = [CallStream() if plan is not None and plan.parse_tools else None for _ in range(n)]
+    called = [0] * n                     # complete calls per choice
+
+    def tool_delta(ev) -> ToolCallDelta:
+        _, index, call_id, fn, args = ev
+        return ToolCallDelta(index=index, id=call_id, type="function" if call_id else None,
+                             function=ToolCallFunctionDelta(name=fn, arguments=args))
 
     logprobs = _StreamLogprobs(job, job.handles[0].params.logprobs is not None)
 
@@ -195,13 +213,24 @@ async def chat_stream(job: Job, tokenizer, name: str, prompt: Prompt, split: boo
                 r, c = r + r2, c + c2
             reasoning_text[i] += r
             lps = await logprobs.take(i, d)
+            tools: list[ToolCallDelta] = []
+            if calls[i] is not None:
+                events = calls[i].feed(c) + (calls[i].finish() if d.finish_reason is not None else [])
+                c = "".join(ev[1] for ev in events if ev[0] == "content")
+                tools = [tool_delta(ev) for ev in events if ev[0] == "call"]
+                called[i] = calls[i].closed
             if r or c or lps:
                 # a token whose text is held back (a partial character, a possible stop string) still sends
                 # its logprob, with empty content, as OpenAI does
                 yield chunk(i, ChatDelta.of(reasoning=r or None, content=c if c or not r else None,
                                             mirror=mirror), lps=lps)
+            if tools:
+                yield chunk(i, ChatDelta(tool_calls=tools))
+            if d.finish_reason == "error":
+                raise dead_end((await job.completion(i)).error)
             if d.finish_reason is not None:
-                yield chunk(i, ChatDelta(), api_finish(d.finish_reason))
+                finish = api_finish(d.finish_reason)
+                yield chunk(i, ChatDelta(), "tool_calls" if finish == "stop" and called[i] else finish)
         reasoning_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in reasoning_text if t)
         await bill.done(reasoning_tokens)     # the ledger row is committed before the stream's last chunk
         if include_usage:

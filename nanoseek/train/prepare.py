@@ -9,6 +9,15 @@ Validation documents are whole documents picked by position: document i goes to 
 floor((i+1)·f) > floor(i·f), i.e. evenly spaced, floor(N·f) of N. When that picks none (fewer than 1/f
 documents, e.g. one big text file), the last f of the tokens — cut from the end of the last document —
 become val, so concatenating train and val still reproduces that document exactly.
+
+FIM (DeepSeek-V3's fill-in-the-middle objective, nanoseek/fim.py): with a tokenizer that has FIM tokens,
+`fim_rate` of the documents (default 0.1) are rewritten as prefix-suffix-middle text before tokenizing.
+It happens here, on text, rather than on token ids in the loader, because: the cut points fall between
+characters (a token-level cut could never split inside a token, and would leave the pieces tokenized as
+they were in context, not as the model sees them when serving FIM); the shards stay a plain token stream,
+so the loader's packing, shuffling and exact-resume position are untouched; and the choice of documents
+and cuts depends only on (fim_seed, document index), so shards are identical for any worker count and a
+rerun. The price is that changing the rate means preparing again; meta.json records it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from nanoseek.errors import BadInputError, NotFoundError, UnsupportedError
+from nanoseek.fim import DEFAULT_FIM_RATE, detect, maybe_fim
 from nanoseek.train.data import META, ShardWriter, token_dtype, write_meta
 from nanoseek.train.tokenizer import bos_to_prepend, encode_documents, load_tokenizer, worker_init
 
@@ -246,14 +256,18 @@ class _Splitter:
 
 def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str, out_dir: str | os.PathLike, *,
             val_fraction: float = 0.005, text_field: str = "text", workers: int | None = None,
-            shard_tokens: int = 100_000_000, doc_split: str = "none") -> dict[str, Any]:
-    """Tokenize `inputs` into token shards in `out_dir`; returns the meta.json contents (plus timing)."""
+            shard_tokens: int = 100_000_000, doc_split: str = "none", fim_rate: float = DEFAULT_FIM_RATE,
+            fim_seed: int = 0) -> dict[str, Any]:
+    """Tokenize `inputs` into token shards in `out_dir`; returns the meta.json contents (plus timing).
+    fim_rate: share of documents rewritten in FIM form (only for tokenizers with FIM tokens)."""
     from nanoseek.progress import progress_bar
 
     if not 0 <= val_fraction < 1:
         raise BadInputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise BadInputError(f"--shard-tokens must be at least 1, got {shard_tokens}")
+    if not 0 <= fim_rate <= 1:
+        raise BadInputError(f"--fim-rate must be in [0, 1], got {fim_rate}")
     if doc_split not in DOC_SPLITS:
         raise BadInputError(f"--doc-split {doc_split!r}: expected one of {', '.join(DOC_SPLITS)}")
     sources = expand_inputs(inputs)   # fail on a bad path before loading anything
@@ -278,7 +292,9 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str, out_dir: str | 
         encode = partial(encode_documents, tok_file, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size)
         train, val = (ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val"))
         splitter = _Splitter(val_fraction, train, val)
-        docs = iter_documents(sources, text_field, doc_split)
+        fim = detect(tok)
+        docs = (maybe_fim(fim, d, i, fim_rate, fim_seed)
+                for i, d in enumerate(iter_documents(sources, text_field, doc_split)))
         with progress_bar("tokenizing (documents)", None) as advance:
             for flat, lengths in _encoded(docs, encode, workers):
                 for doc in np.split(flat, np.cumsum(lengths)[:-1]):
@@ -291,7 +307,9 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str, out_dir: str | 
     tok_name = str(Path(tokenizer).expanduser().resolve()) if Path(tokenizer).expanduser().exists() else str(tokenizer)
     meta = {"dtype": dtype, "vocab_size": vocab_size, "tokenizer": tok_name, "bos_id": bos_id,
             "eos_id": eos_id, "splits": {"train": train.close(), "val": val.close()},
-            "inputs": [str(s) for s in inputs], "val_fraction": val_fraction}
+            "inputs": [str(s) for s in inputs], "val_fraction": val_fraction,
+            "fim": {"rate": fim_rate if fim is not None else 0.0, "seed": fim_seed,
+                    "tokens": fim.name if fim is not None else None}}
     write_meta(out, meta)
     keep = {e["file"][:-4] + ext for entries in meta["splits"].values() for e in entries for ext in (".bin", ".idx")}
     for f in out.iterdir():   # shards of an earlier, larger run in the same directory

@@ -61,9 +61,13 @@ CHAT_TEMPLATE = (
     r"""{%- endif -%}"""
 )
 
-# Numbers split into runs of at most three digits before the GPT-2 byte-level regex (DeepSeek-V3 and
-# Llama 3 do the same): arithmetic-friendly, and it keeps thousands of number tokens out of the vocabulary.
-DIGIT_SPLIT = r"\p{N}{1,3}"
+# Text is split with Llama 3's regex: numbers into runs of at most three digits (arithmetic-friendly, and it
+# keeps thousands of number tokens out of the vocabulary), words with a leading space or punctuation mark,
+# punctuation runs, whitespace. It is llama.cpp's `llama-bpe` pre-tokenizer, so a GGUF export splits text
+# exactly as training did. (Earlier versions split digits 1-3 and then applied GPT-2's regex, a combination
+# llama.cpp has no pre-type for; tokenizers trained that way still load, but `export --format gguf` refuses
+# them rather than write a file that tokenizes differently.)
+PRE_TOKENIZER = "llama-bpe"
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -170,8 +174,10 @@ def bos_to_prepend(tokenizer) -> int | None:
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *, min_frequency: int = 2):
     """Train a byte-level BPE of `vocab_size` ids (special tokens included) on `texts` and save it to
     `out_dir` as a PreTrainedTokenizerFast directory. Returns the tokenizer as AutoTokenizer loads it back."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from nanoseek.weights.gguf import pre_tokenizer_for
 
     floor = 256 + len(SPECIAL_TOKENS)
     if vocab_size < floor:
@@ -180,9 +186,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     if min_frequency < 1:
         raise BadInputError(f"--min-frequency must be at least 1, got {min_frequency}")
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(DIGIT_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.pre_tokenizer = pre_tokenizer_for(PRE_TOKENIZER)
     tk.decoder = decoders.ByteLevel()
     # Special tokens come first (ids 0..8: bos 0, eos 1, as in DeepSeek's vocabulary) and are never merged.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,

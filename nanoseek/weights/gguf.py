@@ -1,5 +1,7 @@
 """GGUF files in: llama.cpp metadata → a transformers config, GGUF tensors → transformers names, and the
-vocabulary → a `PreTrainedTokenizerFast`. Handles the `llama` and `qwen2` architectures.
+vocabulary → a `PreTrainedTokenizerFast`. Handles the `llama`, `qwen2` and `deepseek2` (DeepSeek-V2/V3, MLA +
+MoE, as llama.cpp lays it out: split k_b/v_b, packed experts) architectures. Also owns the llama.cpp layout
+rules the exporter (gguf_export.py) inverts: q/k row order and the `tokenizer.ggml.pre` split regexes.
 
 The header is parsed here, once, by `GGUFFile`: `gguf.GGUFReader` builds a numpy view for every string of a
 string array, which costs ~3 s for a 49k vocabulary plus merges, and transformers' GGUF path reads the file
@@ -212,7 +214,8 @@ class GGUFFile:
 
 
 # ---- config -----------------------------------------------------------------------------------------------
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "deepseek2": "DeepseekV3ForCausalLM"}
+_GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func (gguf.ExpertGatingFuncType)
 
 
 def hf_config(g: GGUFFile) -> dict[str, Any]:
@@ -238,7 +241,7 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     hidden = get("embedding_length")
     head_dim = get("attention.key_length", None) or hidden // heads
     rot = get("rope.dimension_count", None)
-    if rot is not None and rot != head_dim:
+    if arch != "deepseek2" and rot is not None and rot != head_dim:
         raise UnsupportedError(f"{g.path}: partial rotary embeddings (rope dims {rot} of head dim {head_dim})")
     if "token_embd.weight" in g.tensors:
         vocab = g.tensors["token_embd.weight"].shape[0]
@@ -263,7 +266,43 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     if arch == "llama":
         d["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
         d["mlp_bias"] = "blk.0.ffn_up.bias" in g.tensors
+    if arch == "deepseek2":
+        d.update(_deepseek2(g, get, heads, rot))
     return d
+
+
+def _deepseek2(g: GGUFFile, get, heads: int, rot: int | None) -> dict[str, Any]:
+    """MLA and MoE hyperparameters. llama.cpp stores MLA as MQA over the latent (key_length = kv_lora + rope,
+    head_count_kv = 1); the per-head sizes live in the *_mla keys (files older than the k_b/v_b split kept
+    them in key_length/value_length)."""
+    if rot is None:
+        raise BadInputError(f"{g.path}: metadata is missing deepseek2.rope.dimension_count")
+    kv_lora = get("attention.kv_lora_rank")
+    qk = get("attention.key_length_mla", None)
+    v = get("attention.value_length_mla", None)
+    if qk is None or v is None:
+        qk, v = get("attention.key_length"), get("attention.value_length")
+    gating = get("expert_gating_func", 1)  # llama.cpp's default for files without it: V2's softmax
+    if gating not in _GATING:
+        raise UnsupportedError(f"{g.path}: deepseek2.expert_gating_func={gating} (supported: 1 softmax, 2 sigmoid)")
+    if get("expert_count", 0) == 0:
+        raise UnsupportedError(f"{g.path}: a deepseek2 file without routed experts")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "num_key_value_heads": heads, "head_dim": None,
+        "q_lora_rank": get("attention.q_lora_rank", 0) or None, "kv_lora_rank": kv_lora,
+        "qk_nope_head_dim": qk - rot, "qk_rope_head_dim": rot, "v_head_dim": v,
+        # ggml's NORM rope turns adjacent pairs: DeepSeek's own (interleaved) weight layout
+        "rope_interleave": True,
+        "moe_intermediate_size": get("expert_feed_forward_length"),
+        "n_routed_experts": get("expert_count"), "num_experts_per_tok": get("expert_used_count"),
+        "n_shared_experts": get("expert_shared_count", 0),
+        "n_group": get("expert_group_count", 0) or 1, "topk_group": get("expert_group_used_count", 0) or 1,
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)), "scoring_func": _GATING[gating],
+        "first_k_dense_replace": get("leading_dense_block_count", 0),
+        "num_nextn_predict_layers": 0,
+    }
 
 
 def _rope(g: GGUFFile, get) -> dict[str, Any]:
@@ -282,6 +321,9 @@ def _rope(g: GGUFFile, get) -> dict[str, Any]:
         for ours, theirs in (("beta_fast", "rope.scaling.yarn_beta_fast"), ("beta_slow", "rope.scaling.yarn_beta_slow")):
             if get(theirs, None) is not None:
                 rope[ours] = float(get(theirs))
+        if g.architecture == "deepseek2" and get("rope.scaling.yarn_log_multiplier", None) is not None:
+            # convert_hf_to_gguf writes 0.1·mscale_all_dim here (llama.cpp divides the 0.1 back out)
+            rope["mscale_all_dim"] = rope["mscale"] = float(get("rope.scaling.yarn_log_multiplier")) / 0.1
     elif kind not in (None, "none"):
         raise UnsupportedError(f"{g.path}: rope scaling type {kind!r} (supported: linear, yarn, llama3)")
     if "rope_freqs.weight" in g.tensors:
@@ -315,7 +357,15 @@ _BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # deepseek2 (MLA, MoE)
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate.e_score_correction",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+# Packed [E, ...] expert tensors: yielded per expert (transformers' names), which to_nanoseek_names re-packs.
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _SKIP = {"rope_freqs.weight"}  # folded into the config by _llama3_rope
 
 
@@ -328,6 +378,8 @@ def hf_name(gguf_name: str) -> str | None:
         return f"{_TOP[stem]}.{kind}"
     parts = stem.split(".")
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK:
+        if parts[2] == "exp_probs_b":  # transformers: a buffer named ..._bias, not a .bias
+            return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}_{kind}"
         return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{kind}"
     return None
 
@@ -342,11 +394,31 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `unpermute_rows`: transformers' rotate-half row order → ggml's adjacent pairs."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def hf_tensors(g: GGUFFile, hf: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(transformers name, float32 tensor, file) for every weight, dequantized one at a time."""
     permute = g.architecture == "llama"
+    halves: dict[str, dict[str, torch.Tensor]] = {}  # deepseek2 k_b / v_b, joined back into kv_b
     for name in g.tensors:
         if name in _SKIP:
+            continue
+        stem, _, kind = name.rpartition(".")
+        parts = stem.split(".")
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in _EXPERTS and kind == "weight":
+            for e, w in enumerate(g.tensor(name)):
+                yield f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERTS[parts[2]]}.weight", w, g.path
+            continue
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in ("attn_k_b", "attn_v_b") and kind == "weight":
+            pair = halves.setdefault(parts[1], {})
+            pair[parts[2]] = g.tensor(name)
+            if len(pair) == 2:
+                del halves[parts[1]]
+                yield f"model.layers.{parts[1]}.self_attn.kv_b_proj.weight", _join_kv_b(**pair), g.path
             continue
         target = hf_name(name)
         if target is None:
@@ -357,6 +429,27 @@ def hf_tensors(g: GGUFFile, hf: dict[str, Any]) -> Iterator[tuple[str, torch.Ten
         elif permute and ".attn_k." in name:
             t = unpermute_rows(t, hf["num_key_value_heads"])
         yield target, t, g.path
+    if halves:
+        layer, pair = next(iter(halves.items()))
+        raise BadInputError(f"{g.path}: blk.{layer} has {next(iter(pair))}.weight without its other half")
+
+
+def _join_kv_b(attn_k_b: torch.Tensor, attn_v_b: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's k_b [H, kv_lora, nope] (stored transposed for the absorbed product) and v_b [H, v, kv_lora]
+    → transformers' kv_b_proj [H·(nope + v), kv_lora]."""
+    kv_lora = attn_v_b.shape[-1]
+    return torch.cat([attn_k_b.transpose(1, 2), attn_v_b], dim=1).reshape(-1, kv_lora)
+
+
+def _count_weights(g: GGUFFile) -> int:
+    """How many (transformers-named) tensors hf_tensors yields: for the progress bar."""
+    n = 0
+    for name, info in g.tensors.items():
+        stem = name.rpartition(".")[0]
+        if name in _SKIP or stem.endswith(".attn_v_b"):
+            continue
+        n += info.shape[0] if stem.rpartition(".")[2] in _EXPERTS else 1
+    return n
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------
@@ -371,6 +464,20 @@ _SPLITS = {**dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbr
 # Pre-tokenizers that isolate every digit before the GPT-2 regex (llama.cpp's SMOLLM/STARCODER group).
 _DIGITS_FIRST = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
 _CONTROL, _USER_DEFINED = 3, 4
+
+
+def pre_tokenizer_for(pre: str):
+    """The `tokenizers` pre-tokenizer that splits text as llama.cpp does for `tokenizer.ggml.pre` = `pre`
+    (GPT-2's byte-level regex for names outside the families above, as transformers does)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre in _DIGITS_FIRST:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -394,7 +501,7 @@ def build_tokenizer(g: GGUFFile):
         return None
     if kind != "gpt2":
         return _transformers_tokenizer(g)
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
@@ -414,15 +521,7 @@ def build_tokenizer(g: GGUFFile):
         tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocabulary
         raise BadInputError(f"{g.path}: inconsistent tokenizer vocabulary/merges ({e})") from None
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre in _SPLITS:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in _DIGITS_FIRST:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    else:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.pre_tokenizer = pre_tokenizer_for(meta.get("tokenizer.ggml.pre", "default"))
     tk.decoder = decoders.ByteLevel()
     added = [AddedToken(tok, special=t == _CONTROL, normalized=False)
              for tok, t in zip(tokens, types) if t in (_CONTROL, _USER_DEFINED)]
@@ -480,7 +579,7 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32, device="cpu"
         try:
             cfg = config_from_hf(hf)
             named = hf_tensors(g, hf)
-            total = sum(1 for n in g.tensors if n not in _SKIP)
+            total = _count_weights(g)
             model = assemble(cfg, to_nanoseek_names(cfg, named), dtype=dtype, device=device, total=total,
                              desc=f"loading {g.path.name}")
         except NanoseekError as e:

@@ -477,6 +477,7 @@ async function streamReply(conv, controller) {
 
   const t = { start: performance.now(), first: null, thinkStart: null, thinkEnd: null, end: null };
   let reasoning = "", content = "", usage = null, finish = null, error = null, stopped = false;
+  const calls = [];                          // tool calls, reassembled from their deltas
   const live = { reasoning: liveRenderer(view.reasoningBody), content: liveRenderer(view.content) };
 
   try {
@@ -519,6 +520,12 @@ async function streamReply(conv, controller) {
             content += d.content;
             live.content.update(content);
           }
+          for (const tc of d.tool_calls || []) {
+            const call = calls[tc.index] ??= { name: "", arguments: "" };
+            if (tc.function?.name) call.name = tc.function.name;
+            call.arguments += tc.function?.arguments || "";
+            live.content.update(readable(content, calls));
+          }
           if (choice.finish_reason) finish = choice.finish_reason;
         }
         stickToBottom();
@@ -539,7 +546,7 @@ async function streamReply(conv, controller) {
     view.summary.textContent = thoughtLabel(stats);
     view.reasoning.open = false;
   }
-  const texts = reasoning ? [reasoning, content] : [content];
+  const texts = reasoning ? [reasoning, readable(content, calls)] : [readable(content, calls)];
   const html = await renderMarkdown(texts).catch(() => null);
   if (html) {
     if (reasoning) setHtml(view.reasoningBody, html[0]);
@@ -563,6 +570,22 @@ async function streamReply(conv, controller) {
   conv.messages.push(saved);
   view.node.dataset.id = saved.id;
   refreshList().catch(fail);
+}
+
+// A reply as Markdown to show: a reply that is one JSON value is pretty-printed in a json code block, and
+// tool calls follow as code blocks naming the function (the stored reply keeps the raw text).
+function readable(content, calls) {
+  let text = content;
+  const t = content.trim();
+  if (t.startsWith("{") || t.startsWith("[")) {
+    try { text = "```json\n" + JSON.stringify(JSON.parse(t), null, 2) + "\n```"; } catch (e) { /* not JSON */ }
+  }
+  for (const c of calls || []) {
+    let args = c.arguments;
+    try { args = JSON.stringify(JSON.parse(args), null, 2); } catch (e) { /* still streaming */ }
+    text += `\n\n**Tool call** \`${c.name}\`\n\n\`\`\`json\n${args}\n\`\`\``;
+  }
+  return text;
 }
 
 // Renders streamed text as Markdown while it streams: one request in flight at most, and at most one started
