@@ -34,7 +34,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from nanoseek.errors import BadInputError, UnsupportedError
-from nanoseek.models.config import DeepseekConfig, DeepseekV4Config, DeepseekV32Config, DenseConfig, ModelConfig
+from nanoseek.models.config import (
+    DeepseekConfig,
+    DeepseekV4Config,
+    DeepseekV32Config,
+    DenseConfig,
+    ModelConfig,
+)
 from nanoseek.weights.gguf import build_tokenizer, permute_rows, pre_tokenizer_for
 
 QUANTS: dict[str, Q | None] = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
