@@ -8,6 +8,11 @@ dtypes but no storage, and `Cache.nbytes` counts numel × element size of every 
 (one row of `positions` slots). "Theoretical" is each kind's own formula from its paper, written
 independently of the cache code below in KINDS; a ratio of 1.000 says the cache stores what the paper says
 and nothing more. To add a model kind, append a Kind to KINDS.
+
+V4's caches do not grow one slot per position: a CSA/HCA layer keeps one compressed entry per m (m') tokens,
+plus state that does not grow with the context (every layer's window of `sliding_window` keys and each
+compressor's ring of pending tokens); its theoretical bytes per token are the growing part plus the fixed part
+spread over the positions, so V4's figure falls with the context while MLA's is constant.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.models import build_model
-from nanoseek.models.config import DeepseekConfig, DeepseekV32Config
+from nanoseek.models.config import DeepseekConfig, DeepseekV4Config, DeepseekV32Config
 
 
 @dataclass
@@ -43,6 +48,25 @@ def _dsa(c, n, b) -> float:
     return _mla(c, n, b) + c.num_hidden_layers * c.index_head_dim * b
 
 
+def _v4(c, n, b) -> float:
+    # V4 §2.3: per token, CSA's entry (head_dim) and index key (index_head_dim) every m tokens, HCA's entry every
+    # m' tokens; fixed per row: every layer's window (W keys of head_dim + an int64 position each) and each
+    # compressor's ring of pending tokens (projected kv and gate logits, 2·head_dim wide for CSA's overlapping
+    # windows, + an int64 position; 2m slots for CSA, m' for HCA)
+    grows, fixed = 0.0, 0.0
+    for t in c.layer_types:
+        fixed += c.sliding_window * (c.head_dim * b + 8)
+        if t == "compressed_sparse_attention":
+            m = c.compress_rate_csa
+            grows += (c.head_dim + c.index_head_dim) / m * b
+            fixed += 2 * m * (2 * 2 * (c.head_dim + c.index_head_dim) * b + 2 * 8)
+        elif t == "heavily_compressed_attention":
+            m = c.compress_rate_hca
+            grows += c.head_dim / m * b
+            fixed += m * (2 * c.head_dim * b + 8)
+    return grows + fixed / n
+
+
 def _preset(name: str) -> Callable[[], object]:
     """A training preset's model (configs/NAME.toml), vocabulary 512 as the tiny runs use."""
     def make():
@@ -55,8 +79,12 @@ def _preset(name: str) -> Callable[[], object]:
 KINDS = [
     Kind("DeepSeek-V3 (MLA)", DeepseekConfig, _mla, "L·(kv_lora + rope)"),
     Kind("DeepSeek-V3.2 (MLA + DSA index keys)", DeepseekV32Config, _dsa, "L·(kv_lora + rope + index_head_dim)"),
+    Kind("DeepSeek-V4 (Flash dims: sliding / CSA / HCA)", DeepseekV4Config, _v4,
+         "Σ_CSA (D + index_D)/m + Σ_HCA D/m' + fixed/positions"),
     Kind("tiny (configs/tiny.toml)", _preset("tiny"), _mla, "L·(kv_lora + rope)"),
     Kind("tiny-v32 (configs/tiny-v32.toml)", _preset("tiny-v32"), _dsa, "L·(kv_lora + rope + index_head_dim)"),
+    Kind("tiny-v4 (configs/tiny-v4.toml)", _preset("tiny-v4"), _v4,
+         "Σ_CSA (D + index_D)/m + Σ_HCA D/m' + fixed/positions"),
 ]
 
 
@@ -75,8 +103,8 @@ def table(positions: list[int], dtype: torch.dtype) -> str:
     for kind in KINDS:
         for n in positions:
             total, theory = measure(kind, n, dtype)
-            lines.append(f"| {kind.name} | {n:,} | {total:,} | {total / n:,.0f} | {theory:,.0f} | "
-                         f"{total / n / theory:.3f} | {kind.formula} |")
+            lines.append(f"| {kind.name} | {n:,} | {total:,} | {total / n:,.1f} | {theory:,.1f} | "
+                         f"{total / n / theory:.4f} | {kind.formula} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
-"""Prefill and decode time against context length for the tiny presets (V3: MLA; V3.2: MLA + DSA) on CPU.
+"""Prefill and decode time against context length for the tiny presets (V3: MLA; V3.2: MLA + DSA; V4:
+sliding / CSA / HCA attention) on CPU.
 
     PYTHONPATH=. .venv/bin/python benchmarks/long_context.py [--contexts 1024 2048 4096 8192 16384 32768]
-        [--presets tiny tiny-v32] [--decode 16] [--chunk 256] [--threads 1] [--prefill-max 8192]
+        [--presets tiny tiny-v32 tiny-v4] [--decode 16] [--chunk 256] [--threads 1] [--prefill-max 8192]
         [--out benchmarks/results/long-context-cpu-DATE.md]
 
 Each model is random (the presets' init), vocabulary 512, fp32, batch 1. Prefill runs the context through the
@@ -10,8 +11,12 @@ context and reports the median. Past --prefill-max the cache is filled with rand
 prefill (a decode step's cost does not depend on the cached values), so long contexts cost seconds, not
 minutes. Times are process CPU time (time.process_time, 1 thread by default) next to wall time: on a shared
 machine the wall clock mostly measures the neighbours. One run per cell: the figures are for the shape of the
-curves, not the third digit. DSA's decode attends over index_topk picked latents (its cost stops growing with the context) but
+curves, not the third digit. V4's caches are not spans of positions, so its random fill sets each
+window and compressor ring to hold the last positions before the context's end and fills every entry.
+DSA's decode attends over index_topk picked latents (its cost stops growing with the context) but
 its indexer still scores every cached token; its prefill masks dense attention, so it only adds work there.
+V4's decode reads a window of sliding_window keys, every HCA entry (one per m' tokens) and index_topk CSA
+entries, after its indexer scores every CSA entry (one per m tokens).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
 
 from nanoseek.models import build_model
+from nanoseek.models.cache import CompressedLayer, CompressorState, WindowLayer
 from nanoseek.train.config import load_config
 from nanoseek.train.pretrain import init_weights
 
@@ -40,6 +46,31 @@ def build(preset: str):
     model = build_model(cfg.model_config(512, 0, 1))
     init_weights(model, cfg.train.init_std)
     return model.eval()
+
+
+def _ring(tensors_pos: torch.Tensor, context: int) -> None:
+    """Make a ring of R position slots hold the R positions before `context` (slot p % R)."""
+    r = tensors_pos.shape[1]
+    p = torch.arange(max(0, context - r), context)
+    tensors_pos[:, p % r] = p
+
+
+def fill_random(cache, context: int) -> None:
+    """Fill the cache as if `context` tokens had been prefilled, with random numbers for the values."""
+    for layer in cache.layers:
+        if isinstance(layer, (WindowLayer, CompressedLayer)):
+            window = layer.window if isinstance(layer, CompressedLayer) else layer
+            window.kv.normal_()
+            _ring(window.pos, context)
+            comps = [] if isinstance(layer, WindowLayer) else [c for c in (layer.comp, layer.index) if c]
+            for c in comps:
+                assert isinstance(c, CompressorState)
+                for t in (c.pend_kv, c.pend_gate, c.entries):
+                    t.normal_()
+                _ring(c.pend_pos, context)
+        else:
+            for t in layer.span(0, 0, context):
+                t.normal_()
 
 
 @torch.inference_mode()
@@ -55,9 +86,7 @@ def run(model, context: int, decode: int, chunk: int, prefill: bool) -> tuple[fl
             model(part, torch.arange(s, s + part.shape[1])[None], cache, last_only=True)
         pre = (time.process_time() - cpu0, time.perf_counter() - wall0)
     else:
-        for layer in cache.layers:
-            for t in layer.span(0, 0, context):
-                t.normal_()
+        fill_random(cache, context)
         pre = (float("nan"), float("nan"))
     tok, cpu, wall = ids[:, -1:], [], []
     for i in range(decode):
@@ -72,7 +101,7 @@ def run(model, context: int, decode: int, chunk: int, prefill: bool) -> tuple[fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    ap.add_argument("--presets", nargs="+", default=["tiny", "tiny-v32"])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "tiny-v32", "tiny-v4"])
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)

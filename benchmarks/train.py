@@ -1,7 +1,16 @@
-"""Training throughput: nanoseek's Trainer vs transformers, same model shape, batch and precision, one run.
+"""Training throughput: nanoseek's Trainer vs transformers, same model shape, batch and precision, one run;
+and (`--archs TEXT`) loss curves and tokens/s of the tiny DeepSeek-V3, V3.2 and V4 presets on one text.
 
     .venv/bin/python benchmarks/train.py [--size auto|cpu|gpu] [--steps 10] [--warmup 3] [--compile]
                                          [--only moe dense] [--out benchmarks/results/train-DEVICE-DATE.md]
+    .venv/bin/python benchmarks/train.py --archs /path/to/tinyshakespeare/input.txt [--presets tiny tiny-v32
+        tiny-v4] [--arch-steps 150] [--batch 8] [--seq 128] [--out benchmarks/results/train-archs-cpu-DATE.md]
+
+Architecture comparison (`--archs`): each preset (configs/NAME.toml: model, optimizer, lr schedule, V3.2's
+indexer warm-up) trains for the same steps through `Trainer.train_step` on the same batches: the text's
+UTF-8 bytes as tokens (vocabulary 256, so no tokenizer differs between runs), windows drawn by one seeded
+generator from the first 95%; held-out CE on fixed windows of the last 5% every quarter of the run. tok/s is
+per run (wall and process CPU time, the machine being shared). A PNG of the curves is written next to --out.
 
 Two models: `small-moe` (DeepSeek-V3 MoE: MLA, 32 experts top-4 + 1 shared) and `small-dense` (its Llama twin
 with the same active parameters), from configs/*.toml on a GPU (16 x 2048 tokens, bf16 autocast, as in
@@ -188,6 +197,117 @@ def matmul_peak(device, dtype) -> float:
     return best
 
 
+# ------------------------------------------------------------------------------------------------ archs
+
+
+class TextWindows:
+    """Batches (x, y) of `seq`+1-byte windows at random offsets of `data` (one seeded generator per run, so
+    every run sees the same batches)."""
+
+    def __init__(self, data: torch.Tensor, batch: int, seq: int, seed: int = 0):
+        self.data, self.batch, self.seq = data, batch, seq
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        at = torch.randint(0, len(self.data) - self.seq - 1, (self.batch,), generator=self.gen)
+        w = torch.stack([self.data[i:i + self.seq + 1] for i in at.tolist()])
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def train_preset(preset: str, train_data, val_batches, steps: int, batch: int, seq: int, tmp: str):
+    """One short run of configs/PRESET.toml; → (per-step records, eval records, wall s, CPU s, params)."""
+    from nanoseek.models import build_model
+    from nanoseek.models.config import DeepseekConfig
+    from nanoseek.train.config import load_config
+    from nanoseek.train.distributed import DistEnv
+    from nanoseek.train.loop import Trainer
+    from nanoseek.train.pretrain import LanguageModeling, init_weights
+
+    cfg = load_config(REPO / "configs" / f"{preset}.toml")
+    cfg.data = dataclasses.replace(cfg.data, seq_len=seq, batch_size=batch)
+    cfg.train = dataclasses.replace(cfg.train, steps=steps, out_dir=tmp, resume=False, plots=False,
+                                    precision="fp32")
+    mcfg = cfg.model_config(256, 0, 1)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(mcfg)
+    init_weights(model, cfg.train.init_std)
+    lam = mcfg.mtp_loss_weight if isinstance(mcfg, DeepseekConfig) else 0.0
+    trainer = Trainer(cfg, model, LanguageModeling(lam), TextWindows(train_data, batch, seq),
+                      eval_batches=lambda: val_batches, env=DistEnv(device=torch.device("cpu")))
+    recs, evals, wall, cpu = [], [], 0.0, 0.0
+    for step in range(1, steps + 1):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        recs.append(trainer.train_step())
+        wall, cpu = wall + time.perf_counter() - wall0, cpu + time.process_time() - cpu0  # training steps only
+        if step % max(1, steps // 4) == 0 or step == steps:
+            evals.append(trainer.evaluate())
+    if trainer.log is not None:
+        trainer.log.close()
+    return recs, evals, wall, cpu, sum(p.numel() for p in model.parameters())
+
+
+def compare_archs(a) -> int:
+    text = Path(a.archs).read_bytes()
+    data = torch.tensor(list(text), dtype=torch.long)
+    cut = int(len(data) * 0.95)
+    train_data, val_data = data[:cut], data[cut:]
+    val = TextWindows(val_data, a.batch, a.seq, seed=1)
+    val_batches = [val.next_batch() for _ in range(4)]
+    torch.set_num_threads(a.threads)
+    runs = {}
+    for preset in a.presets:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs[preset] = train_preset(preset, train_data, val_batches, a.arch_steps, a.batch, a.seq, tmp)
+        recs, evals, wall, cpu, n = runs[preset]
+        print(f"{preset}: final train CE {recs[-1]['ce']:.3f}, held-out CE {evals[-1]['eval_ce']:.3f}, "
+              f"{wall:.0f} s wall, {cpu:.0f} s CPU", file=sys.stderr, flush=True)
+    date = time.strftime("%Y-%m-%d-%H%M")
+    out = Path(a.out or REPO / "benchmarks" / "results" / f"train-archs-cpu-{date}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for preset, (recs, evals, *_rest) in runs.items():
+        line, = ax.plot([r["step"] for r in recs], [r["ce"] for r in recs], lw=0.8, alpha=0.6,
+                        label=f"{preset} train CE")
+        ax.plot([e["step"] for e in evals], [e["eval_ce"] for e in evals], "o-", color=line.get_color(),
+                label=f"{preset} held-out CE")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title(f"tiny presets on {Path(a.archs).name} (bytes), batch {a.batch}x{a.seq}")
+    ax.legend(fontsize=7)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tokens = a.arch_steps * a.batch * a.seq
+    lines = ["| preset | params | train CE (last 10 steps) | held-out CE by step | tok/s wall | tok/s CPU |",
+             "|---|---:|---:|---|---:|---:|"]
+    for preset, (recs, evals, wall, cpu, n) in runs.items():
+        tail = sum(r["ce"] for r in recs[-10:]) / len(recs[-10:])
+        ev = ", ".join(f"{e['step']}: {e['eval_ce']:.3f}" for e in evals)
+        lines.append(f"| {preset} | {n / 1e6:.2f}M | {tail:.3f} | {ev} | {tokens / wall:,.0f} | {tokens / cpu:,.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    cmd = "python benchmarks/train.py " + " ".join(sys.argv[1:])
+    out.write_text("\n".join([
+        f"# Tiny V3 / V3.2 / V4 on the same bytes, {date}", "",
+        f"- machine: {cpu_name()}, {a.threads} thread(s), torch {torch.__version__}; shared, so read tok/s CPU",
+        (f"- {a.arch_steps} steps of batch {a.batch} x {a.seq} bytes ({tokens:,} tokens) per preset, fp32, "
+         f"same batches for every preset; held-out CE on 4 fixed batches of the last 5%"),
+        f"- command: `{cmd}`", f"- curves: {png.name}", "", table, ""]))
+    print(f"wrote {out} and {png}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -199,7 +319,16 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time nanoseek with torch.compile'd blocks")
     ap.add_argument("--only", nargs="+", choices=["moe", "dense"], default=["moe", "dense"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--archs", metavar="TEXT", default=None,
+                    help="compare the tiny V3 / V3.2 / V4 presets' loss curves on this text file instead")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "tiny-v32", "tiny-v4"])
+    ap.add_argument("--arch-steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    if a.archs:
+        return compare_archs(a)
     gpu = torch.cuda.is_available()
     size = a.size if a.size != "auto" else ("gpu" if gpu else "cpu")
     device = torch.device("cuda" if gpu else "cpu")

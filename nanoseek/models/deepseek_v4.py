@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.errors import UnsupportedError
 from nanoseek.models.base import CausalLM
 from nanoseek.models.cache import Cache
 from nanoseek.models.config import DeepseekV4Config
@@ -51,7 +52,11 @@ class V4Stack(nn.Module):
         self.compress_rotary = Rotary(cfg.compress_rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings,
                                       interleaved=True)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache | None = None,
+                window: int | None = None) -> torch.Tensor:
+        if window is not None:  # CausalLM.hidden passes it; only a static-shape decode step sets it
+            raise UnsupportedError("static-shape decode steps (--cuda-graphs) are not implemented for DeepSeek-V4: "
+                                   "its caches are windows and compressed entries, not a span of positions")
         x = self.embed_tokens(ids)
         need = int(pos.max()) + 1
         at = V4Positions(pos, self.rotary.tables(pos, x.dtype, need), self.compress_rotary.tables(pos, x.dtype, need),

@@ -156,12 +156,19 @@ def indexer_kl(attn_probs: torch.Tensor, scores: torch.Tensor, allowed: torch.Te
 
     p_t is the main attention attn_probs [B, H, T, L] summed over heads and L1-normalised (a target: no
     gradient); scores I [B, T, L] carry the gradient to the indexer. Zero-probability targets contribute 0."""
-    target = attn_probs.detach().sum(1)
-    target = target / target.sum(-1, keepdim=True)
+    target = attn_probs.detach().float().sum(1)
+    # A query with no allowed key (V4's CSA before its first entry closes) has an all-zero target: the clamp
+    # keeps its row 0 rather than NaN, and the mean is over the queries that have keys.
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
     log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
-    return (torch.special.xlogy(target, target) - target * log_q).sum(-1).mean()
+    has = allowed.any(-1)
+    kl = (torch.special.xlogy(target, target) - target * log_q).sum(-1)
+    return kl.masked_fill(~has, 0.0).sum() / has.sum().clamp(min=1)
 
 
-def dsa_modules(model: nn.Module) -> list[SparseMLA]:
-    """Every DSA attention in `model` (main stack and MTP modules), in order."""
-    return [m for m in model.modules() if isinstance(m, SparseMLA)]
+def dsa_modules(model: nn.Module) -> list[nn.Module]:
+    """Every attention in `model` whose lightning indexer trains by `indexer_kl`, in order: V3.2's DSA layers
+    (main stack and MTP modules) and V4's CSA layers (v4_attention.py). Each has `indexer`, `stage` and
+    `last_index_loss`, which is all train/loop.py uses."""
+    return [m for m in model.modules()
+            if isinstance(m, SparseMLA) or (getattr(m, "indexer", None) is not None and hasattr(m, "last_index_loss"))]

@@ -139,6 +139,10 @@ class Int8Linear(_WeightOnlyLinear):
         return (self.weight_int8.float() * self.scales.float()[:, None]).to(dtype)
 
     def _kernel(self, xk: torch.Tensor, b: dict) -> torch.Tensor:
+        if self.in_features % 16:
+            # The CPU kernel reads K in blocks of 16: other widths give garbage or a segfault (torch 2.13,
+            # e.g. K = 24 at 3 rows). Same bf16 x, fp32 product, through the dequantized weight instead.
+            return F.linear(xk.float(), self.dequantize(torch.float32))
         return _INT8_MM(xk, b["weight_int8"], b["scales"])
 
 

@@ -16,7 +16,11 @@ layers compressed entries of the whole past.
   second (2m tokens, stride m).
 - Lightning indexer (§2.3.1, eqs. 13–17), CSA only: its own compressor at `index_head_dim` (the index keys)
   and `index_n_heads` query heads from the query latent; I(t, s) = Σ_h w_{t,h} · ReLU(q_{t,h} · k_s) with
-  w from the hidden state; each query attends only the `index_topk` best visible entries.
+  w from the hidden state; each query attends only the `index_topk` best visible entries. Top-k passes no
+  gradient, so in training the indexer learns from V3.2's KL loss toward the main attention over the
+  compressed entries (dsa.indexer_kl, run by train/loop.py like V3.2's): in the "warmup" stage CSA attends
+  to every visible entry (dense, as HCA does) and the loss covers them all; in "sparse" it covers the picks.
+  The indexer's inputs are detached, so it learns only from that loss.
 - Grouped output projection (§2.3.1): heads are split into `o_groups` groups, each projected to
   `o_lora_rank` (`o_a_proj`, block diagonal), then mixed to the hidden size (`o_b_proj`).
 """
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from nanoseek.models.config import DeepseekV4Config
+from nanoseek.models.dsa import indexer_kl
 from nanoseek.models.layers import RMSNorm, Rotary
 from nanoseek.models.mhc import rms_unweighted
 from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer
@@ -148,13 +153,9 @@ class Indexer(nn.Module):
         self.comp = Compressor(cfg.hidden_size, cfg.index_head_dim, cfg.compress_rate_csa, True, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, cfg.index_n_heads, bias=False)
-        # Top-k passes no gradient back: the indexer learns only from its own KL loss toward the main attention
-        # (V3.2 §2.1.1), which nanoseek does not train for V4 yet. Frozen, so that optimizers and DDP see only
-        # parameters that receive gradients.
-        self.requires_grad_(False)
 
-    def forward(self, x, q_latent, at: V4Positions, state: CompressorState | None):
-        """→ indices [B, T, k] of the selected entries and valid [B, T, k] (False: nothing left to pick)."""
+    def scores(self, x, q_latent, at: V4Positions, state: CompressorState | None) -> torch.Tensor:
+        """I(t, s) [B, T, N] in fp32 over the index keys visible to this pass; -inf where not yet visible."""
         keys = self.comp(x, at, state)  # [B, N, Di]
         b, t, _ = x.shape
         q = self.q_b_proj(q_latent).view(b, t, self.heads, self.dim)
@@ -163,9 +164,17 @@ class Indexer(nn.Module):
         s = torch.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.dim ** -0.5
         w = self.weights_proj(x).float() * self.heads ** -0.5
         score = (s * w.unsqueeze(-1)).sum(2)  # [B, T, N]
-        score = score.masked_fill(~visible(keys.shape[1], at.pos, self.comp.rate), float("-inf"))
-        top = score.topk(min(self.topk, keys.shape[1]), dim=-1)
-        return top.indices, top.values > float("-inf")
+        return score.masked_fill(~visible(keys.shape[1], at.pos, self.comp.rate), float("-inf"))
+
+    def forward(self, x, q_latent, at: V4Positions, state: CompressorState | None):
+        """→ indices [B, T, k] of the selected entries and valid [B, T, k] (False: nothing left to pick)."""
+        return pick(self.scores(x, q_latent, at, state), self.topk)
+
+
+def pick(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k entries of scores [B, T, N]: indices [B, T, k'] and valid [B, T, k'], k' = min(k, N)."""
+    top = score.topk(min(k, score.shape[-1]), dim=-1)
+    return top.indices, top.values > float("-inf")
 
 
 class GroupedLinear(nn.Module):
@@ -204,6 +213,8 @@ class V4Attention(nn.Module):
         self.compressor = None if not rate else Compressor(h, d, rate, layer_type == "compressed_sparse_attention",
                                                            cfg.rms_norm_eps)
         self.indexer = Indexer(cfg) if layer_type == "compressed_sparse_attention" else None
+        self.stage = "sparse"  # training only (CSA): "warmup" (dense over entries, indexer KL) or "sparse"
+        self.last_index_loss: torch.Tensor | None = None  # the last training forward's KL, for the loop
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> WindowLayer | CompressedLayer:
         window = WindowLayer.empty(batch, self.window, self.dim, dtype, device)
@@ -229,7 +240,7 @@ class V4Attention(nn.Module):
         local_ok = (key_pos.unsqueeze(1) >= 0) & (dist >= 0) & (dist < self.window)
         logits = [(q @ keys.unsqueeze(1).transpose(-1, -2)).masked_fill(~local_ok.unsqueeze(1), float("-inf"))]
         scale = self.dim ** -0.5
-        far = None
+        far, gathered = None, False  # gathered: far is each query's own picks [B, T, k, D]
         if self.compressor is not None:
             entries = self.compressor(x, at, None if cache is None else cache.comp)  # [B, N, D]
             if self.indexer is None:  # HCA: every finished window
@@ -237,10 +248,22 @@ class V4Attention(nn.Module):
                 ok = visible(entries.shape[1], at.pos, self.compressor.rate)
                 logits.append((q @ far.transpose(-1, -2)).masked_fill(~ok.unsqueeze(1), float("-inf")))
             else:  # CSA: the indexer's top-k
-                idx, ok = self.indexer(x, q_latent, at, None if cache is None else cache.index)
-                rows = torch.arange(b, device=x.device)[:, None, None]
-                far = entries[rows, idx]  # [B, T, k, D]
-                lg = torch.einsum("bhtd,btkd->bhtk", q, far)
+                state = None if cache is None else cache.index
+                learn = self.training and torch.is_grad_enabled()
+                if learn:  # the indexer learns only from its own loss (indexer_kl below)
+                    if self.stage not in ("warmup", "sparse"):
+                        raise ValueError(f"CSA stage {self.stage!r}: expected warmup or sparse")
+                    score = self.indexer.scores(x.detach(), q_latent.detach(), at, state)
+                if learn and self.stage == "warmup":  # dense over every visible entry, as HCA
+                    far, ok = entries.unsqueeze(1), score > float("-inf")  # [B, 1, N, D], [B, T, N]
+                    lg = q @ far.transpose(-1, -2)
+                else:
+                    idx, ok = pick(score, self.indexer.topk) if learn else self.indexer(x, q_latent, at, state)
+                    rows = torch.arange(b, device=x.device)[:, None, None]
+                    far, gathered = entries[rows, idx], True  # [B, T, k, D]
+                    lg = torch.einsum("bhtd,btkd->bhtk", q, far)
+                    if learn:
+                        score = score.gather(-1, idx)
                 logits.append(lg.masked_fill(~ok.unsqueeze(1), float("-inf")))
         sizes = [lg.shape[-1] for lg in logits]
         sink = self.sinks.to(q.dtype).view(1, -1, 1, 1).expand(b, -1, t, 1)
@@ -248,6 +271,10 @@ class V4Attention(nn.Module):
         parts = probs.split(sizes + [1], dim=-1)
         out = parts[0] @ keys.unsqueeze(1)
         if far is not None:
-            out = out + (parts[1] @ far if self.indexer is None else torch.einsum("bhtk,btkd->bhtd", parts[1], far))
+            out = out + (torch.einsum("bhtk,btkd->bhtd", parts[1], far) if gathered else parts[1] @ far)
+        if self.indexer is not None and self.training and torch.is_grad_enabled():
+            # target: the main attention's mass on the entries the indexer chose among (the window and sink
+            # excluded; indexer_kl renormalises), queries with no visible entry yet left out
+            self.last_index_loss = indexer_kl(parts[1], score, ok)
         out = rope_tail(out.transpose(1, 2), cos.unsqueeze(2), -sin.unsqueeze(2))  # [B, T, H, D]
         return self.o_b_proj(self.o_a_proj(out.reshape(b, t, self.groups, -1)).flatten(2))

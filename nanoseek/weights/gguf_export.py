@@ -34,7 +34,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from nanoseek.errors import BadInputError, UnsupportedError
-from nanoseek.models.config import DeepseekConfig, DenseConfig, ModelConfig
+from nanoseek.models.config import (
+    DeepseekConfig,
+    DeepseekV4Config,
+    DeepseekV32Config,
+    DenseConfig,
+    ModelConfig,
+)
 from nanoseek.weights.gguf import build_tokenizer, permute_rows, pre_tokenizer_for
 
 QUANTS: dict[str, Q | None] = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
@@ -180,6 +186,7 @@ def _load(spec, tokenizer: str | None):
         from nanoseek.train.checkpoint import load_model as load_checkpoint
 
         model, _, meta = load_checkpoint(path, torch.float32)
+        _arch(model.config)  # an architecture llama.cpp cannot run is the first thing to say
         tok_spec = tokenizer or meta.get("tokenizer")
         if not tok_spec:
             raise BadInputError(f"{path}: the checkpoint records no tokenizer, so its GGUF file could not be "
@@ -196,6 +203,11 @@ def _load(spec, tokenizer: str | None):
 
 
 def _arch(cfg: ModelConfig) -> gguf.MODEL_ARCH:
+    if isinstance(cfg, (DeepseekV32Config, DeepseekV4Config)):
+        # V3.2 would load as deepseek2 with its lightning indexer dropped: a different (dense) model
+        kind = "deepseek_v32" if isinstance(cfg, DeepseekV32Config) else "deepseek_v4"
+        raise UnsupportedError(f"architecture {kind!r} has no llama.cpp equivalent (its sparse/compressed attention "
+                               f"is not in llama.cpp); GGUF export supports llama, qwen2, deepseek_v3")
     if isinstance(cfg, DeepseekConfig):
         if cfg.scoring_func == "softmax" and cfg.n_group > 1:
             # llama.cpp ranks groups by their two best scores (V3's rule); V2's softmax ranks by the best one
