@@ -91,6 +91,7 @@ def test_kill_and_resume_follows_the_same_curve_bitwise(data, tmp_path):
 def test_export_round_trip_through_transformers(learned, tmp_path):
     import transformers
 
+    from nanoseek.engine.sampling import SamplingParams
     from nanoseek.session import LoadOptions, Session
     from nanoseek.train.checkpoint import export_hf, load_model
 
@@ -105,14 +106,9 @@ def test_export_round_trip_through_transformers(learned, tmp_path):
     # `nanoseek serve --model DIR` loads through Session: weights, tokenizer and all.
     s = Session(LoadOptions(model=str(out), quant="none"))
     assert s.tokenizer.decode(s.tokenizer.encode("To be")).endswith("To be")
-    text = s.complete(["ROMEO:"], _greedy(8))[0]
-    assert 1 <= len(text.token_ids) <= 8
-
-
-def _greedy(n):
-    from nanoseek.engine.sampling import SamplingParams
-
-    return SamplingParams(max_tokens=n, temperature=0.0)
+    # EOS ignored: a briefly trained model may well end right after the prompt, which says nothing of loading
+    text = s.complete(["ROMEO:"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert len(text.token_ids) == 8 and text.finish_reason == "length"
 
 
 def test_dense_twin_trains_and_exports_to_llama(data, tmp_path):
