@@ -481,41 +481,10 @@ def grpo_nanoseek(path: Path, task, a, out: Path, run: Run) -> list[float]:
 
 
 def grpo_trl(path: Path, task, a, out: Path, run: Run) -> list[float]:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from grpo import trl_steps  # benchmarks/grpo.py: the same TRL configuration as the CPU comparison
 
-    from nanoseek.tasks.base import Problem
-    from nanoseek.tasks.prompts import Template
-
-    template = Template("chat", open_think=False)
-    problems = task.problems("train", a.prompts * (a.grpo_steps + 1))
-    data = Dataset.from_list([{"prompt": template.messages(p), "answer": p.answer, "pid": p.id} for p in problems])
-
-    def reward(completions, answer, pid, **_):
-        return [task.reward(c[0]["content"] if isinstance(c, list) else c, Problem(i, "", ans)).total
-                for c, ans, i in zip(completions, answer, pid)]
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.times = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter())
-
-    clock = Clock()
-    cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=a.group_size * a.prompts,
-                     num_generations=a.group_size, max_completion_length=a.grpo_tokens, max_steps=a.grpo_steps,
-                     learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, beta=0.0, loss_type="dapo",
-                     scale_rewards="group", temperature=1.0, gradient_checkpointing=False, use_cpu=not run.cuda,
-                     bf16=run.cuda, logging_steps=1, save_strategy="no", report_to="none", seed=0,
-                     dataloader_num_workers=0, disable_tqdm=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=run.dtype)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
-                          callbacks=[clock])
-    trainer.train()
-    return [b - a_ for a_, b in zip(clock.times, clock.times[1:])]
+    return trl_steps(path, task, out, group_size=a.group_size, prompts=a.prompts, steps=a.grpo_steps,
+                     max_new_tokens=a.grpo_tokens, cuda=run.cuda)
 
 
 def grpo_section(run: Run, a) -> None:

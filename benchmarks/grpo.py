@@ -22,9 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
-
 from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
 
 
@@ -46,7 +43,10 @@ def nanoseek_steps(model: str, task, a, out: Path) -> list[float]:
     return [r["step_s"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
-def trl_steps(hf_dir: Path, task, a, out: Path) -> list[float]:
+def trl_steps(hf_dir: Path, task, out: Path, *, group_size: int, prompts: int, steps: int, max_new_tokens: int,
+              cuda: bool) -> list[float]:
+    """Seconds per step of TRL's GRPOTrainer (no vLLM) on `hf_dir`, configured like nanoseek's GRPO step
+    (DAPO loss, no KL, group-scaled rewards). benchmarks/gpu.py runs the same function on a GPU."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -55,7 +55,7 @@ def trl_steps(hf_dir: Path, task, a, out: Path) -> list[float]:
     from nanoseek.tasks.prompts import Template
 
     template = Template("chat", open_think=False)
-    problems = task.problems("train", a.prompts_per_step * (a.steps + 1))
+    problems = task.problems("train", prompts * (steps + 1))
     data = Dataset.from_list([{"prompt": template.messages(p), "answer": p.answer, "pid": p.id} for p in problems])
 
     def reward(completions, answer, pid, **_):
@@ -70,15 +70,14 @@ def trl_steps(hf_dir: Path, task, a, out: Path) -> list[float]:
             self.times.append(time.perf_counter())
 
     clock = Clock()
-    gpu = torch.cuda.is_available()
-    cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=a.group_size * a.prompts_per_step,
-                     num_generations=a.group_size, max_completion_length=a.max_new_tokens, max_steps=a.steps,
+    cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=group_size * prompts,
+                     num_generations=group_size, max_completion_length=max_new_tokens, max_steps=steps,
                      learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, beta=0.0, loss_type="dapo",
-                     scale_rewards="group", temperature=1.0, gradient_checkpointing=False, use_cpu=not gpu,
-                     bf16=gpu, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+                     scale_rewards="group", temperature=1.0, gradient_checkpointing=False, use_cpu=not cuda,
+                     bf16=cuda, logging_steps=1, save_strategy="no", report_to="none", seed=0,
                      dataloader_num_workers=0, disable_tqdm=True)
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.bfloat16 if gpu else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if cuda else torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[clock])
     trainer.train()
@@ -86,6 +85,9 @@ def trl_steps(hf_dir: Path, task, a, out: Path) -> list[float]:
 
 
 def main() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="arithmetic")
@@ -106,7 +108,8 @@ def main() -> int:
         path, _ = resolve(a.model)
         hf_dir = path if path.is_dir() else gguf_to_hf(path, tmp / "hf")   # the same weights for both
         ours = nanoseek_steps(str(hf_dir), task, a, tmp / "nanoseek")
-        theirs = trl_steps(hf_dir, task, a, tmp / "trl")
+        theirs = trl_steps(hf_dir, task, tmp / "trl", group_size=a.group_size, prompts=a.prompts_per_step,
+                           steps=a.steps, max_new_tokens=a.max_new_tokens, cuda=torch.cuda.is_available())
     n = a.group_size * a.prompts_per_step
     med_ours, med_theirs = statistics.median(ours[1:] or ours), statistics.median(theirs[1:] or theirs)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \

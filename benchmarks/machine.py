@@ -2,15 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
+from nanoseek.machine import cpu_name, device_name
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+__all__ = ["cpu_name", "device_name"]

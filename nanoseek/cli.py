@@ -55,6 +55,12 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float | None) -> Non
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _teacher_url_args(p: argparse.ArgumentParser, url_help: str) -> None:
+    p.add_argument("--teacher-url", default=None, metavar="URL", help=url_help)
+    p.add_argument("--teacher-key", default=None, help="API key for --teacher-url (Bearer)")
+    p.add_argument("--teacher-model", default=None, help="model name to ask --teacher-url for")
+
+
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="where keys and usage live (default: $NANOSEEK_HOME or ~/.nanoseek)")
@@ -765,11 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=64, help="completions decoded together")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="chat jsonl for `nanoseek sft --data`")
-    d.add_argument("--teacher-url", default=None, metavar="URL",
-                   help="an OpenAI-compatible API as the teacher instead of --model (e.g. https://api.deepseek.com "
-                        "or http://127.0.0.1:8000/v1); traces are text, so any vocabulary works")
-    d.add_argument("--teacher-key", default=None, help="API key for --teacher-url (Bearer)")
-    d.add_argument("--teacher-model", default=None, help="model name to ask --teacher-url for")
+    _teacher_url_args(d, "an OpenAI-compatible API as the teacher instead of --model (e.g. https://api.deepseek.com "
+                         "or http://127.0.0.1:8000/v1); traces are text, so any vocabulary works")
     d.set_defaults(fn=cmd_distill_traces)
     d = dist.add_parser("train", help="train a student toward a teacher's next-token distributions on chat jsonl")
     d.add_argument("--teacher", required=True, help="built-in name, GGUF file or HF directory (same tokenizer)")
@@ -784,11 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = dist.add_parser("onpolicy", help="on-policy distillation (DeepSeek-V4): the student samples, a teacher "
                                          "with the same tokenizer scores its tokens; per-token reverse KL")
     d.add_argument("--teacher", default=None, help="built-in name, GGUF file or HF directory (same tokenizer)")
-    d.add_argument("--teacher-url", default=None, metavar="URL",
-                   help="instead of --teacher: a nanoseek server (e.g. http://127.0.0.1:8000) scoring with its "
-                        "top-20 prompt log-probs")
-    d.add_argument("--teacher-key", default=None, help="API key for --teacher-url")
-    d.add_argument("--teacher-model", default=None, help="model name at --teacher-url")
+    _teacher_url_args(d, "instead of --teacher: a nanoseek server (e.g. http://127.0.0.1:8000) scoring with its "
+                         "top-20 prompt log-probs")
     d.add_argument("--model", required=True, help="the student")
     d.add_argument("--task", default=None, help="prompts from a task: arithmetic, countdown, gsm8k or jsonl")
     d.add_argument("--data", default=None, help="with --task: its jsonl file or folder; alone: chat jsonl whose "

@@ -40,12 +40,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nanoseek.serve.errors import ApiError, anthropic_error, from_validation_errors
-from nanoseek.serve.routes import ChatRun, ChatService, _chat_plan, _message_bytes, json_body
+from nanoseek.serve.errors import (
+    ApiError,
+    anthropic_error,
+    from_validation_errors,
+    json_object,
+)
+from nanoseek.serve.routes import (
+    ChatRun,
+    ChatService,
+    _chat_plan,
+    _message_bytes,
+    json_body,
+)
 from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
+from nanoseek.serve.store import Store
 from nanoseek.serve.streams import sse
 from nanoseek.serve.structured import REASONING_BUDGETS
-from nanoseek.serve.store import Store
 
 SECRET_NAME = "anthropic_thinking_signature"
 
@@ -174,12 +185,7 @@ class MessagesRequest(BaseModel):
 
     @classmethod
     def parse(cls, raw: bytes, count_only: bool = False) -> MessagesRequest:
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError.bad_request(f"The request body is not valid JSON ({e}).", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError.invalid_schema("The request body must be a JSON object.")
+        data = json_object(raw)
         if count_only:
             data.setdefault("max_tokens", 1)   # count_tokens takes the same body without max_tokens
         _refuse_unsupported(data)

@@ -46,9 +46,18 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nanoseek.engine.sampling import json_kind   # OpenAI's JSON type words; shared so both layers say "a string"
-from nanoseek.errors import (BadInputError, InsufficientBalanceError, NanoseekError, NotFoundError, QueueFullError,
-                             QuotaExceededError, UnsupportedError)
+from nanoseek.engine.sampling import (
+    json_kind,  # OpenAI's JSON type words; shared so both layers say "a string"
+)
+from nanoseek.errors import (
+    BadInputError,
+    InsufficientBalanceError,
+    NanoseekError,
+    NotFoundError,
+    QueueFullError,
+    QuotaExceededError,
+    UnsupportedError,
+)
 
 SCHEMA_STATUS = 422   # a body that doesn't fit the schema (see the module docstring)
 
@@ -312,6 +321,17 @@ def _or(words: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # The one function the server calls
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body decoded as a JSON object: not JSON is a 400, another JSON value a 422 (the API's rules)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError.bad_request(f"The request body is not valid JSON ({e}).", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError.invalid_schema("The request body must be a JSON object.")
+    return data
 
 
 def to_api_error(err: BaseException) -> ApiError:

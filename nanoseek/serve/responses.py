@@ -17,8 +17,8 @@ the server's retention setting, counted against the key's storage quota; another
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -28,11 +28,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nanoseek.errors import NanoseekError
-from nanoseek.serve.errors import ApiError, from_validation_errors, to_api_error
+from nanoseek.serve.errors import (
+    ApiError,
+    from_validation_errors,
+    json_object,
+    to_api_error,
+)
 from nanoseek.serve.routes import ChatRun, ChatService, json_body
 from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
-from nanoseek.serve.streams import sse
 from nanoseek.serve.store import Store
+from nanoseek.serve.streams import sse
 
 
 class ResponsesRequest(BaseModel):
@@ -60,12 +65,7 @@ class ResponsesRequest(BaseModel):
 
     @classmethod
     def parse(cls, raw: bytes) -> ResponsesRequest:
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError.bad_request(f"The request body is not valid JSON ({e}).", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError.invalid_schema("The request body must be a JSON object.")
+        data = json_object(raw)
         for name, why in (("background", "background responses are not offered"),
                           ("conversation", "use previous_response_id to continue a stored response"),
                           ("prompt", "stored prompt templates are not offered")):

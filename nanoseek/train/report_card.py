@@ -5,10 +5,10 @@ Everything is read back from the files the stages wrote, so the card can be rebu
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
+from nanoseek.machine import device_name
 from nanoseek.train.loop import read_jsonl
 
 STAGES = ("base", "sft", "grpo")
@@ -71,7 +71,7 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
     protocol = cfg.eval.protocol
     first = next(iter(evals.values()), None)
     lines = [f"# R1 recipe report card: {cfg.model} on {cfg.task}", "",
-             f"- task: `{cfg.task}` {json.dumps(cfg.task_args)}; machine: {_machine()}",
+             f"- task: `{cfg.task}` {json.dumps(cfg.task_args)}; machine: {device_name()}",
              (f"- eval (the same at every stage): {first['stats']['problems'] if first else cfg.eval.problems} "
               f"held-out test problems, {protocol.samples} samples at T={protocol.temperature}, top-p "
               f"{protocol.top_p}, plus greedy, ≤{protocol.max_tokens} tokens, seed {protocol.seed}. `strict` = the "
@@ -108,16 +108,3 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
     return path
 
 
-def _machine() -> str:
-    """The GPU when one trained, else the CPU model (lscpu's 'Model name'), else what platform says."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
