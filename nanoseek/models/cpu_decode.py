@@ -159,7 +159,7 @@ class CpuDecoder:
         if why:
             raise ValueError(f"CpuDecoder: {why}")
         self.lib = _library()
-        self.model = model
+        self.rotary = model.model.rotary  # not the model itself: no reference cycle through model.cpu_decoder
         cfg = model.config
         bits = 4 if quant == "int4" else 8
         self._keep: list = []
@@ -221,7 +221,7 @@ class CpuDecoder:
     @torch.inference_mode()
     def step(self, token: int, pos: int, rows) -> torch.Tensor:
         """Write the token at `pos` of the one-row cache view `rows`; its logits [1, V]."""
-        rot = self.model.model.rotary
+        rot = self.rotary
         if pos >= rot.cos.shape[0]:
             rot.tables(torch.tensor([pos]), torch.float32, pos + 1)  # grows the tables
         ks, vs, head_stride, pos_stride = self._cache_arrays(rows)
@@ -231,3 +231,17 @@ class CpuDecoder:
                    torch.get_num_threads())
         self.lib.decode_step(ctypes.byref(self._m), ctypes.byref(st))
         return logits
+
+
+def attach(model: nn.Module, quant: str) -> str | None:
+    """Give `model` a CpuDecoder (as `model.cpu_decoder`, which `engine.step.ModelRunner.decode` uses for
+    single-row steps) if it and this machine support one; call on the float model before `quantize_model`.
+    Returns None when attached, else why not. Inference only: the decoder keeps its own copy of the
+    quantized weights, so a model whose weights change afterwards (training) must not have one."""
+    why = supported(model, quant)
+    if why is None:
+        try:
+            model.cpu_decoder = CpuDecoder(model, quant)
+        except (OSError, subprocess.CalledProcessError) as e:  # no working compiler after all
+            why = f"the kernel did not build: {e}"
+    return why
