@@ -79,7 +79,7 @@ def test_native_step_matches_its_arithmetic_in_pytorch(arch, quant):
     model.fuse()  # fused qkv / gate_up must pack to the same rows as the separate linears
     dec = CpuDecoder(model, quant)
     ids = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(1))
-    errors = []
+    errors = []  # relative to the largest value: logits and each layer's K and V, at each step
     for t in range(9, 17):  # each step from the same (reference-written) cache
         want_cache, got_cache = ref.new_cache(1, 40), ref.new_cache(1, 40)
         for c in (want_cache, got_cache):
@@ -88,8 +88,8 @@ def test_native_step_matches_its_arithmetic_in_pytorch(arch, quant):
         got = dec.step(int(ids[0, t]), t, got_cache.rows(0, 1))
         errors.append(((got - want).abs().max() / want.abs().max()).item())
         for w, g in zip(want_cache.layers, got_cache.layers):  # the K/V it wrote at t
-            torch.testing.assert_close(g.k[:, :, t], w.k[:, :, t], rtol=1e-3, atol=1e-4)
-            torch.testing.assert_close(g.v[:, :, t], w.v[:, :, t], rtol=1e-3, atol=1e-4)
+            for want_kv, got_kv in ((w.k[:, :, t], g.k[:, :, t]), (w.v[:, :, t], g.v[:, :, t])):
+                errors.append(((got_kv - want_kv).abs().max() / want_kv.abs().max()).item())
     # Summation order differs (fp32), so an activation that sits on a rounding boundary to int8 can round the
     # other way in one of them (~0.4% of the logits' range measured); otherwise they agree to ~1e-6.
     assert max(errors) < 1e-2, errors

@@ -8,10 +8,11 @@
 //
 // Weights: per output row, groups of 32 input columns; code u (4 or 8 bits, unsigned) dequantizes to
 // (u - off)·s + z with s, z stored as bf16 (off = 8 for 4-bit, 128 for 8-bit codes, whose z is 0). 4-bit rows
-// are stored per 64 columns as 32 bytes: low nibbles hold columns 0..31, high nibbles 32..63.
+// are stored per 64 columns as 32 bytes: low nibbles hold columns 0..31, high nibbles 32..63; see
+// `record_bytes` for how rows are laid out.
 // Activations: rounded to int8 per group of 32 (scale max|x|/127) right before each matrix product, so that
 // products run on AVX-512 VNNI (vpdpbusd: unsigned code × signed activation, 4 per 32-bit lane):
-//   y_n = Σ_g s_ng·d_g·Σ_{k∈g} u_nk·q_k + Σ_g (z_ng - off·s_ng)·Σ_{k∈g} x_k      (d_g: activation scale)
+//   y_n = Σ_g s_ng·(d_g·Σ_{k∈g} u_nk·q_k - off·Σ_{k∈g} x_k) + z_ng·Σ_{k∈g} x_k      (d_g: activation scale)
 // Everything else (norms, rotary, attention, residuals) is fp32, as in the PyTorch model.
 //
 // Built and loaded by nanoseek/models/cpu_decode.py (g++ -O3 -fopenmp -mavx512...); called through ctypes.
@@ -29,9 +30,7 @@
 extern "C" {
 
 struct Lin {               // y[n] (+)= W x + b for W [n, k]
-    const uint8_t* codes;  // bits 4: [n][k/2] as above; bits 8: [n][k]
-    const uint16_t* s;     // bf16 [n][k/32]
-    const uint16_t* z;     // bf16 [n][k/32], or null (all zero)
+    const uint8_t* codes;  // records of 4 rows × 64 columns: codes, scales, zeros (see gemv_blocks)
     const float* bias;     // [n] or null
     int64_t n, k, bits;
 };
@@ -67,13 +66,6 @@ struct Step {                 // per call
 
 namespace {
 
-inline float bf16(uint16_t h) {
-    uint32_t u = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
 // Sense-free centralised barrier on a generation counter. Spins (the step is short), yielding the core
 // after a while so a preempted partner on a busy machine gets to run.
 struct Barrier {
@@ -101,8 +93,9 @@ struct QAct {
     std::vector<float> d;    // [k/32] scale
     std::vector<float> sum;  // [k/32] Σ x over the group (exact, for the z terms)
     std::vector<float> dv;   // [k/64][16]: d of the chunk's two groups, each repeated over 8 lanes
+    std::vector<float> xv;   // [k/64][16]: the same for sum / 8
     void set(const float* x, int64_t k) {
-        q.resize(k); d.resize(k / 32); sum.resize(k / 32); dv.resize(k / 64 * 16);
+        q.resize(k); d.resize(k / 32); sum.resize(k / 32); dv.resize(k / 64 * 16); xv.resize(k / 64 * 16);
         for (int64_t g = 0; g < k / 32; ++g) {
             __m512 a = _mm512_loadu_ps(x + 32 * g), b = _mm512_loadu_ps(x + 32 * g + 16);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -116,82 +109,84 @@ struct QAct {
             _mm_storeu_si128((__m128i*)(q.data() + 32 * g + 16), _mm512_cvtsepi32_epi8(qb));
         }
         for (int64_t c = 0; c < k / 64; ++c)
-            for (int l = 0; l < 16; ++l) dv[16 * c + l] = d[2 * c + l / 8];
+            for (int l = 0; l < 16; ++l) {
+                dv[16 * c + l] = d[2 * c + l / 8];
+                xv[16 * c + l] = sum[2 * c + l / 8] * 0.125f;
+            }
     }
 };
 
-// Two bf16 scales (groups 2c, 2c+1) → 16 lanes, 8 each.
-inline __m512 expand2(const uint16_t* s) {
-    uint32_t pair;
-    std::memcpy(&pair, s, 4);
-    __m512i v = _mm512_set1_epi32(int(pair));  // lanes: [s1:s0] each
-    __m512i lo = _mm512_slli_epi32(v, 16);     // s0 as fp32
-    __m512i hi = _mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u)));  // s1 as fp32
-    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(0xFF00, lo, hi));
-}
+// Rows of one matrix are packed in blocks of 4 and, within a block, per 64 input columns ("chunk"), as one
+// record: the 4 rows' codes (32 bytes each for 4-bit, 64 for 8-bit), then their scales s as bf16
+// [row][group 0, 1] (16 bytes), then, for 4-bit, their zeros z the same way (16 bytes). A thread's rows are thus
+// one sequential stream that the hardware prefetcher follows, instead of 8 short streams per 4 rows.
+inline int64_t record_bytes(int64_t bits) { return bits == 4 ? 4 * 32 + 16 + 16 : 4 * 64 + 16; }
 
-inline __m512i codes64(const uint8_t* p, int bits) {
+inline __m512i codes64(const uint8_t* p, int64_t bits) {
     if (bits == 8) return _mm512_loadu_si512(p);
     __m256i raw = _mm256_loadu_si256((const __m256i*)p);
     __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
     return _mm512_and_si512(w, _mm512_set1_epi8(0x0F));
 }
 
-// Rows [r0, r1) of W·x: y[n] = result (+ y[n] when accumulate), 4 rows per pass so their chains overlap.
-void gemv_rows(const Lin& L, const QAct& a, float* y, int64_t r0, int64_t r1, bool accumulate) {
-    const int64_t k = L.k, G = k / 32, C = k / 64;
-    const int64_t row_bytes = L.bits == 4 ? k / 2 : k;
-    const float off = L.bits == 4 ? 8.0f : 128.0f;
-    auto finish = [&](int64_t n, __m512 acc) {
-        float v = _mm512_reduce_add_ps(acc);
-        const uint16_t* s = L.s + n * G;
-        const uint16_t* z = L.z ? L.z + n * G : nullptr;
-        float t = 0.0f;
-        for (int64_t g = 0; g < G; ++g) t += ((z ? bf16(z[g]) : 0.0f) - off * bf16(s[g])) * a.sum[g];
-        v += t;
-        if (L.bias) v += L.bias[n];
-        y[n] = accumulate ? y[n] + v : v;
-    };
-    int64_t n = r0;
-    for (; n + 4 <= r1; n += 4) {
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-        const uint8_t* w = L.codes + n * row_bytes;
-        const uint16_t* s = L.s + n * G;
-        for (int64_t c = 0; c < C; ++c) {
-            __m512i x = _mm512_loadu_si512(a.q.data() + 64 * c);
-            __m512 dv = _mm512_loadu_ps(a.dv.data() + 16 * c);
-            const int64_t cb = L.bits == 4 ? 32 * c : 64 * c;
-#define NS_ROW(i, acc)                                                                                   \
-    {                                                                                                    \
-        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes64(w + i * row_bytes + cb, L.bits), x); \
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dv, expand2(s + i * G + 2 * c)), acc); \
-    }
-            NS_ROW(0, acc0) NS_ROW(1, acc1) NS_ROW(2, acc2) NS_ROW(3, acc3)
-#undef NS_ROW
+inline __m512 bf16x8(const void* p) {  // 8 bf16 → fp32 in the low 8 lanes
+    __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+    return _mm512_castps256_ps512(_mm256_castsi256_ps(v));
+}
+
+// Row blocks [b0, b1) of W·x: y[n] = result (+ y[n] when accumulate), rows >= L.n skipped (padding).
+// Per chunk and row: p = Σ u·q per 4 bytes (vpdpbusd), then acc += s ⊙ (d ⊙ p - off·X) + z ⊙ X, where the
+// 16 lanes hold the chunk's two groups 8 lanes each and X = Σx of the lane's group / 8.
+void gemv_blocks(const Lin& L, const QAct& a, float* y, int64_t b0, int64_t b1, bool accumulate) {
+    const int64_t C = L.k / 64, rec = record_bytes(L.bits), cb = L.bits == 4 ? 32 : 64;
+    const __m512 off = _mm512_set1_ps(L.bits == 4 ? 8.0f : 128.0f);
+    const __m512i lane_idx[4] = {  // row r's two groups: lanes 0-7 ← group 0 (2r), 8-15 ← group 1 (2r + 1)
+        _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+        _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4),
+        _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
+    for (int64_t blk = b0; blk < b1; ++blk) {
+        const uint8_t* r = L.codes + blk * C * rec;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t c = 0; c < C; ++c, r += rec) {
+            _mm_prefetch((const char*)r + 4 * rec, _MM_HINT_T0);
+            _mm_prefetch((const char*)r + 4 * rec + 64, _MM_HINT_T0);
+            _mm_prefetch((const char*)r + 4 * rec + 128, _MM_HINT_T0);
+            if (L.bits == 8) _mm_prefetch((const char*)r + 4 * rec + 192, _MM_HINT_T0);
+            const __m512i x = _mm512_loadu_si512(a.q.data() + 64 * c);
+            const __m512 dv = _mm512_loadu_ps(a.dv.data() + 16 * c);
+            const __m512 X = _mm512_loadu_ps(a.xv.data() + 16 * c);
+            const __m512 offX = _mm512_mul_ps(off, X);
+            const __m512 s8 = bf16x8(r + 4 * cb);
+            for (int i = 0; i < 4; ++i) {
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes64(r + i * cb, L.bits), x);
+                __m512 t = _mm512_fmsub_ps(dv, _mm512_cvtepi32_ps(p), offX);
+                acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane_idx[i], s8), t, acc[i]);
+            }
+            if (L.bits == 4) {
+                const __m512 z8 = bf16x8(r + 4 * cb + 16);
+                for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane_idx[i], z8), X, acc[i]);
+            }
         }
-        finish(n, acc0); finish(n + 1, acc1); finish(n + 2, acc2); finish(n + 3, acc3);
-    }
-    for (; n < r1; ++n) {
-        __m512 acc = _mm512_setzero_ps();
-        const uint8_t* w = L.codes + n * row_bytes;
-        for (int64_t c = 0; c < C; ++c) {
-            __m512i x = _mm512_loadu_si512(a.q.data() + 64 * c);
-            __m512 dv = _mm512_loadu_ps(a.dv.data() + 16 * c);
-            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes64(w + (L.bits == 4 ? 32 : 64) * c, L.bits), x);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dv, expand2(L.s + n * G + 2 * c)), acc);
+        for (int i = 0; i < 4; ++i) {
+            const int64_t n = 4 * blk + i;
+            if (n >= L.n) break;
+            float v = _mm512_reduce_add_ps(acc[i]);
+            if (L.bias) v += L.bias[n];
+            y[n] = accumulate ? y[n] + v : v;
         }
-        finish(n, acc);
     }
 }
 
-// All threads: rows handed out in chunks from `next` (reset to 0 before the preceding barrier).
+// All threads: row blocks handed out in chunks from `next` (reset to 0 before the preceding barrier).
 void gemv(const Lin& L, const QAct& a, float* y, bool accumulate, std::atomic<int64_t>& next, int T) {
-    int64_t chunk = (L.n / (8 * T) + 3) / 4 * 4;
-    if (chunk < 16) chunk = 16;
+    const int64_t blocks = (L.n + 3) / 4;
+    int64_t chunk = blocks / (8 * T);
+    if (chunk < 4) chunk = 4;
     for (;;) {
-        int64_t r0 = next.fetch_add(chunk, std::memory_order_relaxed);
-        if (r0 >= L.n) break;
-        gemv_rows(L, a, y, r0, r0 + chunk < L.n ? r0 + chunk : L.n, accumulate);
+        int64_t b0 = next.fetch_add(chunk, std::memory_order_relaxed);
+        if (b0 >= blocks) break;
+        gemv_blocks(L, a, y, b0, b0 + chunk < blocks ? b0 + chunk : blocks, accumulate);
     }
 }
 

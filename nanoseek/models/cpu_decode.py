@@ -41,7 +41,7 @@ _P = ctypes.c_void_p
 
 
 class _Lin(ctypes.Structure):
-    _fields_ = [("codes", _P), ("s", _P), ("z", _P), ("bias", _P), ("n", _I64), ("k", _I64), ("bits", _I64)]
+    _fields_ = [("codes", _P), ("bias", _P), ("n", _I64), ("k", _I64), ("bits", _I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -97,30 +97,35 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def _bf16_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).contiguous().view(torch.int16)
-
-
 class _Packed:
-    """One quantized matrix in the kernel's layout; holds the tensors the `_Lin` struct points into."""
+    """One quantized matrix in the kernel's layout (see cpu_decode.cpp, `gemv_blocks`): rows padded to a
+    multiple of 4, then per block of 4 rows and per 64 columns one record of codes, bf16 scales and (4-bit)
+    bf16 zeros. Holds the tensors the `_Lin` struct points into."""
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, bits: int):
         n, k = w.shape
+        pad = -n % 4
+        w = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
+        nb, chunks = (n + pad) // 4, k // 64
         if bits == 4:
             q, sz = quantize_int4(w, GROUP)  # identical to Int4Linear: same codes, bf16 scales and zeros
             s, z = sz[..., 0].t(), sz[..., 1].t()
-            q = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
-            self.codes = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-            self.z = _bf16_bits(z)
+            q = q.to(torch.uint8).reshape(nb, 4, chunks, 2, 32)
+            codes = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(nb, chunks, 128)
+            parts = [codes, self._per_chunk(s, nb, chunks), self._per_chunk(z, nb, chunks)]
         else:
             c, s = quantize_int8_groups(w, GROUP)  # identical to Int8GroupLinear
-            s = s.t()
-            self.codes = (c + 128).to(torch.uint8).contiguous()
-            self.z = None
-        self.s = _bf16_bits(s)
+            codes = (c + 128).to(torch.uint8).reshape(nb, 4, chunks, 64).permute(0, 2, 1, 3).reshape(nb, chunks, 256)
+            parts = [codes, self._per_chunk(s.t(), nb, chunks)]
+        self.codes = torch.cat(parts, dim=-1).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.struct = _Lin(self.codes.data_ptr(), self.s.data_ptr(), 0 if self.z is None else self.z.data_ptr(),
-                           0 if self.bias is None else self.bias.data_ptr(), n, k, bits)
+        self.struct = _Lin(self.codes.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(), n, k, bits)
+
+    @staticmethod
+    def _per_chunk(v: torch.Tensor, nb: int, chunks: int) -> torch.Tensor:
+        """[rows, groups] → bf16 bytes [blocks, chunks, 16]: per record, [row][its 2 groups]."""
+        b = v.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(nb, 4, chunks, 2 * 2)
+        return b.permute(0, 2, 1, 3).reshape(nb, chunks, 16)
 
 
 def _weight(lin: nn.Module) -> torch.Tensor:
