@@ -1,5 +1,5 @@
 """The fused native decode step (models/cpu_decode.py) against a PyTorch model doing the same arithmetic:
-identical quantized weights, activations rounded to int8 per group of 32, everything else fp32. Skipped on
+identical quantized weights, activations rounded to int16 per group of 32, everything else fp32. Skipped on
 CPUs without AVX-512 VNNI (or without g++)."""
 
 import pytest
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not cpu_supported(), reason="needs AVX-512 VNNI 
 
 class _RefLinear(nn.Module):
     """What the kernel computes for one matrix, in float64 from the same codes and bf16 scales:
-    y = Σ_g s·d_g·(u_g · q_g) + (z - off·s)·Σ_{k∈g} x_k, with q = round(x·127/max|x_g|) in fp32."""
+    y = Σ_g s·d_g·(u_g · q_g) + (z - off·s)·Σ_{k∈g} x_k, with q = round(x·32767/max|x_g|) in fp32."""
 
     def __init__(self, lin: nn.Linear, bits: int):
         super().__init__()
@@ -37,9 +37,9 @@ class _RefLinear(nn.Module):
     def forward(self, x):
         xg = x.float().reshape(-1, self.u.shape[1], 32)
         amax = xg.abs().amax(-1, keepdim=True)
-        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
         q = torch.round(xg * inv).double()
-        d = (amax / 127.0).double()
+        d = (amax / 32767.0).double()
         y = torch.einsum("ngk,tgk->tng", self.u, q * d) * self.s + self.m * xg.double().sum(-1)[:, None, :]
         y = y.sum(-1)
         if self.bias is not None:
