@@ -90,7 +90,7 @@ def test_native_step_matches_its_arithmetic_in_pytorch(arch, quant):
         for w, g in zip(want_cache.layers, got_cache.layers):  # the K/V it wrote at t
             for want_kv, got_kv in ((w.k[:, :, t], g.k[:, :, t]), (w.v[:, :, t], g.v[:, :, t])):
                 errors.append(((got_kv - want_kv).abs().max() / want_kv.abs().max()).item())
-    # Summation order differs (fp32), so an activation that sits on a rounding boundary to int8 can round the
+    # Summation order differs (fp32), so an activation that sits on a rounding boundary to int16 can round the
     # other way in one of them (~0.4% of the logits' range measured); otherwise they agree to ~1e-6.
     assert max(errors) < 1e-2, errors
     assert sorted(errors)[len(errors) * 3 // 4] < 1e-4, errors

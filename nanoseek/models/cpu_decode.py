@@ -4,15 +4,18 @@ Owns `CpuDecoder` (quantized copies of a dense model's weights in the layout of 
 which runs one token of one row through the model in a single OpenMP parallel region), `supported` (whether
 this machine and model can use it) and the build of that kernel (g++ into a per-user cache, loaded with ctypes).
 
-Why a native step: at batch 1 on a 2-core CPU, SmolLM2-135M's PyTorch decode spends more time on per-op
-dispatch, allocations and ~120 OpenMP fork/joins (one per small matmul) than on arithmetic, so it trailed
-llama.cpp on the same GGUF (0.72x). cpu_decode.cpp's header describes the kernel and its number format.
+Why a native step: at batch 1 on a 2-core CPU, SmolLM2-135M's PyTorch int4 decode makes ~400 op calls per
+token: 122 int4 matmuls (71% of the step in torch.profiler, each a separate OpenMP fork/join on bf16 copies of
+its input), 30 attention calls (15%) and the glue between them, and trailed llama.cpp on the same GGUF
+(0.72-0.76x). Here the token is one call and one parallel region (1.64x llama.cpp, benchmarks/results/
+decode-cpu-2026-12-06-1131.md). cpu_decode.cpp's header describes the kernel and its number format.
 
 Numerics: weights use the same grid as `quant.Int4Linear` / `quant.Int8GroupLinear` (same codes, the same
 bf16 scales and zeros), so the weights multiplied are identical to the PyTorch quantized path; activations are
-rounded to int8 per group of 32 (as llama.cpp's Q8 activations) instead of to bf16. The logits therefore
-differ slightly from the PyTorch quantized path's (tests/test_cpu_decode.py bounds the difference); a float
-model without quantization never takes this path.
+rounded to int16 per group of 32 instead of to bf16 (int8, as llama.cpp rounds them, cost SmolLM2 20 points of
+top-1 agreement with fp32; int16 agrees 99.2% against the PyTorch int4 path's 97.9%, teacher-forced, 384
+tokens). So the logits differ slightly from the PyTorch quantized path's (tests/test_cpu_decode.py checks the
+kernel against the same arithmetic written in PyTorch); a float model without quantization never takes this path.
 """
 
 from __future__ import annotations
