@@ -7,8 +7,8 @@ this machine and model can use it) and the build of that kernel (g++ into a per-
 Why a native step: at batch 1 on a 2-core CPU, SmolLM2-135M's PyTorch int4 decode makes ~400 op calls per
 token: 122 int4 matmuls (71% of the step in torch.profiler, each a separate OpenMP fork/join on bf16 copies of
 its input), 30 attention calls (15%) and the glue between them, and trailed llama.cpp on the same GGUF
-(0.72-0.76x). Here the token is one call and one parallel region (1.64x llama.cpp, benchmarks/results/
-decode-cpu-2026-12-06-1131.md). cpu_decode.cpp's header describes the kernel and its number format.
+(0.72-0.76x). Here the token is one call and one parallel region (1.64x llama.cpp with int8 activations, about
+1.5x with the int16 ones kept: benchmarks/results/decode-cpu-2026-12-06-1131.md). cpu_decode.cpp's header describes the kernel and its number format.
 
 Numerics: weights use the same grid as `quant.Int4Linear` / `quant.Int8GroupLinear` (same codes, the same
 bf16 scales and zeros), so the weights multiplied are identical to the PyTorch quantized path; activations are
