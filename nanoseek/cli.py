@@ -32,6 +32,9 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                         "model), or draft=MODEL (a small model with the same tokenizer)"
                         + ("; NAME:SPEC for one served model, repeatable" if several else ""))
     p.add_argument("--draft-tokens", type=int, default=6, help="draft tokens verified per step, 1-7 (default 6)")
+    p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
+                   help="decode quantized dense models through PyTorch instead of the fused native CPU step "
+                        "(models/cpu_decode.py; used when the CPU has AVX-512 VNNI and g++ is installed)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: decode in static-shape steps replayed as CUDA graphs (one per batch "
                         "bucket); allocates the full KV cache up front. Ignored, with a warning, on CPU")
@@ -80,7 +83,7 @@ def _session(a):
 
     return Session(LoadOptions(model=a.model, device=a.device, dtype=a.dtype, quant=a.quant, threads=a.threads,
                                compile=a.compile, speculative=a.speculative, draft_tokens=a.draft_tokens,
-                               cuda_graphs=a.cuda_graphs))
+                               cuda_graphs=a.cuda_graphs, native_decode=a.native_decode))
 
 
 def cmd_models(a) -> int:
@@ -324,7 +327,8 @@ def cmd_serve(a) -> int:
             # Session does the load + fuse + quantize that chat uses; the server keeps its model and tokenizer.
             s = Session(LoadOptions(model=source, device=a.device, dtype=a.dtype, quant=a.quant,
                                     threads=a.threads, compile=a.compile, speculative=speculative.get(name),
-                                    draft_tokens=a.draft_tokens, cuda_graphs=a.cuda_graphs))
+                                    draft_tokens=a.draft_tokens, cuda_graphs=a.cuda_graphs,
+                                    native_decode=a.native_decode))
             sched = Scheduler(s.model, s.tokenizer, max_batch=a.max_batch, max_len=a.max_len,
                               prefix_cache_tokens=a.prefix_cache_tokens, drafter=s.drafter,
                               draft_tokens=a.draft_tokens,

@@ -57,7 +57,14 @@ class ModelRunner:
         return self.model(ids, pos, row, last_only=True)[:, -1]
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int], rows: Cache) -> torch.Tensor:
-        """One token per row of `rows` (a view of rows [0, d)), each at its position; logits [d, V]."""
+        """One token per row of `rows` (a view of rows [0, d)), each at its position; logits [d, V].
+
+        A single row goes through the model's fused native step when one is attached
+        (`models/cpu_decode.attach`: quantized dense models on CPUs with AVX-512 VNNI), which runs the whole
+        token in one call instead of ~400 PyTorch ops."""
+        native = getattr(self.model, "cpu_decoder", None)
+        if native is not None and len(tokens) == 1 and native.accepts(rows):
+            return native.step(int(tokens[0]), int(positions[0]), rows)
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
         return self.verify(ids, pos, rows)[:, -1]
