@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--new 128] [--repeats 5] [--quant int4]
         [--batches 1 8] [--torch-path] [--compile] [--fp32] [--transformers] [--skip-llamacpp]
+        [--speculative ngram draft=MODEL] [--prompt explain|repeat|edit|code]
         [--out benchmarks/results/decode-cpu-DATE.md]
 
 Everything reads the same GGUF (the built-in Q4_1 file). Greedy, EOS suppressed, same chat-formatted prompt.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
+from speculative import PROMPTS as SPEC_PROMPTS  # benchmarks/speculative.py's repeat / edit / code prompts
 
 PROMPT = ("Explain, step by step, how a transformer language model turns a prompt into an answer: "
           "tokenization, embeddings, attention layers with their key/value cache, the feed-forward blocks, "
@@ -70,7 +72,7 @@ def cpu_flags() -> str:
 
 
 def nanoseek_row(gguf: str, prompt_ids: list[int], new: int, batch: int, quant: str, *, native: bool,
-                 threads: int, compile: bool = False) -> Callable[[], Callable[[], Measure]]:
+                 threads: int, compile: bool = False, drafter: str | None = None) -> Callable[[], Callable[[], Measure]]:
     def setup():
         torch.set_num_threads(threads)
         from nanoseek.engine.generate import Engine
@@ -85,7 +87,12 @@ def nanoseek_row(gguf: str, prompt_ids: list[int], new: int, batch: int, quant: 
             raise RuntimeError(f"native decode unavailable: {why}")
         if quant != "none":
             quantize_model(loaded.model, quant)
-        eng = Engine(loaded.model, loaded.tokenizer, compile=compile)
+        draft = None
+        if drafter is not None:  # speculative rows (engine/draft.py): lossless, so the output is the same
+            from nanoseek.session import LoadOptions, make_drafter
+
+            draft = make_drafter(LoadOptions(speculative=drafter, quant=quant), loaded.model)
+        eng = Engine(loaded.model, loaded.tokenizer, compile=compile, drafter=draft)
         p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
         # warm-up (compiles, when asked): the batch size and a prompt length that will be seen
         eng.generate([prompt_ids] * batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -95,7 +102,13 @@ def nanoseek_row(gguf: str, prompt_ids: list[int], new: int, batch: int, quant: 
             outs = eng.generate([prompt_ids] * batch, p)
             ttft = max(o.first_token_s for o in outs)
             total = outs[0].total_s
-            return Measure(batch * len(prompt_ids) / ttft, sum(len(o.token_ids) - 1 for o in outs) / (total - ttft))
+            note = ""
+            if drafter is not None:
+                st = eng.loop.stats()
+                note = (f"{drafter}: {st['spec_acceptance_rate'] or 0:.0%} of drafts accepted, "
+                        f"{st['spec_tokens_per_step'] or 1:.2f} tokens per verify step")
+            return Measure(batch * len(prompt_ids) / ttft, sum(len(o.token_ids) - 1 for o in outs) / (total - ttft),
+                           note)
         return run
     return setup
 
@@ -162,6 +175,11 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also nanoseek's PyTorch path with compiled blocks")
     ap.add_argument("--fp32", action="store_true", help="also nanoseek with float32 weights")
     ap.add_argument("--transformers", action="store_true", help="also transformers generate (fp32)")
+    ap.add_argument("--speculative", nargs="*", default=[], metavar="SPEC",
+                    help="also nanoseek (native step) with these drafters: ngram, draft=MODEL (speculative rows)")
+    ap.add_argument("--prompt", default="explain", choices=["explain", *SPEC_PROMPTS],
+                    help="the prompt: explain (default), or benchmarks/speculative.py's repeat / edit / code, "
+                         "where drafting has something to find")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--out", default=f"benchmarks/results/decode-cpu-{time.strftime('%Y-%m-%d-%H%M')}.md")
     a = ap.parse_args()
@@ -172,7 +190,8 @@ def main() -> int:
     from nanoseek.weights.registry import resolve
 
     gguf = str(resolve(a.model)[0])
-    ids = render_prompt(gguf_tokenizer(gguf), [{"role": "user", "content": PROMPT}]).ids
+    text = PROMPT if a.prompt == "explain" else SPEC_PROMPTS[a.prompt]
+    ids = render_prompt(gguf_tokenizer(gguf), [{"role": "user", "content": text}]).ids
     q = a.quant
     rows: list[Row] = []
     T = a.threads
@@ -180,6 +199,9 @@ def main() -> int:
         for t in sorted({1, T}) if b == 1 else [T]:
             rows.append(Row(f"nanoseek ({q}, native step, {t} thread{'s' * (t > 1)})" if b == 1 else f"nanoseek ({q})",
                             b, nanoseek_row(gguf, ids, a.new, b, q, native=b == 1, threads=t)))
+        for spec in a.speculative if b == 1 else []:
+            rows.append(Row(f"nanoseek ({q}, native step, {spec} drafts)", b,
+                            nanoseek_row(gguf, ids, a.new, b, q, native=True, threads=T, drafter=spec)))
         if a.torch_path and b == 1:
             rows.append(Row(f"nanoseek ({q}, PyTorch path)", b,
                             nanoseek_row(gguf, ids, a.new, b, q, native=False, threads=T)))
