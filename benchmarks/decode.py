@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
-from speculative import PROMPTS as SPEC_PROMPTS  # benchmarks/speculative.py's repeat / edit / code prompts
+from speculative import (
+    PROMPTS as SPEC_PROMPTS,  # benchmarks/speculative.py's repeat / edit / code prompts
+)
 
 PROMPT = ("Explain, step by step, how a transformer language model turns a prompt into an answer: "
           "tokenization, embeddings, attention layers with their key/value cache, the feed-forward blocks, "
