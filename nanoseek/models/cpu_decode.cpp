@@ -1,8 +1,9 @@
 // One batch-1 decode step of a dense (Llama / Qwen2) decoder in a single OpenMP parallel region, for 1 to
 // MAX_CHUNK consecutive tokens of one row (a speculative verify: the fed token and its drafts, causal within the
-// chunk). Each matrix record is read once per chunk and applied to every token's activations: at batch 1 the
-// step is bound by reading the weights, so a chunk of T tokens costs far less than T steps. Per token the
-// arithmetic (activation rounding, summation order) is exactly that of a one-token step.
+// chunk). Each matrix record is read from memory once per chunk and applied to every token's activations:
+// reading the weights is most of a one-token step, so a chunk costs far less than its tokens' steps (SmolLM2-135M
+// int4, 1 thread: 8 tokens ≈ 3.7 one-token steps; the rest is the arithmetic, 4 AVX-512 ops per 32 products).
+// Per token the arithmetic (activation rounding, summation order) is exactly that of a one-token step.
 //
 // Why: at batch 1 a 135M model's step is ~200 tiny matrix-vector products plus norms, rotary and attention
 // glue. Run op by op from Python, each op pays dispatch, an allocation and (for the matmuls) an OpenMP
@@ -16,7 +17,7 @@
 // `record_bytes` for how rows are laid out.
 // Activations: rounded to int16 per group of 32 (scale max|x|/32767) right before each matrix product, so that
 // products run on AVX-512 VNNI (vpdpwssd: code × activation as int16, 2 per 32-bit lane):
-//   y_n = Σ_g s_ng·(d_g·Σ_{k∈g} u_nk·q_k - off·Σ_{k∈g} x_k) + z_ng·Σ_{k∈g} x_k      (d_g: activation scale)
+//   y_n = Σ_g s_ng·d_g·Σ_{k∈g} u_nk·q_k + (z_ng - off·s_ng)·Σ_{k∈g} x_k      (d_g: activation scale)
 // Everything else (norms, rotary, attention, residuals) is fp32, as in the PyTorch model.
 //
 // Built and loaded by nanoseek/models/cpu_decode.py (g++ -O3 -fopenmp -mavx512...); called through ctypes.
@@ -100,9 +101,9 @@ struct Barrier {
 struct QAct {
     std::vector<int16_t> q;  // [k]
     std::vector<float> dv;   // [k/32][16]: the group's scale d, over 16 lanes
-    std::vector<float> xv;   // [k/32][16]: Σ x over the group / 16, over 16 lanes
+    std::vector<float> xv;   // [k/64][16]: per 64 columns, (Σ x over group 0, Σ x over group 1) 8 times
     void set(const float* x, int64_t k) {
-        q.resize(k); dv.resize(k / 2); xv.resize(k / 2);
+        q.resize(k); dv.resize(k / 2); xv.resize(k / 4);
         for (int64_t g = 0; g < k / 32; ++g) {
             __m512 a = _mm512_loadu_ps(x + 32 * g), b = _mm512_loadu_ps(x + 32 * g + 16);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -114,7 +115,7 @@ struct QAct {
             _mm256_storeu_si256((__m256i*)(q.data() + 32 * g), _mm512_cvtsepi32_epi16(qa));
             _mm256_storeu_si256((__m256i*)(q.data() + 32 * g + 16), _mm512_cvtsepi32_epi16(qb));
             _mm512_storeu_ps(dv.data() + 16 * g, _mm512_set1_ps(dg));
-            _mm512_storeu_ps(xv.data() + 16 * g, _mm512_set1_ps(sum * 0.0625f));
+            for (int l = int(g % 2); l < 16; l += 2) xv[16 * (g / 2) + l] = sum;
         }
     }
 };
@@ -137,76 +138,81 @@ inline void codes16(const uint8_t* p, int64_t bits, __m512i& g0, __m512i& g1) {
     }
 }
 
-inline __m512 bf16x8(const void* p) {  // 8 bf16 → fp32 in the low 8 lanes
+inline __m512 bf16x8(const void* p) {  // 8 bf16 → fp32 in the low 8 lanes, zeros above
     __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
-    return _mm512_castps256_ps512(_mm256_castsi256_ps(v));
+    return _mm512_zextps256_ps512(_mm256_castsi256_ps(v));
 }
 
-// Row blocks [b0, b1) of W·x for NT activation vectors a[0..NT): y[t·ys + n] = result (+ that y when
-// accumulate), rows >= L.n skipped (padding). Per chunk, row and group: p = Σ u·q per pair of columns
-// (vpdpwssd), then acc += s ⊙ (d ⊙ p - off·X) + z ⊙ X with X = Σx of the group / 16 in every lane, so the 16
-// lanes sum to the group's term. The codes of a record are widened once and used for all NT tokens; each
-// token's accumulator sees the same operations in the same order whatever NT is.
+// One block of 4 rows of W·x for NT activation vectors a[0..NT) (NT <= 4, so the accumulators stay in
+// registers): y[t·ys + n] = result (+ that y when accumulate), rows >= L.n skipped (padding). With
+// s, z the row's scale and zero and m = z - off·s, a group's term is s·d·Σ u·q + m·Σx:
+//   * per chunk, row and group: p = Σ u·q per pair of columns (vpdpwssd), acc += (s·d) ⊙ p (16 lanes that sum
+//     to the group's first term);
+//   * per chunk: accm += m ⊙ X, lane 2i + g holding row i, group g (X: the two groups' Σx, see QAct), the
+//     second terms of all 4 rows and both groups in one instruction.
+// Each token's accumulators see the same operations in the same order whatever NT is, so a token's result
+// does not depend on the tokens it is computed with.
 template <int NT>
-void gemv_blocks(const Lin& L, const QAct* a, float* y, int64_t ys, int64_t b0, int64_t b1, bool accumulate) {
+void block_rows(const Lin& L, const QAct* a, float* y, int64_t ys, int64_t blk, bool accumulate) {
     const int64_t C = L.k / 64, rec = record_bytes(L.bits), cb = L.bits == 4 ? 32 : 64;
     const __m512 off = _mm512_set1_ps(L.bits == 4 ? 8.0f : 128.0f);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-        const uint8_t* r = L.codes + blk * C * rec;
-        __m512 acc[NT][4];
+    const uint8_t* r = L.codes + blk * C * rec;
+    __m512 acc[NT][4], accm[NT];
+    for (int t = 0; t < NT; ++t) {
+        accm[t] = _mm512_setzero_ps();
+        for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c < C; ++c, r += rec) {
+        _mm_prefetch((const char*)r + 4 * rec, _MM_HINT_T0);
+        _mm_prefetch((const char*)r + 4 * rec + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)r + 4 * rec + 128, _MM_HINT_T0);
+        if (L.bits == 8) _mm_prefetch((const char*)r + 4 * rec + 192, _MM_HINT_T0);
+        const __m512 s8 = bf16x8(r + 4 * cb);
+        const __m512 z8 = L.bits == 4 ? bf16x8(r + 4 * cb + 16) : _mm512_setzero_ps();
+        const __m512 m8 = _mm512_fnmadd_ps(off, s8, z8);
         for (int t = 0; t < NT; ++t)
-            for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; ++c, r += rec) {
-            _mm_prefetch((const char*)r + 4 * rec, _MM_HINT_T0);
-            _mm_prefetch((const char*)r + 4 * rec + 64, _MM_HINT_T0);
-            _mm_prefetch((const char*)r + 4 * rec + 128, _MM_HINT_T0);
-            if (L.bits == 8) _mm_prefetch((const char*)r + 4 * rec + 192, _MM_HINT_T0);
-            const __m512 s8 = bf16x8(r + 4 * cb);
-            const __m512 z8 = L.bits == 4 ? bf16x8(r + 4 * cb + 16) : _mm512_setzero_ps();
-            for (int i = 0; i < 4; ++i) {
-                __m512i w[2];
-                codes16(r + i * cb, L.bits, w[0], w[1]);
-                __m512 sg[2], zg[2];
-                for (int g = 0; g < 2; ++g) {
-                    const __m512i idx = _mm512_set1_epi32(2 * i + g);
-                    sg[g] = _mm512_permutexvar_ps(idx, s8);
-                    zg[g] = _mm512_permutexvar_ps(idx, z8);
-                }
+            accm[t] = _mm512_fmadd_ps(m8, _mm512_loadu_ps(a[t].xv.data() + 16 * c), accm[t]);
+        for (int i = 0; i < 4; ++i) {
+            __m512i w[2];
+            codes16(r + i * cb, L.bits, w[0], w[1]);
+            for (int g = 0; g < 2; ++g) {
+                const __m512 sg = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * i + g), s8);
                 for (int t = 0; t < NT; ++t) {
-                    for (int g = 0; g < 2; ++g) {
-                        const __m512i x = _mm512_loadu_si512(a[t].q.data() + 64 * c + 32 * g);
-                        const __m512 dv = _mm512_loadu_ps(a[t].dv.data() + 16 * (2 * c + g));
-                        const __m512 X = _mm512_loadu_ps(a[t].xv.data() + 16 * (2 * c + g));
-                        __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[g], x);
-                        __m512 u = _mm512_fmsub_ps(dv, _mm512_cvtepi32_ps(p), _mm512_mul_ps(off, X));
-                        acc[t][i] = _mm512_fmadd_ps(sg[g], u, acc[t][i]);
-                        if (L.bits == 4) acc[t][i] = _mm512_fmadd_ps(zg[g], X, acc[t][i]);
-                    }
+                    const __m512i x = _mm512_loadu_si512(a[t].q.data() + 64 * c + 32 * g);
+                    const __m512 sd = _mm512_mul_ps(sg, _mm512_loadu_ps(a[t].dv.data() + 16 * (2 * c + g)));
+                    const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[g], x);
+                    acc[t][i] = _mm512_fmadd_ps(sd, _mm512_cvtepi32_ps(p), acc[t][i]);
                 }
             }
         }
-        for (int t = 0; t < NT; ++t) {
-            for (int i = 0; i < 4; ++i) {
-                const int64_t n = 4 * blk + i;
-                if (n >= L.n) break;
-                float v = _mm512_reduce_add_ps(acc[t][i]);
-                if (L.bias) v += L.bias[n];
-                float* o = y + t * ys + n;
-                *o = accumulate ? *o + v : v;
-            }
+    }
+    for (int t = 0; t < NT; ++t) {
+        alignas(64) float m[16];
+        _mm512_store_ps(m, accm[t]);
+        for (int i = 0; i < 4; ++i) {
+            const int64_t n = 4 * blk + i;
+            if (n >= L.n) break;
+            float v = _mm512_reduce_add_ps(acc[t][i]) + (m[2 * i] + m[2 * i + 1]);
+            if (L.bias) v += L.bias[n];
+            float* o = y + t * ys + n;
+            *o = accumulate ? *o + v : v;
         }
     }
 }
 
-template <int NT>
-void gemv_nt(const Lin& L, const QAct* a, float* y, int64_t ys, bool accumulate, std::atomic<int64_t>& next, int T) {
-    const int64_t blocks = (L.n + 3) / 4;
-    int64_t chunk = blocks / (8 * T);
-    if (chunk < 4) chunk = 4;
-    for (;;) {
-        int64_t b0 = next.fetch_add(chunk, std::memory_order_relaxed);
-        if (b0 >= blocks) break;
-        gemv_blocks<NT>(L, a, y, ys, b0, b0 + chunk < blocks ? b0 + chunk : blocks, accumulate);
+// Row blocks [b0, b1) for nt tokens, 4 tokens at a time: a block's records (a few KB) are read from memory
+// for the first 4 and from L1 for the rest.
+void gemv_blocks(const Lin& L, const QAct* a, int64_t nt, float* y, int64_t ys, int64_t b0, int64_t b1,
+                 bool accumulate) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t t = 0; t < nt; t += 4) {
+            switch (nt - t) {
+                case 1: block_rows<1>(L, a + t, y + t * ys, ys, blk, accumulate); break;
+                case 2: block_rows<2>(L, a + t, y + t * ys, ys, blk, accumulate); break;
+                case 3: block_rows<3>(L, a + t, y + t * ys, ys, blk, accumulate); break;
+                default: block_rows<4>(L, a + t, y + t * ys, ys, blk, accumulate); break;
+            }
+        }
     }
 }
 
@@ -214,15 +220,13 @@ void gemv_nt(const Lin& L, const QAct* a, float* y, int64_t ys, bool accumulate,
 // before the preceding barrier).
 void gemv(const Lin& L, const QAct* a, int64_t nt, float* y, int64_t ys, bool accumulate, std::atomic<int64_t>& next,
           int T) {
-    switch (nt) {
-        case 1: return gemv_nt<1>(L, a, y, ys, accumulate, next, T);
-        case 2: return gemv_nt<2>(L, a, y, ys, accumulate, next, T);
-        case 3: return gemv_nt<3>(L, a, y, ys, accumulate, next, T);
-        case 4: return gemv_nt<4>(L, a, y, ys, accumulate, next, T);
-        case 5: return gemv_nt<5>(L, a, y, ys, accumulate, next, T);
-        case 6: return gemv_nt<6>(L, a, y, ys, accumulate, next, T);
-        case 7: return gemv_nt<7>(L, a, y, ys, accumulate, next, T);
-        default: return gemv_nt<8>(L, a, y, ys, accumulate, next, T);
+    const int64_t blocks = (L.n + 3) / 4;
+    int64_t chunk = blocks / (8 * T);
+    if (chunk < 4) chunk = 4;
+    for (;;) {
+        int64_t b0 = next.fetch_add(chunk, std::memory_order_relaxed);
+        if (b0 >= blocks) break;
+        gemv_blocks(L, a, nt, y, ys, b0, b0 + chunk < blocks ? b0 + chunk : blocks, accumulate);
     }
 }
 
