@@ -1,7 +1,9 @@
 """Fused batch-1 CPU decode for dense (Llama / Qwen2) models: one native call per token.
 
-Owns `CpuDecoder` (quantized copies of a dense model's weights in the layout of cpu_decode.cpp, and `step`,
-which runs one token of one row through the model in a single OpenMP parallel region), `supported` (whether
+Owns `CpuDecoder` (quantized copies of a dense model's weights in the layout of cpu_decode.cpp; `step`,
+which runs one token of one row through the model in a single OpenMP parallel region, and `verify`, which runs
+up to MAX_CHUNK consecutive tokens of one row the same way, reading each weight once for all of them: a
+speculative verify at batch 1), `supported` (whether
 this machine and model can use it) and the build of that kernel (g++ into a per-user cache, loaded with ctypes).
 
 Why a native step: at batch 1 on a 2-core CPU, SmolLM2-135M's PyTorch int4 decode makes ~400 op calls per
@@ -262,8 +264,8 @@ class CpuDecoder:
 
 
 def attach(model: nn.Module, quant: str) -> str | None:
-    """Give `model` a CpuDecoder (as `model.cpu_decoder`, which `engine.step.ModelRunner.decode` uses for
-    single-row steps) if it and this machine support one; call on the float model before `quantize_model`.
+    """Give `model` a CpuDecoder (as `model.cpu_decoder`, which `engine.step.ModelRunner.decode` and `verify`
+    use for single-row steps) if it and this machine support one; call on the float model before `quantize_model`.
     Returns None when attached, else why not. Inference only: the decoder keeps its own copy of the
     quantized weights, so a model whose weights change afterwards (training) must not have one."""
     why = supported(model, quant)
