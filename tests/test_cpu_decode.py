@@ -116,3 +116,55 @@ def test_runner_takes_native_step_for_one_row_only():
     assert len(calls) == 1
     torch_one = model(torch.tensor([[8]]), torch.tensor([[3]]), cache.rows(0, 1))[:, -1]
     assert (one - torch_one).abs().max() < 0.05 * torch_one.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.inference_mode()
+def test_native_verify_equals_sequential_steps(arch):
+    """verify(T tokens) = T calls of step on a copy of the cache: the same logits, greedy picks and K/V."""
+    model = _model(arch)
+    model.fuse()
+    dec = CpuDecoder(model, "int4")
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = model.new_cache(1, 32)
+    for p in range(9):  # a prompt written by single steps
+        dec.step(ids[p], p, cache.rows(0, 1))
+    for n in (1, 2, 5, 8):
+        want_cache, got_cache = model.new_cache(1, 32), model.new_cache(1, 32)
+        for c in (want_cache, got_cache):
+            for w, src in zip(c.layers, cache.layers):
+                w.k.copy_(src.k), w.v.copy_(src.v)
+        chunk = ids[9:9 + n]
+        want = torch.cat([dec.step(tok, 9 + i, want_cache.rows(0, 1)) for i, tok in enumerate(chunk)])
+        got = dec.verify(chunk, 9, got_cache.rows(0, 1))
+        assert got.shape == (n, 256)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        for w, g in zip(want_cache.layers, got_cache.layers):
+            torch.testing.assert_close(g.k, w.k, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(g.v, w.v, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        dec.verify(ids[:9], 9, cache.rows(0, 1))  # more than MAX_CHUNK tokens
+
+
+@torch.inference_mode()
+def test_runner_verify_takes_native_chunk_for_one_row_only():
+    model = _model("llama")
+    model.fuse()
+    assert attach(model, "int4") is None
+    quantize_model(model, "int4")
+    runner = ModelRunner(model)
+    cache = model.new_cache(2, 32)
+    for r in range(2):
+        runner.prefill([5, 6, 7], 0, cache.rows(r, 1))
+    calls = []
+    verify = model.cpu_decoder.verify
+    model.cpu_decoder.verify = lambda *a: calls.append(a) or verify(*a)
+    one = runner.verify(torch.tensor([[8, 9, 10]]), torch.tensor([[3, 4, 5]]), cache.rows(0, 1))
+    assert len(calls) == 1 and calls[0][:2] == ([8, 9, 10], 3) and one.shape == (1, 3, 256)
+    runner.verify(torch.tensor([[8, 9], [8, 9]]), torch.tensor([[3, 4], [3, 4]]), cache.rows(0, 2))
+    runner.verify(torch.tensor([[8, 9]]), torch.tensor([[3, 5]]), cache.rows(1, 1))  # not consecutive
+    assert len(calls) == 1
+    # The PyTorch int4 path on the same tokens agrees closely (only the activations' rounding differs).
+    torch_one = model(torch.tensor([[8, 9, 10]]), torch.tensor([[3, 4, 5]]), cache.rows(0, 1))
+    assert (one - torch_one).abs().max() < 0.05 * torch_one.abs().max()

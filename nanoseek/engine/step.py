@@ -70,7 +70,18 @@ class ModelRunner:
         return self.verify(ids, pos, rows)[:, -1]
 
     def verify(self, tokens: torch.Tensor, positions: torch.Tensor, rows: Cache) -> torch.Tensor:
-        """Several tokens per row [d, T] at positions [d, T]; logits for every one [d, T, V]."""
+        """Several tokens per row [d, T] at positions [d, T]; logits for every one [d, T, V].
+
+        One row of consecutive positions (a speculative verify at batch 1) goes through the native decoder's
+        chunk step when one is attached: it reads each weight once for all T tokens, where the PyTorch int4
+        forward costs about two native steps. Not when the hidden states are wanted (MTP drafting): the
+        native step does not return them."""
+        native = getattr(self.model, "cpu_decoder", None)
+        if (native is not None and not self.keep_hidden and tokens.shape[0] == 1 and native.accepts(rows)
+                and tokens.shape[1] <= native.max_chunk):
+            start = int(positions[0, 0])
+            if positions[0].tolist() == list(range(start, start + tokens.shape[1])):
+                return native.verify(tokens[0].tolist(), start, rows)[None]
         if self.keep_hidden:
             self.hidden = self.model.hidden(tokens, positions, rows)
             return self.model.lm_head(self.hidden)

@@ -1,7 +1,9 @@
 """Fused batch-1 CPU decode for dense (Llama / Qwen2) models: one native call per token.
 
-Owns `CpuDecoder` (quantized copies of a dense model's weights in the layout of cpu_decode.cpp, and `step`,
-which runs one token of one row through the model in a single OpenMP parallel region), `supported` (whether
+Owns `CpuDecoder` (quantized copies of a dense model's weights in the layout of cpu_decode.cpp; `step`,
+which runs one token of one row through the model in a single OpenMP parallel region, and `verify`, which runs
+up to MAX_CHUNK consecutive tokens of one row the same way, reading each weight once for all of them: a
+speculative verify at batch 1), `supported` (whether
 this machine and model can use it) and the build of that kernel (g++ into a per-user cache, loaded with ctypes).
 
 Why a native step: at batch 1 on a 2-core CPU, SmolLM2-135M's PyTorch int4 decode makes ~400 op calls per
@@ -35,6 +37,7 @@ from torch import nn
 from nanoseek.models.quant import quantize_int4, quantize_int8_groups
 
 GROUP = 32
+MAX_CHUNK = 8  # most tokens one call runs (cpu_decode.cpp's MAX_CHUNK): the fed token and up to 7 drafts
 _SRC = Path(__file__).with_name("cpu_decode.cpp")
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512dq", "-mavx512vnni", "-mfma"]
@@ -58,7 +61,7 @@ class _Model(ctypes.Structure):
 
 
 class _Step(ctypes.Structure):
-    _fields_ = [("token", _I64), ("pos", _I64), ("cos", _P), ("sin", _P), ("k_cache", _P), ("v_cache", _P),
+    _fields_ = [("tokens", _P), ("n_tokens", _I64), ("pos", _I64), ("cos", _P), ("sin", _P), ("k_cache", _P), ("v_cache", _P),
                 ("head_stride", _I64), ("pos_stride", _I64), ("logits", _P), ("work", _P), ("threads", _I64)]
 
 
@@ -94,7 +97,7 @@ def _library() -> ctypes.CDLL:
             os.replace(out, so)  # atomic: a concurrent build of the same source just wins or loses the rename
     lib = ctypes.CDLL(str(so))
     lib.decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
-    lib.decode_step.restype = None
+    lib.decode_step.restype = ctypes.c_int
     lib.scratch_floats.argtypes = [ctypes.POINTER(_Model)]
     lib.scratch_floats.restype = _I64
     return lib
@@ -162,6 +165,8 @@ class CpuDecoder:
     model *before* `quantize_model` replaces the linears; it keeps its own quantized copy of every matrix and
     reads the embedding, norms and rotary tables from the model."""
 
+    max_chunk = MAX_CHUNK  # most tokens `verify` takes
+
     def __init__(self, model: nn.Module, quant: str = "int4"):
         why = supported(model, quant)
         if why:
@@ -198,7 +203,7 @@ class CpuDecoder:
                          cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, self._ptr(model.model.embed_tokens.weight),
                          self._ptr(model.model.norm.weight), ctypes.addressof(self._layers), head)
         self.vocab = model.lm_head.out_features
-        self.work = torch.empty(self.lib.scratch_floats(ctypes.byref(self._m)))
+        self.work = torch.empty(MAX_CHUNK * self.lib.scratch_floats(ctypes.byref(self._m)))
         self._cache_key = None
 
     def _ptr(self, t: torch.Tensor) -> int:
@@ -229,21 +234,38 @@ class CpuDecoder:
     @torch.inference_mode()
     def step(self, token: int, pos: int, rows) -> torch.Tensor:
         """Write the token at `pos` of the one-row cache view `rows`; its logits [1, V]."""
-        rot = self.rotary
-        if pos >= rot.cos.shape[0]:
-            rot.tables(torch.tensor([pos]), torch.float32, pos + 1)  # grows the tables
+        return self._run([token], pos, rows)
+
+    @torch.inference_mode()
+    def verify(self, tokens: list[int], start: int, rows) -> torch.Tensor:
+        """Run up to MAX_CHUNK consecutive tokens of one row at positions start, start + 1, ... in one call,
+        each attending to the cache before `start` and to the chunk's tokens up to itself, and write their K/V
+        into `rows` as that many `step` calls would; their logits [T, V] (per token the same arithmetic as
+        `step`, but every weight is read once for the whole chunk)."""
+        if not 1 <= len(tokens) <= MAX_CHUNK:
+            raise ValueError(f"CpuDecoder.verify takes 1 to {MAX_CHUNK} tokens, got {len(tokens)}")
+        return self._run(tokens, start, rows)
+
+    def _run(self, tokens: list[int], pos: int, rows) -> torch.Tensor:
+        rot, n = self.rotary, len(tokens)
+        if pos + n > rows.layers[0].k.shape[2]:
+            raise ValueError(f"positions up to {pos + n - 1} do not fit the cache ({rows.layers[0].k.shape[2]})")
+        if pos + n > rot.cos.shape[0]:
+            rot.tables(torch.tensor([pos + n - 1]), torch.float32, pos + n)  # grows the tables
         ks, vs, head_stride, pos_stride = self._cache_arrays(rows)
-        logits = torch.empty(1, self.vocab)
-        st = _Step(token, pos, rot.cos[pos].data_ptr(), rot.sin[pos].data_ptr(), ctypes.addressof(ks),
-                   ctypes.addressof(vs), head_stride, pos_stride, logits.data_ptr(), self.work.data_ptr(),
-                   torch.get_num_threads())
+        ids = (ctypes.c_int64 * n)(*tokens)
+        logits = torch.empty(n, self.vocab)
+        # cos/sin rows pos .. pos + n - 1 are consecutive: the tables are contiguous [positions, head_dim/2].
+        st = _Step(ctypes.addressof(ids), n, pos, rot.cos[pos].data_ptr(), rot.sin[pos].data_ptr(),
+                   ctypes.addressof(ks), ctypes.addressof(vs), head_stride, pos_stride, logits.data_ptr(),
+                   self.work.data_ptr(), torch.get_num_threads())
         self.lib.decode_step(ctypes.byref(self._m), ctypes.byref(st))
         return logits
 
 
 def attach(model: nn.Module, quant: str) -> str | None:
-    """Give `model` a CpuDecoder (as `model.cpu_decoder`, which `engine.step.ModelRunner.decode` uses for
-    single-row steps) if it and this machine support one; call on the float model before `quantize_model`.
+    """Give `model` a CpuDecoder (as `model.cpu_decoder`, which `engine.step.ModelRunner.decode` and `verify`
+    use for single-row steps) if it and this machine support one; call on the float model before `quantize_model`.
     Returns None when attached, else why not. Inference only: the decoder keeps its own copy of the
     quantized weights, so a model whose weights change afterwards (training) must not have one."""
     why = supported(model, quant)
