@@ -106,5 +106,12 @@ def test_dropped_streams_among_live_ones(server):
             break
         assert time.monotonic() < deadline, now
         time.sleep(0.05)
-    gone = metric(now, "nanoseek_request_finished_total", "batch", finished_reason="cancelled") - cancelled
-    assert gone == len(dropped)
+    def finished(scraped, reason):
+        return metric(scraped, "nanoseek_request_finished_total", "batch", absent=0, finished_reason=reason)
+
+    gone = finished(now, "cancelled") - cancelled
+    # A dropped request sampling at temperature 1 may reach EOS on its own before its hang-up is noticed; then
+    # it finishes "stop" like the live ones. Every request is accounted for, and most dropped ones are cancelled.
+    normal = sum(finished(now, r) - finished(baseline, r) for r in ("stop", "length"))
+    assert gone + (normal - len(keep)) == len(dropped)
+    assert gone >= len(dropped) // 2
