@@ -3,8 +3,8 @@
 import pytest
 import torch
 import transformers
-
 from hf_models import deepseek, llama, qwen2
+
 from nanoseek.weights.hf import load_hf
 
 TOL = 1e-4
@@ -44,18 +44,23 @@ def test_prefill_logits_match(pair):
     assert (got - want).abs().max().item() < TOL, name
 
 
+def decode_token_by_token(model, ids: torch.Tensor, prefix: int = 5) -> torch.Tensor:
+    """Logits [T, V] of one sequence fed through the model's cache: a `prefix`-token chunk, then one token at a
+    time (the decode path)."""
+    cache = model.new_cache(1, 64)
+    got = [model(ids[:, :prefix], torch.arange(prefix)[None], cache)[0]]
+    for t in range(prefix, ids.shape[1]):
+        got.append(model(ids[:, t:t + 1], torch.tensor([[t]]), cache)[0])
+    return torch.cat(got)
+
+
 @torch.no_grad()
 def test_cached_decode_matches_full_sequence(pair):
     """Token-by-token through our cache equals transformers' full-sequence logits at every position."""
     name, ref, ours = pair
     ids = _ids(ours.config.vocab_size, b=1, t=24, seed=3)
     want = ref(ids).logits[0]
-    cache = ours.new_cache(1, 64)
-    prefix = 5
-    got = [ours(ids[:, :prefix], torch.arange(prefix)[None], cache)[0]]
-    for t in range(prefix, ids.shape[1]):
-        got.append(ours(ids[:, t:t + 1], torch.tensor([[t]]), cache)[0])
-    got = torch.cat(got)
+    got = decode_token_by_token(ours, ids)
     assert (got - want).abs().max().item() < TOL, name
 
 

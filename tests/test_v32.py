@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 import transformers
+from test_models_vs_transformers import decode_token_by_token
+from train_data import FixedBatches
 
 from nanoseek.errors import BadInputError, UnsupportedError
 from nanoseek.models.config import DeepseekV32Config, config_from_hf
@@ -94,12 +96,7 @@ def test_cached_decode_matches_full_sequence(pair):
     ref, ours, _ = pair
     ids = _ids(ours.config.vocab_size, b=1, t=24, seed=3)
     want = ref(ids).logits[0]
-    cache = ours.new_cache(1, 64)
-    prefix = 5
-    got = [ours(ids[:, :prefix], torch.arange(prefix)[None], cache)[0]]
-    for t in range(prefix, ids.shape[1]):
-        got.append(ours(ids[:, t:t + 1], torch.tensor([[t]]), cache)[0])
-    assert (torch.cat(got) - want).abs().max().item() < TOL
+    assert (decode_token_by_token(ours, ids) - want).abs().max().item() < TOL
 
 
 @torch.no_grad()
@@ -397,17 +394,7 @@ def test_tiny_v32_preset_warms_up_the_indexer_then_trains_sparse(tmp_path):
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 64, (2, 65), generator=g)
 
-    class Fixed:
-        def next_batch(self):
-            return seq[:, :-1], seq[:, 1:]
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-    trainer = Trainer(cfg, model, LanguageModeling(cfg.model["mtp_loss_weight"]), Fixed())
+    trainer = Trainer(cfg, model, LanguageModeling(cfg.model["mtp_loss_weight"]), FixedBatches(seq))
     start = {n: t.detach().clone() for n, t in model.state_dict().items()}
     recs = [trainer.train_step() for _ in range(12)]
     assert all("indexer_kl" in r and "lm_loss" in r for r in recs)

@@ -5,6 +5,7 @@ the KL reaches the indexers alone (their inputs are detached) and top-k still pa
 from pathlib import Path
 
 import torch
+from train_data import FixedBatches
 
 from nanoseek.models.dsa import dsa_modules, indexer_kl
 
@@ -64,17 +65,7 @@ def test_trainer_warms_up_then_trains_v4_indexers(tmp_path):
     model, cfg = _model_and_cfg(tmp_path, 10)
     seq = torch.randint(0, 64, (2, 65), generator=torch.Generator().manual_seed(0))
 
-    class Fixed:
-        def next_batch(self):
-            return seq[:, :-1], seq[:, 1:]
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-    trainer = Trainer(cfg, model, LanguageModeling(), Fixed())
+    trainer = Trainer(cfg, model, LanguageModeling(), FixedBatches(seq))
     start = {n: t.detach().clone() for n, t in model.state_dict().items()}
     recs = [trainer.train_step() for _ in range(10)]
     assert all("indexer_kl" in r and "lm_loss" in r for r in recs)

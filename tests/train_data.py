@@ -56,3 +56,20 @@ def cli(*args: str, torchrun: int = 0, **kw) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "nanoseek.cli", *args]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **kw)
+
+
+class FixedBatches:
+    """A loader that serves the same (inputs, targets) batch every step, cut from `seq` [B, T + 1]; nothing to
+    save or restore."""
+
+    def __init__(self, seq):
+        self.seq = seq
+
+    def next_batch(self):
+        return self.seq[:, :-1], self.seq[:, 1:]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
