@@ -139,7 +139,7 @@ def test_reward_path_through_grpo():
     cfg = GRPOConfig(group_size=4, prompts_per_step=4, max_new_tokens=64, template="chat", open_think=False)
     src = Rollouts(_policy(tok), tok, task, cfg, micro_batches=1)
     src.engine.generate = Scripted(tok, use_tool=lambda seed: random.Random(seed).random() < 0.5)
-    src.engine.context = 4096   # the stand-in model has no context limit (the tiny policy's is 64)
+    src.engine.runner.context = 4096   # the stand-in model has no context limit (the tiny policy's is 64)
     batch = src.next_batch()
     rewards = batch.advantages > 0
     assert 0 < int(rewards.sum()) < 16

@@ -37,11 +37,24 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # cuda_graphs: static-shape decode steps replayed as CUDA graphs (engine/graphs.py); CPU ignores it.
         self.runner = make_runner(model, tokenizer, eos_token_ids, cuda_graphs=cuda_graphs)
-        self.context = self.runner.context
-        self.vocab_size = self.runner.vocab_size
-        self.device = self.runner.device
-        self.eos_token_ids = self.runner.eos_token_ids
         self._loop: Scheduler | None = None
+
+    # The model's facts live once, on the runner (engine/step.py).
+    @property
+    def context(self) -> int:
+        return self.runner.context
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.runner.eos_token_ids
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         check_prompt(prompt, self.context)

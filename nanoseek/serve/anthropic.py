@@ -53,7 +53,12 @@ from nanoseek.serve.routes import (
     _message_bytes,
     json_body,
 )
-from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
+from nanoseek.serve.schemas import (
+    SSE_DONE,
+    SSE_KEEPALIVE,
+    ChatCompletionRequest,
+    given_fields,
+)
 from nanoseek.serve.store import Store
 from nanoseek.serve.streams import sse
 from nanoseek.serve.structured import REASONING_BUDGETS
@@ -251,9 +256,7 @@ def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False, contex
                             "max_tokens": req.max_tokens if context is None else min(req.max_tokens, context)}
     if req.model is not None:
         body["model"] = req.model
-    for name in ("temperature", "top_p", "top_k"):
-        if getattr(req, name) is not None:
-            body[name] = getattr(req, name)
+    body.update(given_fields(req, ("temperature", "top_p", "top_k")))
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
     # Anthropic's default is no thinking: a hybrid template is switched off unless the request enables it.

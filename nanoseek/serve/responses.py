@@ -35,7 +35,12 @@ from nanoseek.serve.errors import (
     to_api_error,
 )
 from nanoseek.serve.routes import ChatRun, ChatService, json_body
-from nanoseek.serve.schemas import SSE_DONE, SSE_KEEPALIVE, ChatCompletionRequest
+from nanoseek.serve.schemas import (
+    SSE_DONE,
+    SSE_KEEPALIVE,
+    ChatCompletionRequest,
+    given_fields,
+)
 from nanoseek.serve.store import Store
 from nanoseek.serve.streams import sse
 
@@ -204,9 +209,7 @@ def chat_body(req: ResponsesRequest, history: list[dict], stream: bool = False) 
         body["model"] = req.model
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
-    for name in ("temperature", "top_p", "parallel_tool_calls"):
-        if getattr(req, name) is not None:
-            body[name] = getattr(req, name)
+    body.update(given_fields(req, ("temperature", "top_p", "parallel_tool_calls")))
     if req.tools:
         body["tools"] = _tools(req.tools)
     if req.tool_choice is not None:

@@ -904,3 +904,9 @@ class DetokenizeRequest(_Body):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+def given_fields(req: BaseModel, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of `req` among `names` that the request set (not None): what a translated API (Anthropic,
+    Responses) passes on to the chat request unchanged."""
+    return {n: getattr(req, n) for n in names if getattr(req, n) is not None}
