@@ -1,9 +1,11 @@
-"""The R1 effect measured: GRPO's gain over cold-start SFT alone, with a paired test, through the one recipe.
+"""The R1 effect measured: GRPO's gain over cold-start SFT alone, and on-policy distillation against SFT on
+teacher traces at the same student compute, with paired tests, through the one recipe.
 
-Runs `nanoseek recipe r1` (the one pipeline; this script adds nothing to it but settings and statistics), then
-compares the SFT and GRPO stages on the same held-out problems with McNemar's exact test: of the problems
-where the two stages disagree, how many did GRPO get right (b) vs SFT (c); under "no effect" b ~ Bin(b + c,
-1/2). Paired on the same problems and seeds, it is far more sensitive than comparing two intervals.
+Runs `nanoseek recipe r1 --distill` (the one pipeline; this script adds nothing to it but settings and
+statistics), then compares stages on the same held-out problems with McNemar's exact test: of the problems
+where two stages disagree, how many did the second get right (b) vs the first (c); under "no effect"
+b ~ Bin(b + c, 1/2). Paired on the same problems and seeds, it is far more sensitive than comparing two
+intervals. The distillation teacher is the recipe's GRPO model, the student a fresh copy of the base model.
 
     nice -n 10 python benchmarks/r1_effect.py [--out runs/r1-effect] [-- extra recipe flags]
 
@@ -26,7 +28,8 @@ from machine import cpu_name  # benchmarks/machine.py
 
 SETTINGS = ["--task", "arithmetic", "--task-arg", "digits=3", "--task-arg", "ops=+-", "--eval-problems", "300",
             "--grpo-steps", "16", "--set", "rl.grpo.prompts_per_step=8", "--set", "eval.protocol.samples=1",
-            "--set", "eval.protocol.greedy=false"]   # one sample per problem: 300 completions per stage on 2 cores
+            "--set", "eval.protocol.greedy=false",   # one sample per problem: 300 completions per stage on 2 cores
+            "--distill"]                             # the GRPO model distilled into the base model two ways
 
 
 def mcnemar(pairs: list[tuple[bool, bool]]) -> tuple[int, int, float]:
@@ -40,10 +43,19 @@ def mcnemar(pairs: list[tuple[bool, bool]]) -> tuple[int, int, float]:
     return b, c, min(1.0, 2 * tail)
 
 
+STAGES = ("base", "sft", "grpo", "sft-traces", "onpolicy")
+# (first, second, what is compared): McNemar's b counts problems only the second got right.
+PAIRS = [("sft", "grpo", "GRPO after SFT vs SFT alone"),
+         ("sft-traces", "onpolicy", "on-policy distillation vs SFT on the teacher's traces, equal student compute"),
+         ("onpolicy", "grpo", "the teacher vs its on-policy student"),
+         ("sft-traces", "grpo", "the teacher vs its trace-SFT student")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="the recipe directory; an earlier run's continues (and may gain "
+                                                "the distillation stage)")
     ap.add_argument("extra", nargs="*", help="more `nanoseek recipe r1` flags (after --)")
     a = ap.parse_args()
     stamp = time.strftime("%Y-%m-%d-%H%M")
@@ -56,37 +68,50 @@ def main() -> int:
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()
-    ev = {s: json.loads((out / "eval" / f"{s}.json").read_text()) for s in ("base", "sft", "grpo")}
-    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo")}
-    rows = ["| stage | strict pass@1 (95% CI) | answer pass@1 (95% CI) | format rate | train wall s | eval s |",
-            "|---|---|---|---|---|---|"]
+    ev = {s: json.loads((out / "eval" / f"{s}.json").read_text()) for s in STAGES
+          if (out / "eval" / f"{s}.json").is_file()}
+    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo", "traces", "sft-traces", "onpolicy")
+            if (out / f"{s}.done").is_file()}
+    rows = ["| stage | strict pass@1 (95% CI) | answer pass@1 (95% CI) | format rate | train wall s | "
+            "student tokens trained | eval s |", "|---|---|---|---|---|---|---|"]
 
     def pct(m):
         return f"{100 * m['value']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]"
 
     for s, e in ev.items():
-        m = e["metrics"]
+        m, d = e["metrics"], done.get(s, {})
+        tokens = f"{d['student_tokens']:,}" if "student_tokens" in d else "-"
         rows.append(f"| {s} | {pct(m['strict/pass@1'])} | {pct(m['answer/pass@1'])} | "
-                    f"{e['stats']['format_rate']:.3f} | {done.get(s, {}).get('seconds', '-')} | "
+                    f"{e['stats']['format_rate']:.3f} | {d.get('seconds', '-')} | {tokens} | "
                     f"{e['stats']['generate_s']:.0f} |")
-    sft = {p["id"]: p for p in ev["sft"]["problems"]}
-    grpo = {p["id"]: p for p in ev["grpo"]["problems"]}
-    ids = [i for i in sft if i in grpo]
-    # One sample per problem at T = 0.6, the same seed at both stages: paired per problem.
-    sampled = mcnemar([(sft[i]["strict_correct"] > 0, grpo[i]["strict_correct"] > 0) for i in ids])
+    tests = []
+    for first, second, what in PAIRS:
+        if first in ev and second in ev:
+            x = {p["id"]: p for p in ev[first]["problems"]}
+            y = {p["id"]: p for p in ev[second]["problems"]}
+            ids = [i for i in x if i in y]
+            # One sample per problem at T = 0.6, the same seed at every stage: paired per problem.
+            b, c, pval = mcnemar([(x[i]["strict_correct"] > 0, y[i]["strict_correct"] > 0) for i in ids])
+            tests.append(f"| {what} | {len(ids)} | {b} | {c} | {pval:.3g} |")
+    traces = done.get("traces")
     dest = Path("benchmarks/results") / f"r1-effect-{stamp}.md"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("\n".join([
-        f"# The R1 effect on CPU: GRPO after cold-start SFT vs SFT alone ({stamp})", "",
+        f"# The R1 effect on CPU: GRPO after cold-start SFT, and distillation of its result ({stamp})", "",
         f"- command: `nice -n 10 python benchmarks/r1_effect.py` = `nanoseek recipe r1 --model {a.model} "
         f"{' '.join(settings)}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} CPUs, shared: load average {load0[0]:.1f} at the start, "
-        f"{load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (1 / 5 / 15 min) at the end; wall time, all stages "
-        f"{wall / 60:.1f} min", f"- {len(ids)} held-out problems, the same at every stage", "",
+        f"{load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (1 / 5 / 15 min) at the end; this invocation "
+        f"{wall / 60:.1f} min wall (stages done by an earlier one in {out} are read back, not rerun)",
+        f"- {len(next(iter(ev.values()))['problems'])} held-out problems, the same at every stage; one sample per "
+        "problem at T = 0.6, the same seed at every stage",
+        *([f"- teacher traces (grpo model, train problems): {traces['kept']} correct replies kept of "
+           f"{traces['completions']}, {traces['seconds']:.0f} s (teacher compute, not the student's)"]
+          if traces else []), "",
         *rows, "",
-        f"McNemar (strict accuracy, one sample per problem at T = 0.6 with the same seed at both stages, paired "
-        f"on {len(ids)} problems): right only after GRPO {sampled[0]}, right only after SFT {sampled[1]}, "
-        f"exact two-sided p = {sampled[2]:.3g}.",
+        "McNemar's exact test on strict accuracy, paired per problem (b: right only in the second, c: right only "
+        "in the first):", "",
+        "| comparison | problems | b | c | two-sided p |", "|---|---|---|---|---|", *tests,
         ""]))
     print(dest.read_text())
     return 0

@@ -580,7 +580,7 @@ def cmd_recipe_r1(a) -> int:
     cfg = dataclasses.replace(cfg, model=a.model, task=a.task, task_args=kwargs, out_dir=a.out or f"runs/r1-{a.task}",
                               device=a.device, seed=a.seed, plots=not a.no_plots, log=a.log)
     given = {"cold_start.data": a.sft_data, "cold_start.steps": a.sft_steps, "rl.steps": a.grpo_steps,
-             "eval.problems": a.eval_problems}
+             "eval.problems": a.eval_problems, "distill.enabled": True if a.distill else None}
     given = {k: v for k, v in given.items() if v is not None}
     for text in a.set:
         from nanoseek.train.config import parse_override
@@ -856,6 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sft-steps", type=int, default=None, help="cold-start SFT steps (preset's by default)")
     r.add_argument("--grpo-steps", type=int, default=None, help="GRPO rollouts (preset's by default)")
     r.add_argument("--eval-problems", type=int, default=None, help="held-out problems per eval (preset's)")
+    r.add_argument("--distill", action="store_true",
+                   help="then distil the GRPO model into a fresh copy of the base model two ways at the same "
+                        "student compute, SFT on its traces and on-policy distillation, each evaluated (settings: "
+                        "--set distill.KEY=VALUE); may be added to a finished run")
     r.add_argument("--device", default="auto")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",

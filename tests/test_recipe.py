@@ -36,7 +36,7 @@ def test_cold_start_data_is_the_task_in_the_format(tmp_path):
     assert reply["reasoning_content"].endswith(f"= {p.answer}") and len(rows) == 3
 
 
-def test_recipe_report_card_and_resume_after_kill(tmp_path, capsys):
+def test_recipe_report_card_and_resume_after_kill(tmp_path, capsys, monkeypatch):
     model = tiny_model_dir(tmp_path / "tiny", hidden=32)
     out = tmp_path / "r1"
     argv = ["recipe", "r1", "--model", str(model), "--task", "arithmetic", "--out", str(out), *TINY, *SIZES]
@@ -68,3 +68,38 @@ def test_recipe_report_card_and_resume_after_kill(tmp_path, capsys):
     # Another setting under the same directory is refused, not mixed in.
     assert main([*argv, "--sft-steps", "3", "--no-plots"]) == 3   # plots may change; steps may not
     assert "other settings (cold_start)" in capsys.readouterr().err
+
+    # The distillation stage extends the finished recipe without redoing it. A tiny random teacher answers no
+    # problem correctly, so there are no traces: one line says so.
+    dist = [x for kv in ("distill.steps=2", "distill.prompts_per_step=2", "distill.max_new_tokens=4",
+                         "distill.sft_rows=2", "distill.seq_len=400", "distill.ckpt_every=1", "distill.trace_problems=3")
+            for x in ("--set", kv)]
+    assert main([*argv, "--distill", *dist]) == 3
+    err = capsys.readouterr().err
+    assert "answered none of 6 train problems" in err and "cold-start SFT" not in err and "GRPO:" not in err
+    # With traces standing in for a capable teacher's (worked solutions), both arms train and are evaluated.
+    from nanoseek.train import recipe
+
+    def traces(teacher, task, d, ev, path, **kw):
+        assert teacher == str(out / "grpo" / "final")
+        write_cold_start(task, path, 6)
+        return {"problems": 3, "completions": 6, "kept": 6, "problems_covered": 3, "duplicates": 0}
+
+    monkeypatch.setattr(recipe, "write_teacher_traces", traces)
+    assert main([*argv, "--distill", *dist]) == 0
+    err = capsys.readouterr().err
+    assert "cold-start SFT" not in err and "eval base" not in err
+    assert (out / "eval" / "base.json").stat().st_mtime_ns == base_eval
+    card = (out / "report.md").read_text()
+    assert "| student: SFT on teacher traces |" in card and "| student: on-policy distillation |" in card
+    assert "teacher traces: 6 correct" in card
+    onpolicy = [r for r in read_jsonl(out / "onpolicy" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in onpolicy] == [1, 2] and all(r["kl"] > -1e-6 and r["batch_tokens"] > 0 for r in onpolicy)
+    assert [r["lr"] for r in onpolicy] == [r["lr"] for r in read_jsonl(out / "sft-traces" / "metrics.jsonl")
+                                           if r["kind"] == "train"]   # the same optimizer settings, both arms
+    for arm in ("sft-traces", "onpolicy"):
+        assert json.loads((out / f"{arm}.done").read_text())["student_tokens"] > 0
+    assert json.loads((out / "recipe.json").read_text())["distill"]["enabled"] is True
+    # Once it has run, its settings are part of the experiment.
+    assert main([*argv, "--distill", *dist, "--set", "distill.lr=1e-3"]) == 3
+    assert "other settings (distill)" in capsys.readouterr().err

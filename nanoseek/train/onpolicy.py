@@ -224,6 +224,8 @@ class OnPolicySource(Rollouts):
         stats = {"completion_len": _mean([len(o.token_ids) for o in outs]), "rollout_s": time.perf_counter() - t0}
         tokens = D.all_reduce_sum(torch.tensor([float(sum(len(r[1]) for r in rows))]))
         batches = self._micro_batches(rows, torch.zeros(len(rows)), stats, float(tokens) / (self.micro_batches * self.world))
+        # The student's training forward, padding included: what "the same student compute" is measured in.
+        stats["batch_tokens"] = float(sum(b.ids.numel() for b in batches))
         out = []
         for b in batches:
             ob = OnPolicyBatch(**vars(b))

@@ -9,12 +9,16 @@ every GRPO group has the same reward, and there is nothing to learn. The stages:
      out as the reasoning) — or a chat jsonl the user gives;
   2. eval of the starting model; SFT on the cold-start data; eval; GRPO from the SFT model; eval — the same
      held-out problems, seeds and protocol every time (nanoseek.evaluate);
-  3. the report card: report.md with pass@1 and its 95% interval per stage, and PNGs of the GRPO run.
+  3. optionally (`--distill`), the GRPO model as teacher distilled into a fresh student two ways at the same
+     student compute: SFT on its rejection-sampled traces (R1 §2.4) and on-policy distillation (V4); each
+     student evaluated like the other stages;
+  4. the report card: report.md with pass@1 and its 95% interval per stage, and PNGs of the GRPO run.
 
 Each stage is a function of typed configs, so other recipes compose them differently. The whole is resumable:
 finished stages leave their outputs (an eval JSON, a `.done` file) and are skipped, and an interrupted
 training stage resumes from its newest checkpoint. Layout of OUT: recipe.json, cold_start.jsonl, eval/*.json,
-sft/ and grpo/ (ordinary run directories, each with final/), report.md and *.png.
+sft/ and grpo/ (ordinary run directories, each with final/), with --distill distill/traces.jsonl, sft-traces/
+and onpolicy/, report.md and *.png.
 """
 
 from __future__ import annotations
@@ -70,6 +74,30 @@ class StageEvalConfig:
 
 
 @dataclass
+class DistillStageConfig:
+    """The optional last stage (`--distill`): the recipe's trained model as teacher, distilled into a fresh
+    student two ways at the same student compute — SFT on the teacher's rejection-sampled traces (R1 §2.4) and
+    on-policy distillation (V4: the student samples, the teacher scores every token). Both arms take `steps`
+    optimizer steps at the same lr and schedule, on about the same tokens per step: `prompts_per_step` student
+    completions vs `sft_rows` packed rows of `seq_len`, which hold about as many conversations (≈2 of the
+    ~110-token arithmetic ones per 256-token row). Each arm's measured token count is in its `.done` file."""
+
+    enabled: bool = False
+    teacher: str = "grpo"        # a stage (sft, grpo) or a model path
+    student: str = "base"        # a stage (base, sft, grpo) or a model path
+    steps: int = 30
+    lr: float = 5e-5
+    warmup_steps: int = 3
+    prompts_per_step: int = 8    # on-policy arm: student completions per step
+    max_new_tokens: int = 48
+    sft_rows: int = 4            # trace arm: packed rows per step
+    seq_len: int = 256
+    trace_problems: int = 300    # train problems the teacher answers; its correct replies are kept
+    trace_samples: int = 2
+    ckpt_every: int = 10
+
+
+@dataclass
 class RecipeConfig:
     model: str = "smollm2-135m"
     task: str = "arithmetic"
@@ -82,6 +110,7 @@ class RecipeConfig:
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     rl: RLStageConfig = field(default_factory=RLStageConfig)
     eval: StageEvalConfig = field(default_factory=StageEvalConfig)
+    distill: DistillStageConfig = field(default_factory=DistillStageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -181,6 +210,85 @@ def run_rl(model: str, task: Task, cfg: RLStageConfig, out_dir: Path, *, device:
     return out_dir / "final"
 
 
+def write_teacher_traces(teacher: str, task: Task, d: DistillStageConfig, ev: StageEvalConfig, out: Path, *,
+                         device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """The teacher answers `d.trace_problems` train problems `d.trace_samples` times with the eval's sampling;
+    its correct, well-formed replies become chat jsonl (distill.generate_traces, R1 §2.3.3's rejection
+    sampling). Returns its counts."""
+    from nanoseek.session import LoadOptions, Session
+    from nanoseek.train.distill import generate_traces
+
+    quant = ev.quant if ev.quant != "auto" else ("int8-group" if device == "cpu" else "none")
+    s = Session(LoadOptions(model=teacher, device=device, quant=quant))
+    s.engine.max_batch = ev.batch_size
+    p = ev.protocol
+    return generate_traces(s.engine, s.tokenizer, task, task.problems("train", d.trace_problems), out,
+                           samples=d.trace_samples, max_tokens=d.max_new_tokens, temperature=p.temperature,
+                           top_p=p.top_p, keep="correct", seed=seed, open_think=p.open_think)
+
+
+def run_onpolicy_arm(teacher: str, student: str, task: Task, d: DistillStageConfig, ev: StageEvalConfig,
+                     out_dir: Path, *, device: str = "auto", seed: int = 0, plots: bool = True,
+                     log: str = "jsonl") -> Path:
+    """On-policy distillation of `teacher` into `student` on the task's prompts, with the trace arm's optimizer
+    settings; returns out_dir/final."""
+    from nanoseek.train.finetune import finetune_config
+    from nanoseek.train.onpolicy import OnPolicyConfig, run_onpolicy
+
+    ocfg = OnPolicyConfig(prompts_per_step=d.prompts_per_step, max_new_tokens=d.max_new_tokens,
+                          template=ev.protocol.template, open_think=ev.protocol.open_think, gen_batch=ev.batch_size,
+                          seed=seed)
+    tcfg = finetune_config(str(out_dir), steps=d.steps, lr=d.lr, schedule="cosine", warmup_steps=d.warmup_steps,
+                           seed=seed, device=device, ckpt_every=d.ckpt_every, log_every=1, plots=plots, log=log)
+    run_onpolicy(teacher, student, task, ocfg, tcfg)
+    return out_dir / "final"
+
+
+def _student_tokens(run_dir: Path) -> int:
+    """Tokens through the student's training forward over a run, padding included (the compute both arms are
+    matched on): SFT's packed rows, or on-policy's padded rollout batches."""
+    from nanoseek.train.loop import read_jsonl
+
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    if recs and "batch_tokens" in recs[-1]:
+        return int(sum(r["batch_tokens"] for r in recs))
+    return int(recs[-1]["tokens"]) if recs else 0
+
+
+def run_distill_stage(cfg: RecipeConfig, out: Path, task: Task, models: dict[str, str], evaluate) -> None:
+    """The distillation stage (DistillStageConfig): the teacher's traces, then each arm from the same student,
+    each evaluated like every other stage; every part is skipped once done."""
+    d, device = cfg.distill, resolve_device(cfg.device)
+    teacher, student = models.get(d.teacher, d.teacher), models.get(d.student, d.student)
+    traces = out / "distill" / "traces.jsonl"
+    if _stage(out, "traces") is None:
+        _say(f"distill: the teacher ({teacher}) answers {d.trace_problems} train problems × {d.trace_samples}")
+        t0 = time.perf_counter()
+        counts = write_teacher_traces(teacher, task, d, cfg.eval, traces, device=device, seed=cfg.seed)
+        if not counts["kept"]:
+            raise BadInputError(f"the teacher {teacher} answered none of {counts['completions']} train problems "
+                                "correctly in the format: nothing to distil by traces (a stronger teacher, or more "
+                                "--set distill.trace_samples)")
+        _finish(out, "traces", time.perf_counter() - t0, **counts)
+        _say(f"distill: kept {counts['kept']} of {counts['completions']} teacher replies")
+    arm = ColdStartConfig(data=str(traces), steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, seq_len=d.seq_len,
+                          batch_size=d.sft_rows, ckpt_every=d.ckpt_every)
+    if _stage(out, "sft-traces") is None:
+        _say(f"distill: SFT of {student} on the teacher's traces, {d.steps} steps")
+        t0 = time.perf_counter()
+        run_cold_start(student, traces, arm, out / "sft-traces", device=cfg.device, seed=cfg.seed, plots=cfg.plots,
+                       log=cfg.log)
+        _finish(out, "sft-traces", time.perf_counter() - t0, student_tokens=_student_tokens(out / "sft-traces"))
+    evaluate("sft-traces")
+    if _stage(out, "onpolicy") is None:
+        _say(f"distill: on-policy distillation of {teacher} into {student}, {d.steps} steps")
+        t0 = time.perf_counter()
+        run_onpolicy_arm(teacher, student, task, d, cfg.eval, out / "onpolicy", device=cfg.device, seed=cfg.seed,
+                         plots=cfg.plots, log=cfg.log)
+        _finish(out, "onpolicy", time.perf_counter() - t0, student_tokens=_student_tokens(out / "onpolicy"))
+    evaluate("onpolicy")
+
+
 # ------------------------------------------------------------------------------------------------- the whole
 
 
@@ -200,13 +308,20 @@ def _check_same_recipe(out: Path, cfg: RecipeConfig) -> None:
     state = out / "recipe.json"
     now = cfg.to_dict()
     if state.is_file():
-        # How it runs is not what it is: a run may continue on another device, with or without plots.
-        saved = {k: v for k, v in json.loads(state.read_text()).items() if k not in RUN_ONLY}
-        now = {k: v for k, v in now.items() if k not in RUN_ONLY}
-        if saved != now:
-            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        saved = json.loads(state.read_text())
+        # How it runs is not what it is: a run may continue on another device, with or without plots. And the
+        # distillation stage comes last, so a recipe that has not run it may be extended by it (`--distill`)
+        # without redoing the rest; once it has run, its settings are part of the experiment like any other.
+        extend = not (saved.get("distill") or {}).get("enabled")
+        ignore = RUN_ONLY + (("distill",) if extend else ())
+        a = {k: v for k, v in saved.items() if k not in ignore}
+        b = {k: v for k, v in now.items() if k not in ignore}
+        if a != b:
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise BadInputError(f"{out} holds a recipe run with other settings ({', '.join(changed)}): choose a "
                                 "new --out, or repeat the original command to continue it")
+        if extend and cfg.distill.enabled:
+            _atomic_write(state, json.dumps({**saved, "distill": now["distill"]}, indent=1) + "\n")
     else:
         _atomic_write(state, json.dumps(now, indent=1) + "\n")
 
@@ -241,6 +356,8 @@ def run_recipe(cfg: RecipeConfig) -> Path:
     cfg.eval.protocol.validate()
     if cfg.eval.problems < 1 or cfg.cold_start.steps < 1 or cfg.rl.steps < 1:
         raise BadInputError("the recipe needs ≥ 1 eval problem, SFT step and GRPO step")
+    if cfg.distill.enabled:
+        _check_distill(cfg.distill)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(out, cfg)
@@ -251,7 +368,7 @@ def run_recipe(cfg: RecipeConfig) -> Path:
     if not cfg.cold_start.data and not data.is_file():
         write_cold_start(task, data, cfg.cold_start.conversations)
         _say(f"wrote {cfg.cold_start.conversations} cold-start conversations to {data}")
-    models = {"base": cfg.model, "sft": str(out / "sft" / "final"), "grpo": str(out / "grpo" / "final")}
+    models = {"base": cfg.model, **{s: str(out / s / "final") for s in ("sft", "grpo", "sft-traces", "onpolicy")}}
 
     def evaluate(stage: str) -> None:
         path = out / "eval" / f"{stage}.json"
@@ -280,7 +397,19 @@ def run_recipe(cfg: RecipeConfig) -> Path:
                log=cfg.log)
         _finish(out, "grpo", time.perf_counter() - t0)
     evaluate("grpo")
+    if cfg.distill.enabled:
+        run_distill_stage(cfg, out, task, models, evaluate)
     return write_report_card(out, cfg, plots=cfg.plots)
+
+
+def _check_distill(d: DistillStageConfig) -> None:
+    if min(d.steps, d.prompts_per_step, d.sft_rows, d.trace_problems, d.trace_samples, d.max_new_tokens) < 1:
+        raise BadInputError("distill: steps, prompts_per_step, sft_rows, trace_problems, trace_samples and "
+                            "max_new_tokens must be ≥ 1")
+    if d.teacher in ("base", "sft-traces", "onpolicy") or d.student in ("sft-traces", "onpolicy"):
+        raise BadInputError(f"distill: the teacher is a trained stage (sft, grpo) or a model path, the student a "
+                            f"stage before distillation (base, sft, grpo) or a path; got teacher {d.teacher!r}, "
+                            f"student {d.student!r}")
 
 
 def with_overrides(cfg: RecipeConfig, **changes) -> RecipeConfig:

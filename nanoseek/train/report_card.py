@@ -11,8 +11,9 @@ from typing import Any
 from nanoseek.machine import device_name
 from nanoseek.train.loop import read_jsonl
 
-STAGES = ("base", "sft", "grpo")
-LABELS = {"base": "base model", "sft": "after cold-start SFT", "grpo": "after GRPO"}
+STAGES = ("base", "sft", "grpo", "sft-traces", "onpolicy")
+LABELS = {"base": "base model", "sft": "after cold-start SFT", "grpo": "after GRPO",
+          "sft-traces": "student: SFT on teacher traces", "onpolicy": "student: on-policy distillation"}
 
 
 def _evals(out: Path) -> dict[str, dict[str, Any]]:
@@ -52,6 +53,24 @@ def plot_stages(evals: dict[str, dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _distill_lines(cfg, done: dict[str, dict]) -> list[str]:
+    d = getattr(cfg, "distill", None)
+    if d is None or not d.enabled:
+        return []
+    lines = [f"- distillation: teacher `{d.teacher}`, student `{d.student}`, each arm {d.steps} steps at lr {d.lr:g} "
+             f"(cosine, {d.warmup_steps} warm-up): SFT on {d.sft_rows} packed rows of {d.seq_len} tokens per step "
+             f"vs on-policy on {d.prompts_per_step} student completions of ≤{d.max_new_tokens} tokens per step"]
+    if "traces" in done:
+        t = done["traces"]
+        lines.append(f"  - teacher traces: {t['kept']} correct, well-formed replies kept of {t['completions']} "
+                     f"({t['problems_covered']} of {t['problems']} train problems), {t['seconds']:.0f} s")
+    for name in ("sft-traces", "onpolicy"):
+        if name in done:
+            lines.append(f"  - {LABELS[name]}: {done[name]['seconds']:.0f} s, "
+                         f"{done[name].get('student_tokens', 0):,} student tokens trained (padding included)")
+    return lines
+
+
 def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
     from nanoseek.train.plots import plot_grpo
 
@@ -67,7 +86,8 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
             images.append(("pass@1 per stage", "stages.png"))
         if plot_grpo(grpo_log, out / "grpo.png", title="GRPO per step (from the SFT model)"):
             images.append(("GRPO per step", "grpo.png"))
-    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo") if (out / f"{s}.done").is_file()}
+    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo", "traces", "sft-traces", "onpolicy")
+            if (out / f"{s}.done").is_file()}
     protocol = cfg.eval.protocol
     first = next(iter(evals.values()), None)
     lines = [f"# R1 recipe report card: {cfg.model} on {cfg.task}", "",
@@ -83,6 +103,7 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
               f"{cfg.rl.grpo.group_size}, lr {cfg.rl.lr:g}, β {cfg.rl.grpo.beta:g}, ≤{cfg.rl.grpo.max_new_tokens} "
               f"new tokens, T {cfg.rl.grpo.temperature:g}"
               + (f" ({done['grpo']['seconds']:.0f} s)" if "grpo" in done else "")),
+             *_distill_lines(cfg, done),
              "", "| stage | strict pass@1 | answer pass@1 | strict greedy | format rate | mean tokens | eval s |",
              "|---|---|---|---|---|---|---|"]
     for name, rep in evals.items():
