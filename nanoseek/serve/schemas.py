@@ -874,6 +874,12 @@ class TokenizeRequest(_Body):
     """POST /tokenize, vLLM's shape: either `prompt` (raw text) or `messages` (rendered with the chat
     template, like a chat request would be)."""
 
+    # The spec states the rule _one_input enforces (one input given, the other absent or null), so that a client
+    # generator or a fuzzer builds bodies that give exactly one; the two shapes exclude each other.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
+
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
