@@ -355,7 +355,7 @@ class ChatCompletionRequest(_Request):
     DEFAULT_MAX_TOKENS: ClassVar[int] = CHAT_DEFAULT_MAX_TOKENS
     PROMPT_PARAM: ClassVar[str] = "messages"
 
-    messages: list[Message]
+    messages: list[Message] = Field(json_schema_extra={"minItems": 1})   # the spec of _check_values' rule
     max_completion_tokens: int | None = Field(None, description="OpenAI's current name for max_tokens; wins "
                                               "over max_tokens when both are given.", **_range(ge=1))
     logprobs: bool | None = Field(None, description="Return the chosen tokens' logprobs.")
