@@ -9,6 +9,7 @@ Afterwards the server must still answer normally: fuzzing must not leave rows or
 
 import time
 
+import jsonschema_rs
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -16,7 +17,10 @@ from schemathesis.checks import not_a_server_error
 from starlette.testclient import TestClient
 
 from nanoseek.serve.app import create_app
+from nanoseek.serve.errors import ApiError
+from nanoseek.serve.schemas import TokenizeRequest
 from test_chat import CHATML
+from test_schemas import USER
 from test_serve import _served
 
 CONTEXT = 64
@@ -97,8 +101,30 @@ def test_spec_publishes_request_bodies(app):
         assert ref == f"#/components/schemas/{model}"
     schemas = spec["components"]["schemas"]
     assert "messages" in schemas["ChatCompletionRequest"]["required"]
+    # An empty list is a 400: saying so keeps the chat fuzz case from spending its 25 bodies on it.
+    assert schemas["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1
     refs = {v.split("/")[-1] for v in _refs(spec)}
     assert refs <= set(schemas), refs - set(schemas)     # every reference resolves
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hi"}, {"messages": USER}, {"prompt": "hi", "messages": None}, {"prompt": None, "messages": USER},
+    {}, {"prompt": None}, {"prompt": None, "messages": None}, {"prompt": "hi", "messages": USER},
+])
+def test_tokenize_spec_says_exactly_one_input(app, body):
+    """The published tokenize schema accepts a body exactly when the parser does (one of prompt/messages):
+    otherwise a fuzzer builds mostly bodies with both or neither, all rightly refused, and never reaches
+    the handler (test_no_server_errors then sees no 200)."""
+    spec = app.openapi()
+    validator = jsonschema_rs.validator_for({"components": spec["components"],
+                                             "$ref": "#/components/schemas/TokenizeRequest"})
+    try:
+        TokenizeRequest.parse(body)
+        parsed = True
+    except ApiError as err:
+        assert err.status == 400 and "exactly one" in err.message, err.body()
+        parsed = False
+    assert validator.is_valid(body) == parsed, body
 
 
 def _refs(node):

@@ -355,7 +355,7 @@ class ChatCompletionRequest(_Request):
     DEFAULT_MAX_TOKENS: ClassVar[int] = CHAT_DEFAULT_MAX_TOKENS
     PROMPT_PARAM: ClassVar[str] = "messages"
 
-    messages: list[Message]
+    messages: list[Message] = Field(json_schema_extra={"minItems": 1})   # the spec of _check_values' rule
     max_completion_tokens: int | None = Field(None, description="OpenAI's current name for max_tokens; wins "
                                               "over max_tokens when both are given.", **_range(ge=1))
     logprobs: bool | None = Field(None, description="Return the chosen tokens' logprobs.")
@@ -873,6 +873,12 @@ class ModelList(BaseModel):
 class TokenizeRequest(_Body):
     """POST /tokenize, vLLM's shape: either `prompt` (raw text) or `messages` (rendered with the chat
     template, like a chat request would be)."""
+
+    # The spec states the rule _one_input enforces (one input given, the other absent or null), so that a client
+    # generator or a fuzzer builds bodies that give exactly one; the two shapes exclude each other.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
 
     model: str | None = None
     prompt: str | None = None
