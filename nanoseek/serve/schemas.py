@@ -59,8 +59,10 @@ TOOL_NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 def only_with(name: str, inert: dict, needs: dict) -> dict:
     """The spec of a rule between fields, checked in code with its own 400: `name` is absent or matches
     `inert`, or the body meets `needs`. Published so that a client generator or a fuzzer builds bodies that
-    keep it (otherwise most fuzzed bodies break some such rule, and none reaches the handler)."""
-    return {"anyOf": [{"properties": {name: inert}}, needs]}
+    keep it (otherwise most fuzzed bodies break some such rule, and none reaches the handler). A dependent
+    schema, not a bare anyOf: the same rule, but a generator then meets `needs` only for bodies that set
+    `name`, rather than adding, say, tools to half of all bodies (each a longer prompt)."""
+    return {"dependentSchemas": {name: {"anyOf": [{"properties": {name: inert}}, needs]}}}
 
 
 _STREAM_OPTIONS_NEED_STREAM = only_with("stream_options", {"type": "null"},
