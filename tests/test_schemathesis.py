@@ -7,6 +7,7 @@ generation stays a few dozen steps of at most 16 sequences.
 Afterwards the server must still answer normally: fuzzing must not leave rows or queue slots behind.
 """
 
+import json
 import time
 
 import jsonschema_rs
@@ -16,9 +17,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from starlette.testclient import TestClient
 
+from nanoseek.serve.anthropic import CountTokensRequest, MessagesRequest, Signer, to_chat
 from nanoseek.serve.app import create_app
 from nanoseek.serve.errors import ApiError
-from nanoseek.serve.schemas import TokenizeRequest
+from nanoseek.serve.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from test_chat import CHATML
 from test_schemas import USER
 from test_serve import _served
@@ -125,6 +127,95 @@ def test_tokenize_spec_says_exactly_one_input(app, body):
         assert err.status == 400 and "exactly one" in err.message, err.body()
         parsed = False
     assert validator.is_valid(body) == parsed, body
+
+
+def _published(app, model: str):
+    spec = app.openapi()
+    return jsonschema_rs.validator_for({"components": spec["components"], "$ref": f"#/components/schemas/{model}"})
+
+
+def _anthropic(cls):
+    # what the route runs before the handler proper: the body's parse, then its translation to a chat request
+    return lambda body: to_chat(cls.parse(json.dumps(body).encode()), Signer(None))
+
+
+PARSERS = {"ChatCompletionRequest": ChatCompletionRequest.parse, "CompletionRequest": CompletionRequest.parse,
+           "MessagesRequest": _anthropic(MessagesRequest), "CountTokensRequest": _anthropic(CountTokensRequest)}
+TOOL = {"type": "function", "function": {"name": "f"}}
+A_TOOL = {"name": "f", "input_schema": {"type": "object"}}
+SAY = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("model,body", [
+    # rules between fields, checked in code
+    ("ChatCompletionRequest", {"messages": USER, "stream_options": {"include_usage": True}}),
+    ("ChatCompletionRequest", {"messages": USER, "stream_options": {}, "stream": False}),
+    ("ChatCompletionRequest", {"messages": USER, "stream_options": {}, "stream": True}),
+    ("ChatCompletionRequest", {"messages": USER, "top_logprobs": 2}),
+    ("ChatCompletionRequest", {"messages": USER, "top_logprobs": 2, "logprobs": False}),
+    ("ChatCompletionRequest", {"messages": USER, "top_logprobs": 2, "logprobs": True}),
+    ("ChatCompletionRequest", {"messages": USER, "tool_choice": "auto"}),
+    ("ChatCompletionRequest", {"messages": USER, "tool_choice": "required", "tools": []}),
+    ("ChatCompletionRequest", {"messages": USER, "tool_choice": "none"}),
+    ("ChatCompletionRequest", {"messages": USER, "tool_choice": "auto", "tools": [TOOL]}),
+    # chat's own Tool (not Anthropic's, which has the same name), with _check_tools' name rule
+    ("ChatCompletionRequest", {"messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]}),
+    ("ChatCompletionRequest", {"messages": USER, "tools": [{"type": "function", "function": {"name": ""}}]}),
+    # the sampler's float32 floor
+    ("ChatCompletionRequest", {"messages": USER, "top_p": 1e-40}),
+    ("ChatCompletionRequest", {"messages": USER, "top_p": 2e-38}),
+    ("CompletionRequest", {"prompt": "hi", "repetition_penalty": 1e-40}),
+    ("CompletionRequest", {"prompt": "hi", "repetition_penalty": 1e39}),
+    ("CompletionRequest", {"prompt": "hi", "stream_options": {}}),
+    # no empty list of prompts or of token ids
+    ("CompletionRequest", {"prompt": []}), ("CompletionRequest", {"prompt": [[]]}),
+    ("CompletionRequest", {"prompt": [[1], []]}), ("CompletionRequest", {"prompt": [[1], [2]]}),
+    ("CompletionRequest", {"prompt": [""]}), ("CompletionRequest", {"prompt": [3]}),
+    # Anthropic: which blocks each role sends, tool_choice and thinking rules, the tool name, top_p's floor
+    ("MessagesRequest", {"max_tokens": 5, "messages": [
+        SAY, {"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "thinking", "thinking": "x", "signature": "y"}]}]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [
+        SAY, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "any"}}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "tool", "name": "f"}}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "tool"}, "tools": [A_TOOL]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "tool", "name": ""},
+                         "tools": [A_TOOL]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "tool", "name": None},
+                         "tools": [A_TOOL]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "tool", "name": "f"},
+                         "tools": [A_TOOL]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tool_choice": {"type": "auto"}}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "thinking": {"type": "enabled"}}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "thinking": {"type": "enabled", "budget_tokens": 2}}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "thinking": {"type": "adaptive"}}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "tools": [{**A_TOOL, "name": "a.b"}]}),
+    ("MessagesRequest", {"max_tokens": 5, "messages": [SAY], "top_p": 1e-40}),
+    # count_tokens: max_tokens may be left out, and keeps its rules when given
+    ("CountTokensRequest", {"messages": [SAY]}), ("CountTokensRequest", {"messages": [SAY], "max_tokens": 0}),
+    ("MessagesRequest", {"messages": [SAY]}),
+])
+def test_spec_states_the_parsers_rules(app, model, body):
+    """The published schema accepts each of these bodies exactly when the server's parsing does: a rule the
+    spec leaves out makes a fuzzer (test_no_server_errors) spend its bodies on rightly refused requests."""
+    try:
+        PARSERS[model](body)
+        parsed = True
+    except ApiError as err:
+        assert err.status in (400, 422), err.body()
+        parsed = False
+    assert _published(app, model).is_valid(body) == parsed, body
+
+
+def test_count_tokens_publishes_its_own_body(app):
+    paths = app.openapi()["paths"]
+    body = paths["/v1/messages/count_tokens"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"] == "#/components/schemas/CountTokensRequest"
 
 
 def _refs(node):

@@ -54,10 +54,13 @@ from nanoseek.serve.routes import (
     json_body,
 )
 from nanoseek.serve.schemas import (
+    F32_TINY,
     SSE_DONE,
     SSE_KEEPALIVE,
+    TOOL_NAME_PATTERN,
     ChatCompletionRequest,
     given_fields,
+    only_with,
 )
 from nanoseek.serve.store import Store
 from nanoseek.serve.streams import sse
@@ -119,18 +122,28 @@ Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Fi
 
 
 class InputMessage(_Part):
+    # _chat_messages' rule in the spec: which blocks each role may send (its 400s stay _chat_messages')
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"role": {"const": role}, "content": {"items": {"properties": {"type": {"enum": kinds}}}}}}
+        for role, kinds in (("user", ["text", "tool_result"]), ("assistant", ["text", "tool_use", "thinking"]))]})
+
     role: Literal["user", "assistant"]
     content: str | list[Block]
 
 
 class Tool(_Part):
-    name: str
+    name: str = Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})   # the chat route's rule, its 400
     description: str | None = None
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
 
 
 class ToolChoice(_Part):
+    # _check's rule in the spec: "tool" names its tool
+    model_config = ConfigDict(json_schema_extra=only_with(
+        "type", {"enum": ["auto", "any", "none"]},
+        {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}))
+
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
@@ -138,6 +151,11 @@ class ToolChoice(_Part):
 
 class Thinking(_Part):
     """enabled (with a budget) and adaptive both turn the model's reasoning on; disabled turns it off."""
+
+    # _check's rule in the spec (all but budget_tokens < max_tokens, which a schema cannot say)
+    model_config = ConfigDict(json_schema_extra=only_with(
+        "type", {"enum": ["adaptive", "disabled"]},
+        {"required": ["budget_tokens"], "properties": {"budget_tokens": {"type": "integer", "minimum": 1}}}))
 
     type: Literal["enabled", "adaptive", "disabled"]
     budget_tokens: int | None = None
@@ -169,7 +187,11 @@ _UNSUPPORTED_BLOCKS = {"image": "nanoseek serves text-only models", "document": 
 class MessagesRequest(BaseModel):
     """POST /v1/messages. Unknown top-level fields are ignored (Anthropic's betas send many)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    # The rule of _check and of the chat request it becomes, in the spec: a tool_choice other than "none"
+    # needs tools ("auto" too: the chat route's 400)
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra=only_with(
+        "tool_choice", {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "none"}}}]},
+        {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}))
 
     model: str | None = None
     max_tokens: int = Field(description="Required. A cap: clamped to the room the context leaves.",
@@ -179,7 +201,7 @@ class MessagesRequest(BaseModel):
     stop_sequences: list[str] | None = None
     # bounds published for the spec; enforced by _check in Anthropic's words
     temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 1})
-    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    top_p: float | None = Field(None, json_schema_extra={"minimum": F32_TINY, "maximum": 1})   # the sampler's floor
     top_k: int | None = Field(None, json_schema_extra={"minimum": 0})
     metadata: Metadata | None = None
     stream: bool | None = None
@@ -189,15 +211,20 @@ class MessagesRequest(BaseModel):
     output_config: OutputConfig | None = None
 
     @classmethod
-    def parse(cls, raw: bytes, count_only: bool = False) -> MessagesRequest:
+    def parse(cls, raw: bytes) -> MessagesRequest:
         data = json_object(raw)
-        if count_only:
-            data.setdefault("max_tokens", 1)   # count_tokens takes the same body without max_tokens
         _refuse_unsupported(data)
         try:
             return cls.model_validate(data)
         except ValidationError as err:
             raise from_validation_errors(err.errors()) from None
+
+
+class CountTokensRequest(MessagesRequest):
+    """POST /v1/messages/count_tokens: the same body, where max_tokens may be left out (it counts nothing)."""
+
+    max_tokens: int = Field(1, description="Optional here; the same rules when given.",
+                            json_schema_extra={"minimum": 1})
 
 
 def _listed(value) -> list:
@@ -567,10 +594,10 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
         body = json.loads(response.body)
         return JSONResponse(await asyncio.to_thread(from_chat, body, run, signer, name))
 
-    @router.post("/messages/count_tokens", openapi_extra=json_body(MessagesRequest))
+    @router.post("/messages/count_tokens", openapi_extra=json_body(CountTokensRequest))
     async def count_tokens(request: Request):
         caller = await chat.gate.caller(request)
-        req = MessagesRequest.parse(await request.body(), count_only=True)
+        req = CountTokensRequest.parse(await request.body())
         sm = chat.pick(req.model)
         # It runs the tokenizer on the caller's text: the caller's limits apply, as to /tokenize.
         await chat.gate.check_funds(caller)

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.errors import NanoseekError
-from nanoseek.serve.anthropic import MessagesRequest, anthropic_models_router, anthropic_router
+from nanoseek.serve.anthropic import CountTokensRequest, MessagesRequest, anthropic_models_router, anthropic_router
 from nanoseek.serve.auth import Gate
 from nanoseek.serve.errors import ApiError, dialect_of, error_response
 from nanoseek.serve.guard import Guard, GuardConfig
@@ -149,11 +150,14 @@ def _publish_request_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = build()
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
-                        MessagesRequest, ResponsesRequest):
-                schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(schema.pop("$defs", {}))
-                schemas[cls.__name__] = schema
+            # All in one call: pydantic then gives same-named nested models (chat's and Anthropic's Tool)
+            # distinct names, where one schema per model would let the last Tool stand for both.
+            _, published = models_json_schema(
+                [(cls, "validation") for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest,
+                                                 DetokenizeRequest, MessagesRequest, CountTokensRequest,
+                                                 ResponsesRequest)],
+                ref_template="#/components/schemas/{model}")
+            schemas.update(published["$defs"])
         return app.openapi_schema
 
     app.openapi = openapi

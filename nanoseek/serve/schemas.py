@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # SamplingParams' own range check and wording, reused for n & co.
-from nanoseek.engine.sampling import MAX_LOGPROBS, SamplingParams, check_integer
+from nanoseek.engine.sampling import F32, MAX_LOGPROBS, SamplingParams, check_integer
 from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError, from_nanoseek, from_validation_errors
 
@@ -47,6 +47,26 @@ def _range(**bounds) -> dict:
     request's own checks) so that an out-of-range value gets a 400 in OpenAI's words, not a pydantic 422."""
     names = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum"}
     return {"json_schema_extra": {names[k]: v for k, v in bounds.items()}}
+
+
+# The sampler's floor for positive divisors (engine/sampling.py _normal_f32): published as the spec's minimum.
+F32_TINY = float(F32.tiny)
+
+# A tool or function name, as the chat route's _check_tools (and so the Anthropic route) accepts it.
+TOOL_NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+
+
+def only_with(name: str, inert: dict, needs: dict) -> dict:
+    """The spec of a rule between fields, checked in code with its own 400: `name` is absent or matches
+    `inert`, or the body meets `needs`. Published so that a client generator or a fuzzer builds bodies that
+    keep it (otherwise most fuzzed bodies break some such rule, and none reaches the handler). A dependent
+    schema, not a bare anyOf: the same rule, but a generator then meets `needs` only for bodies that set
+    `name`, rather than adding, say, tools to half of all bodies (each a longer prompt)."""
+    return {"dependentSchemas": {name: {"anyOf": [{"properties": {name: inert}}, needs]}}}
+
+
+_STREAM_OPTIONS_NEED_STREAM = only_with("stream_options", {"type": "null"},
+                                        {"required": ["stream"], "properties": {"stream": {"const": True}}})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +226,8 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 class FunctionDef(_Part):
-    name: str = Field(description="a-z, A-Z, 0-9, underscores and dashes; at most 64 characters.")
+    name: str = Field(description="a-z, A-Z, 0-9, underscores and dashes; at most 64 characters.",
+                      json_schema_extra={"pattern": TOOL_NAME_PATTERN})   # _check_tools' rule, its 400
     description: str | None = None
     parameters: dict | None = Field(None, description="A JSON schema for the arguments (an object).")
     strict: bool | None = Field(None, description="true: a schema the grammar cannot enforce is a 400 (the "
@@ -279,11 +300,13 @@ class _Request(_Body):
     DEFAULT_MAX_TOKENS: ClassVar[int] = CHAT_DEFAULT_MAX_TOKENS
     PROMPT_PARAM: ClassVar[str] = "messages"
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]})
+
     model: str | None = Field(None, description="Served model id; may be omitted on a one-model server.")
     max_tokens: int | None = Field(None, description="Most tokens to generate; clamped to the context left "
                                    "after the prompt.", **_range(ge=1))
     temperature: float | None = Field(None, description="0 = greedy. Default 1.", **_range(ge=0, le=2))
-    top_p: float | None = Field(None, description="Default 1.", **_range(gt=0, le=1))
+    top_p: float | None = Field(None, description="Default 1.", **_range(ge=F32_TINY, le=1))
     top_k: int | None = Field(None, description="0 or -1 = off (vLLM extension).", **_range(ge=-1))
     min_p: float | None = Field(None, description="vLLM extension. Default 0.", **_range(ge=0, le=1))
     n: int | None = Field(None, description="Choices to generate. Default 1.", **_range(ge=1, le=MAX_N))
@@ -292,7 +315,8 @@ class _Request(_Body):
     seed: int | None = Field(None, description="Makes sampling reproducible (choice i uses seed + i).")
     presence_penalty: float | None = Field(None, **_range(ge=-2, le=2))
     frequency_penalty: float | None = Field(None, **_range(ge=-2, le=2))
-    repetition_penalty: float | None = Field(None, description="vLLM extension. Default 1 (off).", **_range(gt=0))
+    repetition_penalty: float | None = Field(None, description="vLLM extension. Default 1 (off).",
+                                             **_range(ge=F32_TINY, le=float(F32.max)))
     ignore_eos: bool | None = Field(None, description="vLLM extension: keep generating past end-of-sequence.")
     stream: bool | None = None
     stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
@@ -353,6 +377,13 @@ class ChatCompletionRequest(_Request):
 
     UNSUPPORTED: ClassVar[Unsupported] = CHAT_UNSUPPORTED
     DEFAULT_MAX_TOKENS: ClassVar[int] = CHAT_DEFAULT_MAX_TOKENS
+    # _check_values' rules between fields, in the spec (its own config replaces _Request's: repeated here)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _STREAM_OPTIONS_NEED_STREAM,
+        only_with("top_logprobs", {"type": "null"},
+                  {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}),
+        only_with("tool_choice", {"enum": [None, "none"]},
+                  {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}})]})
     PROMPT_PARAM: ClassVar[str] = "messages"
 
     messages: list[Message] = Field(json_schema_extra={"minItems": 1})   # the spec of _check_values' rule
@@ -504,7 +535,13 @@ class CompletionRequest(_Request):
     DEFAULT_MAX_TOKENS: ClassVar[int] = COMPLETION_DEFAULT_MAX_TOKENS
     PROMPT_PARAM: ClassVar[str] = "prompt"
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # _check_values' rule in the spec: no empty list, of prompts or of token ids (its 400s stay _check_values').
+    # Token ids >= 0 is left out: schemathesis spells a *bounded* integer as a whole float (2.0) half the
+    # time, a 422 here, and a list of them almost always holds one; unbounded ids fail less often.
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+        {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}]})
     echo: bool | None = Field(None, description="Prepend the prompt to each choice's text.")
     suffix: str | None = Field(None, description="Fill in the middle: the text that follows the completion "
                                "(DeepSeek FIM, Beta). Needs a model with FIM tokens and string prompts.")
