@@ -269,3 +269,30 @@ def test_positive_values_that_vanish_in_float32_are_refused(field):
     """5e-324 passes a `> 0` check but is 0 in the sampler's float32: it must be a 400, not a failed step."""
     with pytest.raises(BadInputError, match="too small"):
         SamplingParams(max_tokens=4, **{field: 5e-324}).validate()
+
+
+def test_top_p_candidates_give_the_full_sorts_nucleus(monkeypatch):
+    # Sampler._nucleus orders only the TOP_P_CANDIDATES most likely tokens; rows whose candidates hold less
+    # than top_p (flat ones) sort everything. Set against the plain full-sort rule on peaked rows, flat rows
+    # that need the fallback, and a row without top_p.
+    from nanoseek.engine import sampling
+
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 8)
+    g = torch.Generator().manual_seed(3)
+    vocab = 64
+    x = torch.cat([torch.randn(3, vocab, generator=g) * 4,        # peaked: the nucleus sits in the top 8
+                   torch.randn(3, vocab, generator=g) * 0.1])     # flat: the top 8 hold ~1/8 of the mass
+    top_p = [0.9, 0.5, 0.99, 0.9, 0.5, 1.0]
+    sampler = Sampler.from_requests([SamplingParams(top_p=p, seed=i) for i, p in enumerate(top_p)], vocab)
+    got = torch.isfinite(sampler._nucleus(x.clone()))
+
+    def reference(row, p):
+        if p >= 1:
+            return torch.ones(vocab, dtype=torch.bool)
+        ordered, order = row.sort(descending=True)
+        q = ordered.softmax(-1)
+        return torch.zeros(vocab, dtype=torch.bool).scatter(0, order, (q.cumsum(-1) - q) < p)
+
+    want = torch.stack([reference(x[i], p) for i, p in enumerate(top_p)])
+    assert torch.equal(got, want)
+    assert got[3].sum() > 8 and got[:3].sum(-1).max() <= 8   # the flat rows did need more than the candidates

@@ -131,7 +131,9 @@ class InputMessage(_Part):
     content: str | list[Block]
 
 
-class Tool(_Part):
+class AnthropicTool(_Part):
+    """A tool in Anthropic's shape (named apart from chat's Tool, so the OpenAPI document holds both)."""
+
     name: str = Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})   # the chat route's rule, its 400
     description: str | None = None
     input_schema: dict[str, Any]
@@ -205,7 +207,7 @@ class MessagesRequest(BaseModel):
     top_k: int | None = Field(None, json_schema_extra={"minimum": 0})
     metadata: Metadata | None = None
     stream: bool | None = None
-    tools: list[Tool] | None = None
+    tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None

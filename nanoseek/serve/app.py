@@ -150,8 +150,8 @@ def _publish_request_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = build()
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            # All in one call: pydantic then gives same-named nested models (chat's and Anthropic's Tool)
-            # distinct names, where one schema per model would let the last Tool stand for both.
+            # All in one call: should two nested models ever share a name, pydantic then names them apart,
+            # where one schema per model would let the last one stand for both.
             _, published = models_json_schema(
                 [(cls, "validation") for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest,
                                                  DetokenizeRequest, MessagesRequest, CountTokensRequest,
