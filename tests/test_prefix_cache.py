@@ -85,12 +85,42 @@ def test_shared_prefix_hits_and_generates_what_a_cold_run_does(model):
     a = _run(sched, first)
     b = _run(sched, second)
     assert a.cached_tokens == 0 and b.cached_tokens == 40
-    cold = Engine(model).generate([first, second], GREEDY)
+    cold = Engine(model, prefix_cache_tokens=0).generate([first, second], GREEDY)
     assert a.token_ids == cold[0].token_ids and b.token_ids == cold[1].token_ids
     st = sched.stats()
     assert st["prefix_hit_tokens"] == 40 and st["prefix_queried_tokens"] == len(first) + len(second)
     assert 0 < st["prefix_blocks_used"] <= st["prefix_blocks_total"]
     assert st["prompt_tokens"] == len(first) + len(second)  # hits count as prompt tokens served
+
+
+SYSTEM = list(range(5, 45))   # 40 tokens: two full 16-token blocks shared
+BURST = [SYSTEM + [1, 2, 3], SYSTEM + [9, 8, 7, 6], SYSTEM + [4]]
+
+
+def test_requests_admitted_together_share_what_the_first_prefilled(model):
+    # An offline call (or a burst at the server) is admitted in one step, before any prompt is cached: the
+    # rows prefilled after the first take the blocks it stored.
+    engine = Engine(model, max_batch=4)
+    got = engine.generate(BURST, GREEDY)
+    assert [o.cached_tokens for o in got] == [0, 32, 32]
+    assert engine.loop.stats()["prefix_hit_tokens"] == 64
+    cold = Engine(model, prefix_cache_tokens=0).generate(BURST, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in cold]
+
+
+def test_the_offline_prefix_cache_lives_for_one_call(model):
+    # GRPO changes the weights between calls: keys and values cached by the last call are stale.
+    import copy
+
+    engine = Engine(copy.deepcopy(model), max_batch=4)
+    engine.generate(BURST, GREEDY)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.mul_(1.5)
+    after = engine.generate(BURST, GREEDY)
+    assert [o.cached_tokens for o in after] == [0, 32, 32]
+    fresh = Engine(engine.model, prefix_cache_tokens=0).generate(BURST, GREEDY)
+    assert [o.token_ids for o in after] == [o.token_ids for o in fresh]
 
 
 def test_next_chat_turn_hits_the_previous_reply(model):

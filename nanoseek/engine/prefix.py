@@ -68,9 +68,10 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for pools in self._pools for p in pools)
 
-    def match(self, prompt: Sequence[int], salt: bytes = b"") -> tuple[int, list[int]]:
+    def match(self, prompt: Sequence[int], salt: bytes = b"", *, again: bool = False) -> tuple[int, list[int]]:
         """(cached tokens, their pool blocks) for the longest cached prefix of `prompt` stored under `salt`,
-        leaving at least the last prompt token to compute (its logits start generation)."""
+        leaving at least the last prompt token to compute (its logits start generation). `again`: a second
+        look for a prompt already queried (and missed), counted as a hit only."""
         hashes = block_hashes(prompt[:len(prompt) - 1], self.block_size, salt)
         blocks = []
         for h in hashes:
@@ -81,7 +82,7 @@ class PrefixCache:
         for h in reversed(hashes[:len(blocks)]):
             self._blocks.move_to_end(h)
         n = len(blocks) * self.block_size
-        self.queried_tokens += len(prompt)
+        self.queried_tokens += 0 if again else len(prompt)
         self.hit_tokens += n
         return n, blocks
 

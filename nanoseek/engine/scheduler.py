@@ -373,9 +373,7 @@ class Scheduler:
             h.admitted = now
             key = hashlib.blake2b(h.cache_salt + np.asarray(h.prompt, np.int64).tobytes(), digest_size=16).digest()
             slot = Slot(h, state, key)
-            # Prefix-cache hits carry no routing record and no hidden states (for an MTP drafter), so such
-            # requests compute their prompt.
-            if self.prefix is not None and not h.record_routing and not self._feed_hidden:
+            if self._may_share(h):
                 # Prompt blocks another request already computed are copied in; prefill starts after them.
                 try:
                     filled, blocks = self.prefix.match(h.prompt, h.cache_salt)
@@ -393,6 +391,11 @@ class Scheduler:
                     self._prompt_tokens += slot.filled
             else:
                 self.rows.add(slot)
+
+    def _may_share(self, h) -> bool:
+        """Whether `h` may read the prefix cache: hits carry no routing record and no hidden states (for an
+        MTP drafter), so such requests compute their prompt."""
+        return self.prefix is not None and not h.record_routing and not self._feed_hidden
 
     def _prefill(self) -> list[torch.Tensor]:
         """Run this step's prefill plan (engine/policy.py). Rows whose prompt completes join the end of the
@@ -416,15 +419,23 @@ class Scheduler:
                     slot.state.out.routing[:] = src.state.out.routing[:len(prompt)]
             else:
                 assert isinstance(action, Prefill)
+                if slot.filled == 0 and self._may_share(slot.handle):
+                    # Requests admitted together all missed the cache at admission; one prefilled earlier
+                    # in this plan may have stored the blocks they share (a system prompt) since.
+                    hit, blocks = self.prefix.match(prompt, slot.handle.cache_salt, again=True)
+                    self.prefix.load(self.cache, slot.row, blocks)
+                    slot.filled = slot.state.out.cached_tokens = hit
+                    with self._cond:
+                        self._prompt_tokens += hit
                 start = slot.filled
-                slot.first_logits = self.runner.prefill(prompt[start:start + action.n], start,
-                                                        self.cache.rows(slot.row, 1))
-                self._record([slot], action.n)
+                n = min(action.n, len(prompt) - start)
+                slot.first_logits = self.runner.prefill(prompt[start:start + n], start, self.cache.rows(slot.row, 1))
+                self._record([slot], n)
                 if self._feed_hidden:
                     self.drafter.observe(slot.rid, start, self.runner.hidden[0])
-                slot.filled += action.n
+                slot.filled += n
                 with self._cond:
-                    self._prompt_tokens += action.n
+                    self._prompt_tokens += n
             if slot.decoding:
                 if self.prefix is not None:  # shareable now, while this request is still decoding
                     self.prefix.store(self.cache, slot.row, prompt, slot.handle.cache_salt)
