@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from nanoseek.machine import cpu_name, device_name
+from nanoseek.machine import cpu_flags, cpu_name, device_name
 
-__all__ = ["cpu_name", "device_name"]
+__all__ = ["cpu_flags", "cpu_name", "device_name"]

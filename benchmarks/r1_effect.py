@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/machine.py
+from machine import cpu_flags, cpu_name  # benchmarks/machine.py
 
 SETTINGS = ["--task", "arithmetic", "--task-arg", "digits=3", "--task-arg", "ops=+-", "--eval-problems", "300",
             "--grpo-steps", "16", "--set", "rl.grpo.prompts_per_step=8", "--set", "eval.protocol.samples=1",
@@ -56,11 +56,14 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=None, help="the recipe directory; an earlier run's continues (and may gain "
                                                 "the distillation stage)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                    help="training arithmetic (default: bf16 on a CPU with AMX, where it is ~1.8x faster; else auto)")
     ap.add_argument("extra", nargs="*", help="more `nanoseek recipe r1` flags (after --)")
     a = ap.parse_args()
     stamp = time.strftime("%Y-%m-%d-%H%M")
     out = Path(a.out or f"runs/r1-effect-{stamp}")
-    settings = [*SETTINGS, *a.extra]
+    precision = a.precision or ("bf16" if "amx_bf16" in cpu_flags() else "auto")
+    settings = [*SETTINGS, *([] if precision == "auto" else ["--set", f"precision={precision}"]), *a.extra]
     cmd = [sys.executable, "-m", "nanoseek.cli", "recipe", "r1", "--model", a.model, "--out", str(out),
            "--device", "cpu", "--no-plots", *settings]
     load0 = os.getloadavg()

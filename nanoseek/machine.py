@@ -16,6 +16,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere), e.g. {"avx512f", "amx_bf16", ...}."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def device_name() -> str:
     """The GPU when one is visible, else the CPU model."""
     import torch

@@ -103,3 +103,23 @@ def test_recipe_report_card_and_resume_after_kill(tmp_path, capsys, monkeypatch)
     # Once it has run, its settings are part of the experiment.
     assert main([*argv, "--distill", *dist, "--set", "distill.lr=1e-3"]) == 3
     assert "other settings (distill)" in capsys.readouterr().err
+
+
+def test_recipe_precision_reaches_every_training_stage(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "tiny", hidden=32)
+    out = tmp_path / "r1"
+    argv = ["recipe", "r1", "--model", str(model), "--task", "arithmetic", "--out", str(out), "--no-plots",
+            *TINY, *SIZES]
+    assert main([*argv, "--set", 'precision="bf16"']) == 0
+    for stage in ("sft", "grpo"):
+        assert json.loads((out / stage / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert "training precision bf16" in (out / "report.md").read_text()
+    # A run from before the setting existed ran at its default: it continues without it, not with another.
+    state = json.loads((out / "recipe.json").read_text())
+    del state["precision"]
+    (out / "recipe.json").write_text(json.dumps(state))
+    assert main(argv) == 0
+    assert main([*argv, "--set", 'precision="bf16"']) == 3
+    assert "other settings (precision)" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "other"), "--set", 'precision="fp16"']) == 3
+    assert "precision 'fp16': auto, fp32 or bf16" in capsys.readouterr().err

@@ -13,7 +13,8 @@ from nanoseek.weights.registry import LoadedModel, load_model
 
 def finetune_config(out_dir: str, *, steps: int, lr: float, schedule: str = "cosine", warmup_steps: int = 10,
                     grad_accum: int = 1, seed: int = 0, device: str = "auto", ckpt_every: int = 100,
-                    log_every: int = 10, plots: bool = True, log: str = "jsonl", final_dtype: str = "float32"):
+                    log_every: int = 10, plots: bool = True, log: str = "jsonl", final_dtype: str = "float32",
+                    precision: str = "auto"):
     """The TrainConfig of a fine-tuning run (sft, grpo, distill, the recipe's stages): no weight decay,
     clipping at 1, no periodic held-out eval, the last two checkpoints kept."""
     from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
@@ -26,7 +27,7 @@ def finetune_config(out_dir: str, *, steps: int, lr: float, schedule: str = "cos
                        train=RunConfig(steps=steps, grad_accum=grad_accum, seed=seed, device=device,
                                        out_dir=str(out_dir), log_every=log_every, eval_every=0,
                                        ckpt_every=ckpt_every, keep_last=2, plots=plots, log=log,
-                                       final_dtype=final_dtype))
+                                       final_dtype=final_dtype, precision=precision))
 
 
 def _dtype(name: str) -> torch.dtype:

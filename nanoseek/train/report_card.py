@@ -91,7 +91,8 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
     protocol = cfg.eval.protocol
     first = next(iter(evals.values()), None)
     lines = [f"# R1 recipe report card: {cfg.model} on {cfg.task}", "",
-             f"- task: `{cfg.task}` {json.dumps(cfg.task_args)}; machine: {device_name()}",
+             f"- task: `{cfg.task}` {json.dumps(cfg.task_args)}; machine: {device_name()}; training precision "
+             f"{getattr(cfg, 'precision', 'auto')}",
              (f"- eval (the same at every stage): {first['stats']['problems'] if first else cfg.eval.problems} "
               f"held-out test problems, {protocol.samples} samples at T={protocol.temperature}, top-p "
               f"{protocol.top_p}, plus greedy, ≤{protocol.max_tokens} tokens, seed {protocol.seed}. `strict` = the "
