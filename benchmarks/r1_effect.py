@@ -7,7 +7,9 @@ where two stages disagree, how many did the second get right (b) vs the first (c
 b ~ Bin(b + c, 1/2). Paired on the same problems and seeds, it is far more sensitive than comparing two
 intervals. The distillation teacher is the recipe's GRPO model, the student a fresh copy of the base model.
 
-    nice -n 10 python benchmarks/r1_effect.py [--out runs/r1-effect] [-- extra recipe flags]
+    nice -n 10 python benchmarks/r1_effect.py [--out runs/r1-effect] [--precision bf16] [-- extra recipe flags]
+
+Training runs in bf16 autocast where the CPU has AMX (~1.8x faster there), else at the recipe's default.
 
 Writes benchmarks/results/r1-effect-DATE.md with each stage's pass@1 (95% interval), format rate and wall
 time, the McNemar counts and p-value (strict accuracy), the machine and its load.

@@ -58,9 +58,12 @@ OPERATIONS = [("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/
 
 @pytest.mark.parametrize("path,method", OPERATIONS)
 def test_no_server_errors(api_schema, path, method):
-    # 25 bodies per route (the GET routes take no input and stop at one): about 15 s for all of them.
+    # 25 bodies per route (the GET routes take no input and stop at one): about 15 s for all of them. Anthropic's
+    # Messages gets 50: about 1 in 6 of its bodies reach the handler (schemathesis sends whole floats such as 2.0
+    # for the required max_tokens, which strict parsing refuses), so 25 would all miss in ~1 run of 100.
     @given(case=api_schema[path][method].as_strategy())
-    @settings(max_examples=25, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+    @settings(max_examples=50 if path == "/v1/messages" else 25, deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate],
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
     def fuzz(case):
         statuses.append(case.call_and_validate(checks=[not_a_server_error]).status_code)
