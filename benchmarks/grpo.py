@@ -43,12 +43,26 @@ def nanoseek_steps(model: str, task, a, out: Path) -> list[float]:
     return [r["step_s"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
+def step_clock():
+    """(a transformers TrainerCallback, times()): times() gives the seconds of each optimizer step since the
+    callback was made. benchmarks/onpolicy.py times TRL's DistillationTrainer with it too."""
+    from transformers import TrainerCallback
+
+    marks = [time.perf_counter()]
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+    return Clock(), lambda: [b - a for a, b in zip(marks, marks[1:])]
+
+
 def trl_steps(hf_dir: Path, task, out: Path, *, group_size: int, prompts: int, steps: int, max_new_tokens: int,
               cuda: bool) -> list[float]:
     """Seconds per step of TRL's GRPOTrainer (no vLLM) on `hf_dir`, configured like nanoseek's GRPO step
     (DAPO loss, no KL, group-scaled rewards). benchmarks/gpu.py runs the same function on a GPU."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from nanoseek.tasks.base import Problem
@@ -62,14 +76,7 @@ def trl_steps(hf_dir: Path, task, out: Path, *, group_size: int, prompts: int, s
         return [task.reward(c[0]["content"] if isinstance(c, list) else c, Problem(i, "", ans)).total
                 for c, ans, i in zip(completions, answer, pid)]
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.times = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter())
-
-    clock = Clock()
+    clock, times = step_clock()
     cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=group_size * prompts,
                      num_generations=group_size, max_completion_length=max_new_tokens, max_steps=steps,
                      learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, beta=0.0, loss_type="dapo",
@@ -81,7 +88,7 @@ def trl_steps(hf_dir: Path, task, out: Path, *, group_size: int, prompts: int, s
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[clock])
     trainer.train()
-    return [b - a_ for a_, b in zip(clock.times, clock.times[1:])]
+    return times()
 
 
 def main() -> int:
