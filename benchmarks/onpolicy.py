@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from grpo import (
-    step_clock,  # benchmarks/grpo.py: the per-step clock both TRL anchors use
-)
+from grpo import step_clock  # benchmarks/grpo.py
 from machine import cpu_name  # benchmarks/machine.py
 
 LR = 1e-6
