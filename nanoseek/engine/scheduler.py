@@ -401,6 +401,8 @@ class Scheduler:
         """Run this step's prefill plan (engine/policy.py). Rows whose prompt completes join the end of the
         decoding block; returns their last logits [1, V] in that order."""
         rows = self.rows
+        if rows.decoding == len(rows):  # the common decode step: nothing to prefill, skip planning
+            return []
         by_rid = {s.rid: s for s in rows.slots}
         views = [RowView(s.rid, s.key, len(s.state.prompt) - s.filled) for s in rows.slots]
         ready = []
