@@ -479,35 +479,23 @@ class Scheduler:
         if ready:
             first = torch.cat(ready)[:, None]
             logits = torch.cat([logits, first.expand(-1, T, -1)])
-        states = [s.state.state for s in live]
-        if self._sampler is None or self._sampler.states != states:
-            self._sampler = Sampler(states)
+        self._refresh_sampler(live)
         want = torch.full((len(live), T), -1, dtype=torch.long)
         for i, dr in enumerate(drafts):
             want[i, :len(dr)] = torch.tensor(dr, dtype=torch.long)
         want = want.to(logits.device)
         active = torch.ones(len(live), dtype=torch.bool, device=logits.device)
         fed = [1] * d           # positions of each verified row that hold confirmed tokens
-        done, now = [], time.monotonic()
+        done, now, generated = [], time.monotonic(), 0
         wanted_lp = [s.state.params.logprobs for s in live]
         for j in range(T):
             allowed, dead = self._allowed(live, logits[:, j], active)
             tokens, accepted, lp = self._sampler.verify(logits[:, j], want[:, j], active, allowed=allowed)
             tokens, accepted, lps = tokens.tolist(), accepted.tolist(), logprob_rows(lp, wanted_lp)
             for i in active.nonzero().squeeze(-1).tolist():
-                slot, h = live[i], live[i].handle
-                if i in dead:
-                    h._emit(slot.state.fail("the output constraint allows no token here (a dead end in its grammar)"))
-                    done.append(i)
-                    active[i] = False
-                    continue
-                if h.first_token is None:
-                    h.first_token = now
-                    slot.state.out.first_token_s = now - h.submitted
-                delta = slot.state.accept(tokens[i], lps[i])
-                h._emit(delta)
-                with self._cond:
-                    self._generated_tokens += 1
+                slot = live[i]
+                delta = self._take(slot, tokens[i], lps[i], i in dead, now)
+                generated += i not in dead
                 if delta.finish_reason is not None:
                     done.append(i)
                     active[i] = False
@@ -520,6 +508,7 @@ class Scheduler:
             if not bool(active.any()):
                 break
         with self._cond:
+            self._generated_tokens += generated
             self._verify_steps += 1
             self._verify_rows += sum(1 for dr in drafts if dr)
             self._drafted += sum(map(len, drafts))
@@ -545,9 +534,7 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor) -> None:
         live = self.rows.slots[:self.rows.decoding]
-        states = [s.state.state for s in live]
-        if self._sampler is None or self._sampler.states != states:
-            self._sampler = Sampler(states)
+        self._refresh_sampler(live)
         allowed, dead = self._allowed(live, logits)
         out = self._sampler.sample(logits, allowed=allowed)
         tokens = out.tokens.tolist()
@@ -555,23 +542,35 @@ class Scheduler:
         now = time.monotonic()
         done = []
         for i, (slot, tok, lp) in enumerate(zip(live, tokens, lps)):
-            h = slot.handle
-            if i in dead:
-                h._emit(slot.state.fail("the output constraint allows no token here (a dead end in its grammar)"))
-                done.append(i)
-                continue
-            if h.first_token is None:
-                h.first_token = now
-                slot.state.out.first_token_s = now - h.submitted
-            delta = slot.state.accept(tok, lp)
+            delta = self._take(slot, tok, lp, i in dead, now)
             slot.next_token = tok
-            h._emit(delta)
             if delta.finish_reason is not None:
                 done.append(i)
         with self._cond:
             self._generated_tokens += len(tokens) - len(dead)
         for i in reversed(done):
             self._end(self.rows.slots[i], None)
+
+    def _refresh_sampler(self, live: list[Slot]) -> None:
+        """Rebuild the batch's Sampler only when the decoding rows changed."""
+        states = [s.state.state for s in live]
+        if self._sampler is None or self._sampler.states != states:
+            self._sampler = Sampler(states)
+
+    @staticmethod
+    def _take(slot: Slot, token: int, lp: dict | None, dead: bool, now: float) -> Delta:
+        """Hand a row its sampled token, or end it when its constraint allowed nothing; emit and return the
+        delta (one with a finish_reason ends the row)."""
+        h = slot.handle
+        if dead:
+            delta = slot.state.fail("the output constraint allows no token here (a dead end in its grammar)")
+        else:
+            if h.first_token is None:
+                h.first_token = now
+                slot.state.out.first_token_s = now - h.submitted
+            delta = slot.state.accept(token, lp)
+        h._emit(delta)
+        return delta
 
     @staticmethod
     def _allowed(live: list[Slot], logits: torch.Tensor,
