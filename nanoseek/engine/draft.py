@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from nanoseek.engine.step import logits_width
 from nanoseek.models.deepseek import DeepseekBlock
 
 
@@ -106,7 +107,7 @@ class ModelDrafter:
     needs_hidden = False
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_len: int):
-        width = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else model.config.vocab_size
+        width = logits_width(model)
         if width != vocab_size:
             from nanoseek.errors import BadInputError
 
