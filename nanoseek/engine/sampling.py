@@ -383,7 +383,8 @@ class Sampler:
         tokens = x.argmax(-1)
         has = drafts >= 0
         accepted = has & (tokens == drafts)
-        rows = [(i, g) for i, g in self._drawing if bool(active[i])]
+        on = active.tolist()  # one read of the flags, not one device sync per sampling row
+        rows = [(i, g) for i, g in self._drawing if on[i]]
         if rows:
             index = torch.tensor([i for i, _ in rows], dtype=torch.long)
             u = torch.zeros(self.batch, 2)

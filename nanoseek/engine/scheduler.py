@@ -484,15 +484,16 @@ class Scheduler:
         for i, dr in enumerate(drafts):
             want[i, :len(dr)] = torch.tensor(dr, dtype=torch.long)
         want = want.to(logits.device)
-        active = torch.ones(len(live), dtype=torch.bool, device=logits.device)
+        active = [True] * len(live)   # rows still verifying (every earlier draft kept); host-side, no syncs
         fed = [1] * d           # positions of each verified row that hold confirmed tokens
         done, now, generated = [], time.monotonic(), 0
         wanted_lp = [s.state.params.logprobs for s in live]
         for j in range(T):
             allowed, dead = self._allowed(live, logits[:, j], active)
-            tokens, accepted, lp = self._sampler.verify(logits[:, j], want[:, j], active, allowed=allowed)
+            tokens, accepted, lp = self._sampler.verify(logits[:, j], want[:, j],
+                                                        torch.tensor(active, device=logits.device), allowed=allowed)
             tokens, accepted, lps = tokens.tolist(), accepted.tolist(), logprob_rows(lp, wanted_lp)
-            for i in active.nonzero().squeeze(-1).tolist():
+            for i in [i for i, a in enumerate(active) if a]:
                 slot = live[i]
                 delta = self._take(slot, tokens[i], lps[i], i in dead, now)
                 generated += i not in dead
@@ -505,7 +506,7 @@ class Scheduler:
                 else:
                     slot.next_token = tokens[i]
                     active[i] = False
-            if not bool(active.any()):
+            if not any(active):
                 break
         with self._cond:
             self._generated_tokens += generated
@@ -574,11 +575,11 @@ class Scheduler:
 
     @staticmethod
     def _allowed(live: list[Slot], logits: torch.Tensor,
-                 active: torch.Tensor | None = None) -> tuple[torch.Tensor | None, set[int]]:
+                 active: list[bool] | None = None) -> tuple[torch.Tensor | None, set[int]]:
         """The batch's allowed-token mask [B, V] (None when no row is constrained now) and the rows whose
         constraint allows nothing. Only `active` rows are asked (default: all)."""
         masks = [(i, s.state.constraint.allowed()) for i, s in enumerate(live)
-                 if s.state.constraint is not None and (active is None or bool(active[i]))]
+                 if s.state.constraint is not None and (active is None or active[i])]
         masks = [(i, m) for i, m in masks if m is not None]
         if not masks:
             return None, set()
