@@ -463,11 +463,11 @@ class Scheduler:
         the routing record (or None), each row's first position, and the hidden states (MTP drafting)."""
         ids = torch.tensor([[s.next_token, *d] + [s.next_token] * (extra - len(d)) for s, d in zip(live, drafts)],
                            device=self.device)
-        pos = torch.tensor([s.state.pos - 1 for s in live], device=self.device)[:, None] \
-            + torch.arange(1 + extra, device=self.device)
+        starts = [s.state.pos - 1 for s in live]
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(1 + extra, device=self.device)
         logits = self.runner.verify(ids, pos, self.cache.rows(0, len(live)))
         routing = self.runner.recorder.take(len(live), 1 + extra) if self.runner.recorder.on else None
-        return logits, routing, pos[:, 0].tolist(), self.runner.hidden
+        return logits, routing, starts, self.runner.hidden
 
     def _sample_drafts(self, verify, drafts: list[list[int]], ready: list[torch.Tensor]) -> None:
         """Sample the verified rows position by position, each position under the sampler state and constraint
