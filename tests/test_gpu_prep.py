@@ -10,31 +10,15 @@ from nanoseek.engine.generate import Engine
 from nanoseek.engine.graphs import EagerCapture, GraphRunner, bucket, make_runner, window_for
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.step import ModelRunner
-from nanoseek.models import build_model
-from nanoseek.models.config import DeepseekConfig, DenseConfig
-
-
-def _init(cfg):
-    torch.manual_seed(0)
-    m = build_model(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(std=0.3)
-    return m.eval()
+from test_engine import _tiny_deepseek, _tiny_dense
 
 
 def _dense():
-    return _init(DenseConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-                             eos_token_id=None))
+    return _tiny_dense(96)
 
 
 def _deepseek():
-    return _init(DeepseekConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                                num_hidden_layers=2, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=12,
-                                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-                                n_group=1, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
-                                max_position_embeddings=96, eos_token_id=None))
+    return _tiny_deepseek(96)
 
 
 # Seven requests through four rows: rows join as others leave (different max_tokens), prompts are

@@ -155,6 +155,18 @@ def test_mtp_first_draft_is_the_training_forwards_prediction():
         assert got == [int(want[n - 2])]
 
 
+def test_mtp_row_buffers_grow_by_doubling_not_per_step():
+    # observe() runs every decode step with one more position; a buffer that grew to exactly what was needed
+    # was reallocated and copied on every step.
+    drafter = MTPDrafter(MODELS["moe"], 256)
+    h = torch.zeros(1, MODELS["moe"].config.hidden_size)
+    sizes = set()
+    for pos in range(130):
+        drafter.observe(0, pos, h)
+        sizes.add((drafter.rows[0]["cache"].max_len, drafter.rows[0]["h"].shape[0]))
+    assert sizes == {(64, 64), (128, 128), (256, 256)}
+
+
 def test_ngram_drafts_what_followed_the_latest_match():
     d = NgramDrafter(max_n=3, min_n=1)
     assert d.propose([DraftRow(0, [1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3])], [2]) == [[7, 1]]

@@ -22,6 +22,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from nanoseek.engine.rows import grow
+from nanoseek.engine.step import logits_width
 from nanoseek.models.deepseek import DeepseekBlock
 
 
@@ -89,10 +91,7 @@ class _RowCaches:
             entry = self.rows[rid] = [self.model.new_cache(1, min(self.max_len, max(64, need))), 0]
         cache = entry[0]
         if need > cache.max_len:
-            size = cache.max_len
-            while size < need:
-                size *= 2
-            entry[0] = cache.resized(min(self.max_len, size))
+            entry[0] = cache.resized(grow(cache.max_len, need, self.max_len))
         return entry
 
     def release(self, rid: int) -> None:
@@ -106,7 +105,7 @@ class ModelDrafter:
     needs_hidden = False
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_len: int):
-        width = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else model.config.vocab_size
+        width = logits_width(model)
         if width != vocab_size:
             from nanoseek.errors import BadInputError
 
@@ -183,9 +182,7 @@ class MTPDrafter:
                                   "h": torch.zeros(size, self.model.config.hidden_size, dtype=self.dtype,
                                                    device=self.device)}
         if need > r["cache"].max_len:
-            while size < need:
-                size *= 2
-            size = min(self.max_len, size)
+            size = grow(r["cache"].max_len, need, self.max_len)
             r["cache"] = r["cache"].resized(size)
             h = torch.zeros(size, r["h"].shape[1], dtype=self.dtype, device=self.device)
             h[:r["h"].shape[0]] = r["h"]

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from nanoseek.engine.rows import grow
 from nanoseek.engine.step import ModelRunner
 from nanoseek.models.cache import Cache
 
@@ -46,10 +47,7 @@ def bucket(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
 
 def window_for(length: int, positions: int, smallest: int = MIN_WINDOW) -> int:
     """The attention window for a step whose longest row needs `length` keys, in a cache of `positions`."""
-    w = smallest
-    while w < length:
-        w *= 2
-    return min(w, positions)
+    return grow(smallest, length, positions)
 
 
 @contextlib.contextmanager

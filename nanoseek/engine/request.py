@@ -68,7 +68,7 @@ class Constraint(Protocol):
 
 
 class RequestState:
-    """Bookkeeping of one request while it is in a batch (Engine's or the Scheduler's): its output so far,
+    """Bookkeeping of one request while it holds a row of the loop: its output so far,
     detokenizer, stop strings, sampler state, token limit and the position its next fed token goes to."""
 
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, state: SamplerState,

@@ -19,6 +19,14 @@ from __future__ import annotations
 import torch
 
 
+def grow(have: int, need: int, cap: int) -> int:
+    """`have` doubled until it reaches `need`, at most `cap`: sizes that grow by doubling copy each element
+    O(1) times in all, however the need creeps up."""
+    while have < need:
+        have *= 2
+    return min(have, cap)
+
+
 class Slot:
     """A request holding a row. `filled` prompt tokens are in the cache; once it equals the prompt length the
     row decodes, feeding `next_token` at `state.pos` each step. `first_logits` keeps the prompt's last logits
@@ -72,10 +80,7 @@ class RowTable:
         if n > self.max_batch:
             raise RuntimeError("no free row")  # the policy admits only while rows are free
         if n > self.cache.batch:
-            have = self.cache.batch
-            while have < n:
-                have *= 2
-            self._rows(min(self.max_batch, have))
+            self._rows(grow(self.cache.batch, n, self.max_batch))
         slot.row = len(self.slots)
         self.slots.append(slot)
 
@@ -117,9 +122,7 @@ class RowTable:
             if have > self.min_positions:
                 self.cache = self.cache.resized(self.min_positions)
         elif positions > have:
-            while have < positions:
-                have *= 2
-            self.cache = self.cache.resized(min(self.max_len, have))
+            self.cache = self.cache.resized(grow(have, positions, self.max_len))
 
     def _rows(self, n: int) -> None:
         """Resize to n rows: the first min(n, batch) rows are kept; new rows are copies of row 0, which is

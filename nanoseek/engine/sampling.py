@@ -383,7 +383,8 @@ class Sampler:
         tokens = x.argmax(-1)
         has = drafts >= 0
         accepted = has & (tokens == drafts)
-        rows = [(i, g) for i, g in self._drawing if bool(active[i])]
+        on = active.tolist()  # one read of the flags, not one device sync per sampling row
+        rows = [(i, g) for i, g in self._drawing if on[i]]
         if rows:
             index = torch.tensor([i for i, _ in rows], dtype=torch.long)
             u = torch.zeros(self.batch, 2)
@@ -403,21 +404,21 @@ class Sampler:
             tokens = torch.where(sampling, drawn, tokens)
             accepted = torch.where(sampling, take, accepted)
         lp = self._logprobs(logits, tokens) if self._logprobs_k is not None else None
-        if self.counts is not None or self.seen is not None:
-            live = active.nonzero().squeeze(-1)
-            if self.counts is not None:
-                self.counts[live, tokens[live]] += 1
-            if self.seen is not None:
-                self.seen[live, tokens[live]] = True
+        if penalized:
+            self.record(tokens, active.nonzero().squeeze(-1))
         return tokens, accepted, lp
 
-    def record(self, tokens: torch.Tensor) -> None:
-        """Count tokens [B] (one per row) as generated. Pairs (row, token) are distinct, so a plain
-        indexed add is exact."""
+    def record(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Count tokens [B] (one per row) as generated; with `rows`, only those rows' tokens. Pairs (row,
+        token) are distinct, so a plain indexed add is exact."""
+        if rows is None:
+            rows = self._rows
+        else:
+            tokens = tokens[rows]
         if self.counts is not None:
-            self.counts[self._rows, tokens] += 1
+            self.counts[rows, tokens] += 1
         if self.seen is not None:
-            self.seen[self._rows, tokens] = True
+            self.seen[rows, tokens] = True
 
     # -- steps ------------------------------------------------------------------------------------------
 

@@ -401,6 +401,8 @@ class Scheduler:
         """Run this step's prefill plan (engine/policy.py). Rows whose prompt completes join the end of the
         decoding block; returns their last logits [1, V] in that order."""
         rows = self.rows
+        if rows.decoding == len(rows):  # the common decode step: nothing to prefill, skip planning
+            return []
         by_rid = {s.rid: s for s in rows.slots}
         views = [RowView(s.rid, s.key, len(s.state.prompt) - s.filled) for s in rows.slots]
         ready = []
@@ -461,11 +463,11 @@ class Scheduler:
         the routing record (or None), each row's first position, and the hidden states (MTP drafting)."""
         ids = torch.tensor([[s.next_token, *d] + [s.next_token] * (extra - len(d)) for s, d in zip(live, drafts)],
                            device=self.device)
-        pos = torch.tensor([s.state.pos - 1 for s in live], device=self.device)[:, None] \
-            + torch.arange(1 + extra, device=self.device)
+        starts = [s.state.pos - 1 for s in live]
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(1 + extra, device=self.device)
         logits = self.runner.verify(ids, pos, self.cache.rows(0, len(live)))
         routing = self.runner.recorder.take(len(live), 1 + extra) if self.runner.recorder.on else None
-        return logits, routing, pos[:, 0].tolist(), self.runner.hidden
+        return logits, routing, starts, self.runner.hidden
 
     def _sample_drafts(self, verify, drafts: list[list[int]], ready: list[torch.Tensor]) -> None:
         """Sample the verified rows position by position, each position under the sampler state and constraint
@@ -477,35 +479,24 @@ class Scheduler:
         if ready:
             first = torch.cat(ready)[:, None]
             logits = torch.cat([logits, first.expand(-1, T, -1)])
-        states = [s.state.state for s in live]
-        if self._sampler is None or self._sampler.states != states:
-            self._sampler = Sampler(states)
+        self._refresh_sampler(live)
         want = torch.full((len(live), T), -1, dtype=torch.long)
         for i, dr in enumerate(drafts):
             want[i, :len(dr)] = torch.tensor(dr, dtype=torch.long)
         want = want.to(logits.device)
-        active = torch.ones(len(live), dtype=torch.bool, device=logits.device)
+        active = [True] * len(live)   # rows still verifying (every earlier draft kept); host-side, no syncs
         fed = [1] * d           # positions of each verified row that hold confirmed tokens
-        done, now = [], time.monotonic()
+        done, now, generated = [], time.monotonic(), 0
         wanted_lp = [s.state.params.logprobs for s in live]
         for j in range(T):
             allowed, dead = self._allowed(live, logits[:, j], active)
-            tokens, accepted, lp = self._sampler.verify(logits[:, j], want[:, j], active, allowed=allowed)
+            tokens, accepted, lp = self._sampler.verify(logits[:, j], want[:, j],
+                                                        torch.tensor(active, device=logits.device), allowed=allowed)
             tokens, accepted, lps = tokens.tolist(), accepted.tolist(), logprob_rows(lp, wanted_lp)
-            for i in active.nonzero().squeeze(-1).tolist():
-                slot, h = live[i], live[i].handle
-                if i in dead:
-                    h._emit(slot.state.fail("the output constraint allows no token here (a dead end in its grammar)"))
-                    done.append(i)
-                    active[i] = False
-                    continue
-                if h.first_token is None:
-                    h.first_token = now
-                    slot.state.out.first_token_s = now - h.submitted
-                delta = slot.state.accept(tokens[i], lps[i])
-                h._emit(delta)
-                with self._cond:
-                    self._generated_tokens += 1
+            for i in [i for i, a in enumerate(active) if a]:
+                slot = live[i]
+                delta = self._take(slot, tokens[i], lps[i], i in dead, now)
+                generated += i not in dead
                 if delta.finish_reason is not None:
                     done.append(i)
                     active[i] = False
@@ -515,9 +506,10 @@ class Scheduler:
                 else:
                     slot.next_token = tokens[i]
                     active[i] = False
-            if not bool(active.any()):
+            if not any(active):
                 break
         with self._cond:
+            self._generated_tokens += generated
             self._verify_steps += 1
             self._verify_rows += sum(1 for dr in drafts if dr)
             self._drafted += sum(map(len, drafts))
@@ -543,9 +535,7 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor) -> None:
         live = self.rows.slots[:self.rows.decoding]
-        states = [s.state.state for s in live]
-        if self._sampler is None or self._sampler.states != states:
-            self._sampler = Sampler(states)
+        self._refresh_sampler(live)
         allowed, dead = self._allowed(live, logits)
         out = self._sampler.sample(logits, allowed=allowed)
         tokens = out.tokens.tolist()
@@ -553,17 +543,8 @@ class Scheduler:
         now = time.monotonic()
         done = []
         for i, (slot, tok, lp) in enumerate(zip(live, tokens, lps)):
-            h = slot.handle
-            if i in dead:
-                h._emit(slot.state.fail("the output constraint allows no token here (a dead end in its grammar)"))
-                done.append(i)
-                continue
-            if h.first_token is None:
-                h.first_token = now
-                slot.state.out.first_token_s = now - h.submitted
-            delta = slot.state.accept(tok, lp)
+            delta = self._take(slot, tok, lp, i in dead, now)
             slot.next_token = tok
-            h._emit(delta)
             if delta.finish_reason is not None:
                 done.append(i)
         with self._cond:
@@ -571,13 +552,34 @@ class Scheduler:
         for i in reversed(done):
             self._end(self.rows.slots[i], None)
 
+    def _refresh_sampler(self, live: list[Slot]) -> None:
+        """Rebuild the batch's Sampler only when the decoding rows changed."""
+        states = [s.state.state for s in live]
+        if self._sampler is None or self._sampler.states != states:
+            self._sampler = Sampler(states)
+
+    @staticmethod
+    def _take(slot: Slot, token: int, lp: dict | None, dead: bool, now: float) -> Delta:
+        """Hand a row its sampled token, or end it when its constraint allowed nothing; emit and return the
+        delta (one with a finish_reason ends the row)."""
+        h = slot.handle
+        if dead:
+            delta = slot.state.fail("the output constraint allows no token here (a dead end in its grammar)")
+        else:
+            if h.first_token is None:
+                h.first_token = now
+                slot.state.out.first_token_s = now - h.submitted
+            delta = slot.state.accept(token, lp)
+        h._emit(delta)
+        return delta
+
     @staticmethod
     def _allowed(live: list[Slot], logits: torch.Tensor,
-                 active: torch.Tensor | None = None) -> tuple[torch.Tensor | None, set[int]]:
+                 active: list[bool] | None = None) -> tuple[torch.Tensor | None, set[int]]:
         """The batch's allowed-token mask [B, V] (None when no row is constrained now) and the rows whose
         constraint allows nothing. Only `active` rows are asked (default: all)."""
         masks = [(i, s.state.constraint.allowed()) for i, s in enumerate(live)
-                 if s.state.constraint is not None and (active is None or bool(active[i]))]
+                 if s.state.constraint is not None and (active is None or active[i])]
         masks = [(i, m) for i, m in masks if m is not None]
         if not masks:
             return None, set()

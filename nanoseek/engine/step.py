@@ -19,6 +19,12 @@ import torch
 from nanoseek.models.cache import Cache
 
 
+def logits_width(model: torch.nn.Module) -> int:
+    """The width of the model's logits: its LM head's output features (possibly padded past the tokenizer's
+    vocabulary), or the config's vocabulary for a head without them."""
+    return model.lm_head.out_features if hasattr(model.lm_head, "out_features") else model.config.vocab_size
+
+
 class ModelRunner:
     """The forward passes of the loop over one model. `eos_token_ids` defaults to the config's EOS plus the
     tokenizer's; the vocabulary width is the LM head's (the logits' width, possibly padded past the
@@ -27,8 +33,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, tokenizer=None, eos_token_ids: Sequence[int] | None = None):
         self.model = model
         self.context = model.config.max_position_embeddings
-        self.vocab_size = model.lm_head.out_features if hasattr(model.lm_head, "out_features") \
-            else model.config.vocab_size
+        self.vocab_size = logits_width(model)
         self.device = next(model.parameters()).device
         if eos_token_ids is None:
             eos = model.config.eos_token_id
