@@ -35,6 +35,7 @@ class CacheLayer(Protocol):
     # rolls back a rejected draft that way). True for per-position kinds; a kind whose state folds several
     # positions together (a compressed window) is not, and the engine does not draft on such models.
     rewindable: bool
+    prefix_cacheable: bool  # whether engine/prefix.py may copy blocks of positions in and out (`span`)
 
     @property
     def batch(self) -> int: ...
@@ -128,7 +129,6 @@ class IndexedLatentLayer(LatentLayer):
     next to MLA's 576). Every new query scores all cached index keys to pick the latent rows it attends to."""
 
     index_k: torch.Tensor
-    rewindable = True
 
     def write_index(self, pos: torch.Tensor, k: torch.Tensor) -> None:
         """Store index keys k [B, T, D] at positions pos [B, T]."""
@@ -137,8 +137,6 @@ class IndexedLatentLayer(LatentLayer):
 
     def rows(self, start: int, n: int) -> IndexedLatentLayer:
         return IndexedLatentLayer(self.kv[start:start + n], self.kv_lora, self.index_k[start:start + n])
-
-    span_pos_dim = 0
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         return [self.kv[row, start:start + n], self.index_k[row, start:start + n]]
@@ -197,7 +195,7 @@ class Cache:
     @property
     def prefix_cacheable(self) -> bool:
         """Whether the prefix cache (engine/prefix.py) can copy blocks of positions in and out of this cache."""
-        return all(getattr(layer, "prefix_cacheable", True) for layer in self.layers)
+        return all(layer.prefix_cacheable for layer in self.layers)
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
