@@ -170,5 +170,4 @@ def dsa_modules(model: nn.Module) -> list[nn.Module]:
     """Every attention in `model` whose lightning indexer trains by `indexer_kl`, in order: V3.2's DSA layers
     (main stack and MTP modules) and V4's CSA layers (v4_attention.py). Each has `indexer`, `stage` and
     `last_index_loss`, which is all train/loop.py uses."""
-    return [m for m in model.modules()
-            if isinstance(m, SparseMLA) or (getattr(m, "indexer", None) is not None and hasattr(m, "last_index_loss"))]
+    return [m for m in model.modules() if getattr(m, "indexer", None) is not None and hasattr(m, "last_index_loss")]

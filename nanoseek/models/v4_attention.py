@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nanoseek.models.config import DeepseekV4Config
-from nanoseek.models.dsa import indexer_kl
+from nanoseek.models.dsa import STAGES, indexer_kl
 from nanoseek.models.layers import RMSNorm, Rotary
 from nanoseek.models.mhc import rms_unweighted
 from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer
@@ -251,7 +251,7 @@ class V4Attention(nn.Module):
                 state = None if cache is None else cache.index
                 learn = self.training and torch.is_grad_enabled()
                 if learn:  # the indexer learns only from its own loss (indexer_kl below)
-                    if self.stage not in ("warmup", "sparse"):
+                    if self.stage not in STAGES:
                         raise ValueError(f"CSA stage {self.stage!r}: expected warmup or sparse")
                     score = self.indexer.scores(x.detach(), q_latent.detach(), at, state)
                 if learn and self.stage == "warmup":  # dense over every visible entry, as HCA
