@@ -47,7 +47,7 @@ def hf_v32(path, *, mtp: int = 0):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("v32")
-    ref = hf_v32(path)
+    hf_v32(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     ours, cfg = load_hf(path)
     assert isinstance(cfg, DeepseekV32Config) and cfg.index_topk == TOPK
