@@ -119,11 +119,6 @@ class SparseMLA(MLA):
             self.last_index_loss = indexer_kl(probs, scores, chosen)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
 
-    def _absorbed_queries(self, q_nope, q_rope):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w[:, :self.nope].to(q_nope.dtype))
-        return torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1), w[:, self.nope:]  # [B, H, T, C], W_UV
-
     def attention_probs(self, q_nope, q_rope, kv, allowed: torch.Tensor) -> torch.Tensor:
         """The main attention's probabilities [B, H, T, L] over keys `allowed` [B, T, L] (the warm-up target)."""
         q, _ = self._absorbed_queries(q_nope, q_rope)
