@@ -99,8 +99,7 @@ class SparseMLA(MLA):
         if learn and self.stage not in STAGES:
             raise ValueError(f"DSA stage {self.stage!r}: expected one of {STAGES}")
         if length <= self.topk and not learn:  # top-k of what is visible is all of it
-            out = self._attend(q_nope, q_rope, kv, mask, cached)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+            return self._project(self._attend(q_nope, q_rope, kv, mask, cached))
         visible = _visible(mask, t, length, x.device)
         scores = self.indexer.scores(x_i, q_i, at, keys, visible)
         if (learn and self.stage == "warmup") or length <= self.topk:
@@ -109,15 +108,14 @@ class SparseMLA(MLA):
             idx = scores.topk(self.topk, dim=-1).indices  # [B, T, k]
             if cached and not learn and t <= 8 and self.mode != "naive":
                 ok = scores.gather(-1, idx) > float("-inf")  # a short row's picks may include invisible keys
-                out = self._gathered(q_nope, q_rope, kv, idx, ok)
-                return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+                return self._project(self._gathered(q_nope, q_rope, kv, idx, ok))
             chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True) & visible
         out = self._attend(q_nope, q_rope, kv, chosen.unsqueeze(1), cached)
         if learn:
             with torch.no_grad():
                 probs = self.attention_probs(q_nope, q_rope, kv, chosen)
             self.last_index_loss = indexer_kl(probs, scores, chosen)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+        return self._project(out)
 
     def attention_probs(self, q_nope, q_rope, kv, allowed: torch.Tensor) -> torch.Tensor:
         """The main attention's probabilities [B, H, T, L] over keys `allowed` [B, T, L] (the warm-up target)."""

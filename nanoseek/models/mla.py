@@ -77,11 +77,13 @@ class MLA(nn.Module):
         return self._naive(q_nope, q_rope, kv, mask)
 
     def forward(self, x: torch.Tensor, at: Positions, cache: LatentLayer | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
         _, q_nope, q_rope = self._queries(x, at)
         kv, mask = self._keys(x, at, cache)
-        out = self._attend(q_nope, q_rope, kv, mask, cache is not None)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+        return self._project(self._attend(q_nope, q_rope, kv, mask, cache is not None))
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, T, H, v_dim] → [B, T, hidden] (heads concatenated, then o_proj)."""
+        return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope, q_rope, kv, mask):
         b, length, _ = kv.shape
