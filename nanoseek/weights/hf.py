@@ -61,15 +61,21 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def _block_scales(keys: list[str]) -> dict[str, str]:
+    """{FP8 weight name: its block-scale tensor's name} among one file's tensor names."""
+    scales = {k[: -len("_scale_inv")]: k for k in keys if k.endswith("weight_scale_inv")}
+    # DeepSeek's own checkpoints (V4) name the block scale of `x.weight` `x.scale`
+    scales.update({k[: -len("scale")] + "weight": k for k in keys
+                   if k.endswith(".scale") and k[: -len("scale")] + "weight" in keys})
+    return scales
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 keys = list(st.keys())
-                scales = {k[: -len("_scale_inv")]: k for k in keys if k.endswith("weight_scale_inv")}
-                # DeepSeek's own checkpoints (V4) name the block scale of `x.weight` `x.scale`
-                scales.update({k[: -len("scale")] + "weight": k for k in keys
-                               if k.endswith(".scale") and k[: -len("scale")] + "weight" in keys})
+                scales = _block_scales(keys)
                 skip = set(scales.values())
                 for k in keys:
                     if k in skip:
@@ -222,7 +228,9 @@ def _scan(files: list[Path]) -> tuple[int, set[str]]:
         names: set[str] = set()
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                names.update(k for k in st.keys() if not k.endswith(("_scale_inv", ".scale")))
+                keys = list(st.keys())
+                skip = set(_block_scales(keys).values())  # what iter_safetensors folds into its weight
+                names.update(k for k in keys if k not in skip)
         return len(names), names
     except SafetensorError as e:
         raise BadInputError(f"corrupt or truncated safetensors file among {[str(f) for f in files]} ({e})") from None
