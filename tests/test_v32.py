@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+from fp8_blocks import fp8_blocks
 from test_models_vs_transformers import decode_token_by_token
 from train_data import FixedBatches
 
@@ -47,7 +48,7 @@ def hf_v32(path, *, mtp: int = 0):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("v32")
-    ref = hf_v32(path)
+    hf_v32(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     ours, cfg = load_hf(path)
     assert isinstance(cfg, DeepseekV32Config) and cfg.index_topk == TOPK
@@ -270,14 +271,8 @@ def test_fp8_block_scaled_indexer_and_attention_weights(pair, tmp_path):
     dequant = dict(state)
     for name in list(state):
         if ".self_attn." in name and state[name].dim() == 2 and "weights_proj" not in name:
-            w = state[name]  # e.g. indexer.wq_b [256, 32]: two row blocks
-            rb, cb = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
-            amax = torch.stack([blk.abs().max() for row in w.split(128) for blk in row.split(128, 1)])
-            scale = (amax / 448.0).view(rb, cb)
-            full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:w.shape[0], :w.shape[1]]
-            state[name] = (w / full).to(torch.float8_e4m3fn)
-            state[name + "_scale_inv"] = scale
-            dequant[name] = state[name].float() * full
+            # e.g. indexer.wq_b [256, 32]: two row blocks
+            state[name], state[name + "_scale_inv"], dequant[name] = fp8_blocks(state[name])
     assert "model.layers.0.self_attn.indexer.wq_b.weight_scale_inv" in state
     for d, st in (("fp8", state), ("dq", dequant)):
         (tmp_path / d).mkdir()

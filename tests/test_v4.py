@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 import transformers
+from fp8_blocks import fp8_blocks
 from safetensors.torch import load_file, save_file
 
 from nanoseek.engine.generate import Engine
@@ -24,7 +25,7 @@ from nanoseek.engine.scheduler import Scheduler
 from nanoseek.errors import BadInputError, UnsupportedError
 from nanoseek.models.config import config_from_hf
 from nanoseek.models.mhc import sinkhorn
-from nanoseek.weights.hf import FP8_BLOCK, load_hf, save_hf
+from nanoseek.weights.hf import load_hf, save_hf
 
 TOL = 1e-4
 VOCAB = 97
@@ -234,18 +235,6 @@ def test_export_reloads_in_transformers_with_the_same_logits(pair, tmp_path):
     assert (again(ids) - want).abs().max().item() < TOL
 
 
-def _fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = -(-w.shape[0] // FP8_BLOCK), -(-w.shape[1] // FP8_BLOCK)
-    scale = torch.zeros(rows, cols)
-    q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
-    for i in range(rows):
-        for j in range(cols):
-            blk = w[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK]
-            scale[i, j] = blk.abs().max() / 448.0
-            q[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK] = (blk / scale[i, j]).to(q.dtype)
-    return q, scale
-
-
 @torch.no_grad()
 def test_fp8_block_scaled_weights_load_and_fp4_experts_are_refused(pair, tmp_path):
     """DeepSeek's naming: `x.weight` in float8_e4m3fn with its block scale as `x.scale`."""
@@ -253,10 +242,7 @@ def test_fp8_block_scaled_weights_load_and_fp4_experts_are_refused(pair, tmp_pat
     state = load_file(str(path / "model.safetensors"))
     deq = {}
     for k in [k for k in state if k.endswith(("attn.wq_b.weight", "attn.wkv.weight", "shared_experts.w1.weight"))]:
-        q, s = _fp8_blocks(state[k])
-        state[k], state[k[: -len("weight")] + "scale"] = q, s
-        deq[k] = q.float() * s.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[
-            : q.shape[0], : q.shape[1]]
+        state[k], state[k[: -len("weight")] + "scale"], deq[k] = fp8_blocks(state[k])
     (tmp_path / "fp8").mkdir()
     save_file(state, str(tmp_path / "fp8" / "model.safetensors"))
     (tmp_path / "fp8" / "config.json").write_text((path / "config.json").read_text())

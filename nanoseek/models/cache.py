@@ -13,9 +13,9 @@ without copying. Stale entries past a row's length are never read: attention mas
 
 Adding a kind (a new attention's cache): a dataclass of tensors, batch first, that implements `CacheLayer`
 plus its own `write`, created by that attention's `new_cache`. `Cache` and the engine then handle it.
-A kind whose state is not a span of positions (DeepSeek-V4's windows and compressed entries, v4_cache.py)
-defines its own `copy_row` / `swap_rows` / `nbytes`, which `Cache` then calls, and says
-`prefix_cacheable = False`.
+A kind that stores one entry per position subclasses `PositionRows`, which moves rows by their `span`s;
+a kind whose state is not a span of positions (DeepSeek-V4's windows and compressed entries, v4_cache.py)
+moves whole rows itself and says `prefix_cacheable = False`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,19 @@ class CacheLayer(Protocol):
     # rolls back a rejected draft that way). True for per-position kinds; a kind whose state folds several
     # positions together (a compressed window) is not, and the engine does not draft on such models.
     rewindable: bool
+    prefix_cacheable: bool  # whether engine/prefix.py may copy blocks of positions in and out (`span`)
 
     @property
     def batch(self) -> int: ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the kind stores (what `Cache.nbytes` and `Cache.device` read)."""
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst := row src's live state (its first `length` positions for a per-position kind)."""
+
+    def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
 
     def rows(self, start: int, n: int) -> CacheLayer:
         """Rows [start, start + n) as views (no copy)."""
@@ -52,14 +62,34 @@ class CacheLayer(Protocol):
         """A copy with `length` positions per row, holding this one's first positions."""
 
 
+class PositionRows:
+    """The row moves of a kind that stores one entry per position (every tensor field a `span`): only a row's
+    first `length` positions are live, so only those are copied."""
+
+    rewindable = True
+    prefix_cacheable: ClassVar[bool] = True
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        for d, s in zip(self.span(dst, 0, length), self.span(src, 0, length)):
+            d.copy_(s)
+
+    def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        saved = [t.clone() for t in self.span(a, 0, len_a)]
+        for d, s in zip(self.span(a, 0, len_b), self.span(b, 0, len_b)):
+            d.copy_(s)
+        for d, s in zip(self.span(b, 0, len_a), saved):
+            d.copy_(s)
+
+
 @dataclass
-class KVLayer:
+class KVLayer(PositionRows):
     """Keys and values [B, H_kv, L, D] for one attention layer."""
 
     k: torch.Tensor
     v: torch.Tensor
-    rewindable = True
-    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -88,15 +118,13 @@ class KVLayer:
 
 
 @dataclass
-class LatentLayer:
+class LatentLayer(PositionRows):
     """MLA's cache (DeepSeek-V2 §2.1.2): per token, the normed latent c_KV followed by the shared rotated
     rope key, in one tensor [B, L, kv_lora + rope] — 576 numbers per token per layer for V3 instead of
     40,960 for full K/V. One tensor, so absorbed decode reads it as a single 576-wide MQA key."""
 
     kv: torch.Tensor
     kv_lora: int
-    rewindable = True
-    prefix_cacheable: ClassVar[bool] = True
 
     @property
     def batch(self) -> int:
@@ -128,7 +156,6 @@ class IndexedLatentLayer(LatentLayer):
     next to MLA's 576). Every new query scores all cached index keys to pick the latent rows it attends to."""
 
     index_k: torch.Tensor
-    rewindable = True
 
     def write_index(self, pos: torch.Tensor, k: torch.Tensor) -> None:
         """Store index keys k [B, T, D] at positions pos [B, T]."""
@@ -137,8 +164,6 @@ class IndexedLatentLayer(LatentLayer):
 
     def rows(self, start: int, n: int) -> IndexedLatentLayer:
         return IndexedLatentLayer(self.kv[start:start + n], self.kv_lora, self.index_k[start:start + n])
-
-    span_pos_dim = 0
 
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         return [self.kv[row, start:start + n], self.index_k[row, start:start + n]]
@@ -174,10 +199,7 @@ class Cache:
 
     @property
     def device(self) -> torch.device:
-        layer = self.layers[0]
-        if hasattr(layer, "tensors"):  # kinds with nested state (v4_cache) list their tensors themselves
-            return layer.tensors()[0].device
-        return next(t for t in vars(layer).values() if isinstance(t, torch.Tensor)).device
+        return self.layers[0].tensors()[0].device
 
     @property
     def rewindable(self) -> bool:
@@ -197,33 +219,20 @@ class Cache:
     @property
     def prefix_cacheable(self) -> bool:
         """Whether the prefix cache (engine/prefix.py) can copy blocks of positions in and out of this cache."""
-        return all(getattr(layer, "prefix_cacheable", True) for layer in self.layers)
+        return all(layer.prefix_cacheable for layer in self.layers)
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst := the first `length` positions of row src (the rest of dst is stale, hence unread)."""
         for layer in self.layers:
-            if hasattr(layer, "copy_row"):  # state that is not a span of positions moves as a whole row
-                layer.copy_row(src, dst, length)
-                continue
-            for d, s in zip(layer.span(dst, 0, length), layer.span(src, 0, length)):
-                d.copy_(s)
+            layer.copy_row(src, dst, length)
 
     def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange rows a and b, of which only the first len_a / len_b positions are live."""
         for layer in self.layers:
-            if hasattr(layer, "swap_rows"):
-                layer.swap_rows(a, b, len_a, len_b)
-                continue
-            saved = [t.clone() for t in layer.span(a, 0, len_a)]
-            for d, s in zip(layer.span(a, 0, len_b), layer.span(b, 0, len_b)):
-                d.copy_(s)
-            for d, s in zip(layer.span(b, 0, len_a), saved):
-                d.copy_(s)
+            layer.swap_rows(a, b, len_a, len_b)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() if hasattr(layer, "nbytes") else
-                   sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
-                   for layer in self.layers)
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
 
 @dataclass

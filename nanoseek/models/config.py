@@ -283,12 +283,6 @@ class DeepseekV4Config:
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim
 
-    @property
-    def prefix_cacheable(self) -> bool:
-        """The prefix cache copies blocks of positions; V4's compressed entries and their pending windows are
-        not a span of positions (a block boundary need not fall on a compression window), so it stays off."""
-        return False
-
     def compress_rate(self, layer_type: str) -> int:
         return {"compressed_sparse_attention": self.compress_rate_csa,
                 "heavily_compressed_attention": self.compress_rate_hca}.get(layer_type, 0)

@@ -75,10 +75,9 @@ class DeepseekV4ForCausalLM(CausalLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
-    # The prefix cache cannot serve this model's caches (models/v4_cache.py); speculative drafts cannot be
-    # rolled back in them either.
+    # The prefix cache cannot serve this model's caches (models/v4_cache.py; the engine asks the cache,
+    # `Cache.prefix_cacheable`, as it does whether drafts can be rolled back, `Cache.rewindable`).
     prefix_cacheable = False
-    rewindable = False
 
     def moe_layers(self) -> list:
         """The top-k routed MoEs, in order: what the aux-loss-free bias update and the balance loss act on.

@@ -49,22 +49,20 @@ class GQAttention(nn.Module):
             k = apply_rotary(self.k_proj(x).view(b, t, nkv, hd), at)
             v = self.v_proj(x).view(b, t, nkv, hd)
         q = q.transpose(1, 2)
-        if cache is not None and t == 1 and nkv != nq:
-            # Decode: the query heads sharing a KV head become that head's queries ([B, n_kv, group, D]), a
-            # plain multi-head call every SDPA backend takes with a mask (with enable_gqa and a mask, CUDA
-            # falls back to the math kernel, which copies K and V per query head).
-            cache.write(at.pos, k, v)
-            out = F.scaled_dot_product_attention(q.reshape(b, nkv, nq // nkv, hd), cache.k[:, :, :at.length],
-                                                 cache.v[:, :, :at.length], attn_mask=at.mask)
-            return self.o_proj(out.reshape(b, t, -1))
         if cache is None:
             out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1,
                                                  enable_gqa=self.n_kv != self.n_heads)
-        else:
-            cache.write(at.pos, k, v)
-            out = F.scaled_dot_product_attention(q, cache.k[:, :, :at.length], cache.v[:, :, :at.length],
-                                                 attn_mask=at.mask, is_causal=at.mask is None and t > 1,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        cache.write(at.pos, k, v)
+        k, v = cache.k[:, :, :at.length], cache.v[:, :, :at.length]
+        if t == 1 and nkv != nq:
+            # Decode: the query heads sharing a KV head become that head's queries ([B, n_kv, group, D]), a
+            # plain multi-head call every SDPA backend takes with a mask (with enable_gqa and a mask, CUDA
+            # falls back to the math kernel, which copies K and V per query head).
+            out = F.scaled_dot_product_attention(q.reshape(b, nkv, nq // nkv, hd), k, v, attn_mask=at.mask)
+            return self.o_proj(out.reshape(b, t, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.mask is None and t > 1,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

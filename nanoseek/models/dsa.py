@@ -99,8 +99,7 @@ class SparseMLA(MLA):
         if learn and self.stage not in STAGES:
             raise ValueError(f"DSA stage {self.stage!r}: expected one of {STAGES}")
         if length <= self.topk and not learn:  # top-k of what is visible is all of it
-            out = self._attend(q_nope, q_rope, kv, mask, cached)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+            return self._project(self._attend(q_nope, q_rope, kv, mask, cached))
         visible = _visible(mask, t, length, x.device)
         scores = self.indexer.scores(x_i, q_i, at, keys, visible)
         if (learn and self.stage == "warmup") or length <= self.topk:
@@ -109,20 +108,14 @@ class SparseMLA(MLA):
             idx = scores.topk(self.topk, dim=-1).indices  # [B, T, k]
             if cached and not learn and t <= 8 and self.mode != "naive":
                 ok = scores.gather(-1, idx) > float("-inf")  # a short row's picks may include invisible keys
-                out = self._gathered(q_nope, q_rope, kv, idx, ok)
-                return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+                return self._project(self._gathered(q_nope, q_rope, kv, idx, ok))
             chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True) & visible
         out = self._attend(q_nope, q_rope, kv, chosen.unsqueeze(1), cached)
         if learn:
             with torch.no_grad():
                 probs = self.attention_probs(q_nope, q_rope, kv, chosen)
             self.last_index_loss = indexer_kl(probs, scores, chosen)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
-
-    def _absorbed_queries(self, q_nope, q_rope):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w[:, :self.nope].to(q_nope.dtype))
-        return torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1), w[:, self.nope:]  # [B, H, T, C], W_UV
+        return self._project(out)
 
     def attention_probs(self, q_nope, q_rope, kv, allowed: torch.Tensor) -> torch.Tensor:
         """The main attention's probabilities [B, H, T, L] over keys `allowed` [B, T, L] (the warm-up target)."""
@@ -170,5 +163,4 @@ def dsa_modules(model: nn.Module) -> list[nn.Module]:
     """Every attention in `model` whose lightning indexer trains by `indexer_kl`, in order: V3.2's DSA layers
     (main stack and MTP modules) and V4's CSA layers (v4_attention.py). Each has `indexer`, `stage` and
     `last_index_loss`, which is all train/loop.py uses."""
-    return [m for m in model.modules()
-            if isinstance(m, SparseMLA) or (getattr(m, "indexer", None) is not None and hasattr(m, "last_index_loss"))]
+    return [m for m in model.modules() if getattr(m, "indexer", None) is not None and hasattr(m, "last_index_loss")]

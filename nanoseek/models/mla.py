@@ -77,11 +77,13 @@ class MLA(nn.Module):
         return self._naive(q_nope, q_rope, kv, mask)
 
     def forward(self, x: torch.Tensor, at: Positions, cache: LatentLayer | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
         _, q_nope, q_rope = self._queries(x, at)
         kv, mask = self._keys(x, at, cache)
-        out = self._attend(q_nope, q_rope, kv, mask, cache is not None)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+        return self._project(self._attend(q_nope, q_rope, kv, mask, cache is not None))
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, T, H, v_dim] → [B, T, hidden] (heads concatenated, then o_proj)."""
+        return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope, q_rope, kv, mask):
         b, length, _ = kv.shape
@@ -102,11 +104,15 @@ class MLA(nn.Module):
         out = out.transpose(1, 2)  # [B, T, H, v]
         return out[..., :self.v_dim] if pad > 0 else out
 
-    def _absorbed(self, q_nope, q_rope, kv, mask):
+    def _absorbed_queries(self, q_nope, q_rope):
+        """W_UK folded into the queries: (q [B, H, T, kv_lora + rope] against the cached latent + rope key,
+        W_UV [H, v_dim, kv_lora] to lift the attended latent back to values)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]
-        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk.to(q_nope.dtype))
-        q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # [B, H, T, kv_lora + rope]
+        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w[:, :self.nope].to(q_nope.dtype))
+        return torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1), w[:, self.nope:]
+
+    def _absorbed(self, q_nope, q_rope, kv, mask):
+        q, w_uv = self._absorbed_queries(q_nope, q_rope)
         k = kv.unsqueeze(1)  # [B, 1, L, kv_lora + rope]: one key head shared by all query heads
         v = kv[..., :self.kv_lora].unsqueeze(1)
         if mask is None and q.shape[2] > 1:

@@ -133,8 +133,7 @@ class Experts(nn.Module):
         e, two_i, h = self.gate_up_proj.shape
         gate = weights.new_zeros(n, e).scatter_(1, idx, weights)  # [N, E], zero for experts not chosen
         gu = F.linear(x, self.gate_up_proj.view(e * two_i, h)).view(n, e, two_i)
-        g, u = gu.chunk(2, dim=-1)
-        act = (F.silu(g) * u) * gate.to(gu.dtype)[..., None]  # the gate folded in before the down projection
+        act = self.act(*gu.chunk(2, dim=-1)) * gate.to(gu.dtype)[..., None]  # gate folded in before the down proj
         # One batched GEMM per expert's down projection [E, N, I] x [E, I, H], summed over experts.
         ys = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))
         return ys.sum(0).to(x.dtype)

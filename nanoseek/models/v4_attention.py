@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nanoseek.models.config import DeepseekV4Config
-from nanoseek.models.dsa import indexer_kl
+from nanoseek.models.dsa import STAGES, indexer_kl
 from nanoseek.models.layers import RMSNorm, Rotary
 from nanoseek.models.mhc import rms_unweighted
 from nanoseek.models.v4_cache import CompressedLayer, CompressorState, WindowLayer
@@ -241,6 +241,7 @@ class V4Attention(nn.Module):
         logits = [(q @ keys.unsqueeze(1).transpose(-1, -2)).masked_fill(~local_ok.unsqueeze(1), float("-inf"))]
         scale = self.dim ** -0.5
         far, gathered = None, False  # gathered: far is each query's own picks [B, T, k, D]
+        learn = self.indexer is not None and self.training and torch.is_grad_enabled()  # CSA's indexer KL
         if self.compressor is not None:
             entries = self.compressor(x, at, None if cache is None else cache.comp)  # [B, N, D]
             if self.indexer is None:  # HCA: every finished window
@@ -249,9 +250,8 @@ class V4Attention(nn.Module):
                 logits.append((q @ far.transpose(-1, -2)).masked_fill(~ok.unsqueeze(1), float("-inf")))
             else:  # CSA: the indexer's top-k
                 state = None if cache is None else cache.index
-                learn = self.training and torch.is_grad_enabled()
                 if learn:  # the indexer learns only from its own loss (indexer_kl below)
-                    if self.stage not in ("warmup", "sparse"):
+                    if self.stage not in STAGES:
                         raise ValueError(f"CSA stage {self.stage!r}: expected warmup or sparse")
                     score = self.indexer.scores(x.detach(), q_latent.detach(), at, state)
                 if learn and self.stage == "warmup":  # dense over every visible entry, as HCA
@@ -272,7 +272,7 @@ class V4Attention(nn.Module):
         out = parts[0] @ keys.unsqueeze(1)
         if far is not None:
             out = out + (torch.einsum("bhtk,btkd->bhtd", parts[1], far) if gathered else parts[1] @ far)
-        if self.indexer is not None and self.training and torch.is_grad_enabled():
+        if learn:
             # target: the main attention's mass on the entries the indexer chose among (the window and sink
             # excluded; indexer_kl renormalises), queries with no visible entry yet left out
             self.last_index_loss = indexer_kl(parts[1], score, ok)

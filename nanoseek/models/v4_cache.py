@@ -70,9 +70,6 @@ class _Rows:
             t[a] = t[b]
             t[b] = saved
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     def span(self, row: int, start: int, n: int) -> list[torch.Tensor]:
         raise UnsupportedError("the prefix cache cannot hold DeepSeek-V4 caches: prefix blocks do not align "
                                "with compression windows (turn it off, e.g. serve --prefix-cache-tokens 0)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.models.config import DeepseekV4Config
-from nanoseek.models.moe import Experts
+from nanoseek.models.moe import Experts, expert_counts
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -112,7 +112,7 @@ class V4MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(flat, ids.reshape(-1))
-        self.last_load = torch.bincount(idx.reshape(-1), minlength=self.gate.n_experts).detach()
+        self.last_load = expert_counts(idx, self.gate.n_experts).detach()
         if self.training:
             self.last_scores, self.last_idx = scores.view(*shape[:-1], -1), idx.view(*shape[:-1], -1)
         return self.experts(flat, idx, weights).view(shape) + self.shared_experts(x)

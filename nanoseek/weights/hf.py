@@ -61,15 +61,21 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def _block_scales(keys: list[str]) -> dict[str, str]:
+    """{FP8 weight name: its block-scale tensor's name} among one file's tensor names."""
+    scales = {k[: -len("_scale_inv")]: k for k in keys if k.endswith("weight_scale_inv")}
+    # DeepSeek's own checkpoints (V4) name the block scale of `x.weight` `x.scale`
+    scales.update({k[: -len("scale")] + "weight": k for k in keys
+                   if k.endswith(".scale") and k[: -len("scale")] + "weight" in keys})
+    return scales
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 keys = list(st.keys())
-                scales = {k[: -len("_scale_inv")]: k for k in keys if k.endswith("weight_scale_inv")}
-                # DeepSeek's own checkpoints (V4) name the block scale of `x.weight` `x.scale`
-                scales.update({k[: -len("scale")] + "weight": k for k in keys
-                               if k.endswith(".scale") and k[: -len("scale")] + "weight" in keys})
+                scales = _block_scales(keys)
                 skip = set(scales.values())
                 for k in keys:
                     if k in skip:
@@ -104,20 +110,35 @@ def to_nanoseek_names(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor,
             continue
         m = _EXPERT.match(name)
         if m:
-            prefix, j, kind = m.group(1), int(m.group(2)), m.group(3)
-            slot = pending.setdefault(prefix, {})
-            slot[(j, kind)] = t
-            if len(slot) == 3 * n_experts:
-                gate_up = torch.stack([torch.cat([slot[(e, "gate")], slot[(e, "up")]]) for e in range(n_experts)])
-                down = torch.stack([slot[(e, "down")] for e in range(n_experts)])
-                del pending[prefix]
-                yield from (_rename(f"{prefix}.gate_up_proj", n_layers, gate_up, src),
-                            _rename(f"{prefix}.down_proj", n_layers, down, src))
+            packed = _pack_experts(pending, m.group(1), int(m.group(2)), m.group(3), t, n_experts,
+                                   ("gate", "up", "down"))
+            if packed is not None:
+                yield from (_rename(f"{m.group(1)}.gate_up_proj", n_layers, packed[0], src),
+                            _rename(f"{m.group(1)}.down_proj", n_layers, packed[1], src))
             continue
         yield _rename(name, n_layers, t, src)
+    _all_packed(pending, n_experts)
+
+
+def _pack_experts(pending: dict[str, dict], prefix: str, j: int, kind: str, t: torch.Tensor, n: int,
+                  names: tuple[str, str, str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Collect expert j's `kind` tensor of the experts at `prefix`; once all 3·n have arrived, our packed
+    (gate_up_proj [E, 2I, H], down_proj [E, H, I]), else None. `names`: the checkpoint's gate, up, down."""
+    slot = pending.setdefault(prefix, {})
+    slot[(j, kind)] = t
+    if len(slot) != 3 * n:
+        return None
+    del pending[prefix]
+    gate, up, down = names
+    return (torch.stack([torch.cat([slot[(e, gate)], slot[(e, up)]]) for e in range(n)]),
+            torch.stack([slot[(e, down)] for e in range(n)]))
+
+
+def _all_packed(pending: dict[str, dict], n: int) -> None:
+    """After the last tensor: refuse experts left incomplete by _pack_experts."""
     if pending:
         prefix = next(iter(pending))
-        raise BadInputError(f"{prefix}: only {len(pending[prefix])} of {3 * n_experts} expert tensors present")
+        raise BadInputError(f"{prefix}: only {len(pending[prefix])} of {3 * n} expert tensors present")
 
 
 def _rename(name: str, n_layers: int, t: torch.Tensor, src) -> tuple[str, torch.Tensor, object]:
@@ -207,7 +228,9 @@ def _scan(files: list[Path]) -> tuple[int, set[str]]:
         names: set[str] = set()
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                names.update(k for k in st.keys() if not k.endswith(("_scale_inv", ".scale")))
+                keys = list(st.keys())
+                skip = set(_block_scales(keys).values())  # what iter_safetensors folds into its weight
+                names.update(k for k in keys if k not in skip)
         return len(names), names
     except SafetensorError as e:
         raise BadInputError(f"corrupt or truncated safetensors file among {[str(f) for f in files]} ({e})") from None
@@ -216,27 +239,29 @@ def _scan(files: list[Path]) -> tuple[int, set[str]]:
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our state dict in the per-expert layout transformers' save_pretrained writes (and the hub uses)."""
     cfg = model.config
-    if isinstance(cfg, DeepseekV4Config):
-        return v4_hf_state(model)
+    v4 = isinstance(cfg, DeepseekV4Config)
+    gate, up, down = _V4_EXPERT_LEAVES if v4 else ("gate_proj", "up_proj", "down_proj")
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        if name.startswith("mtp."):
+        if v4:
+            name = _v4_hub_name(name)
+        elif name.startswith("mtp."):
             k, rest = name[4:].split(".", 1)
             name = f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest}"
         if name.endswith("experts.gate_up_proj"):
             prefix = name[: -len(".gate_up_proj")]
             for e, w in enumerate(t):
-                gate, up = w.chunk(2, dim=0)
+                g, u = w.chunk(2, dim=0)
                 # clones: safetensors refuses tensors that share storage
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate.clone()
-                out[f"{prefix}.{e}.up_proj.weight"] = up.clone()
+                out[f"{prefix}.{e}.{gate}.weight"] = g.clone()
+                out[f"{prefix}.{e}.{up}.weight"] = u.clone()
             continue
         if name.endswith("experts.down_proj"):
             prefix = name[: -len(".down_proj")]
             for e, w in enumerate(t):
-                out[f"{prefix}.{e}.down_proj.weight"] = w.clone()
+                out[f"{prefix}.{e}.{down}.weight"] = w.clone()
             continue
         out[name] = t
     return {k: v.detach().contiguous() for k, v in out.items()}
@@ -315,6 +340,7 @@ _V4_TOP = {"embed.weight": "model.embed_tokens.weight", "embed_tokens.weight": "
            "hc_head_scale": "model.hc_head.hc_scale", "hc_head.hc_fn": "model.hc_head.hc_fn",
            "hc_head.hc_base": "model.hc_head.hc_base", "hc_head.hc_scale": "model.hc_head.hc_scale"}
 _V4_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
+_V4_EXPERT_LEAVES = ("w1", "w3", "w2")  # DeepSeek's per-expert gate, up, down
 _FP4_DTYPES = {torch.int8, torch.uint8} | ({torch.float4_e2m1fn_x2} if hasattr(torch, "float4_e2m1fn_x2") else set())
 
 
@@ -360,50 +386,21 @@ def v4_to_nanoseek_names(cfg: DeepseekV4Config, named):
             if t.dtype in _FP4_DTYPES:
                 raise UnsupportedError(f"{src}: {name} is FP4-packed ({t.dtype}); quantization_config.expert_dtype "
                                        "fp4 (ue8m0 scales) is not supported")
-            slot = pending.setdefault(x.group(1), {})
-            slot[(int(x.group(2)), x.group(3))] = t
-            if len(slot) == 3 * e:
-                gate_up = torch.stack([torch.cat([slot[(j, "w1")], slot[(j, "w3")]]) for j in range(e)])
-                down = torch.stack([slot[(j, "w2")] for j in range(e)])
-                del pending[x.group(1)]
-                yield f"{x.group(1)}.gate_up_proj", gate_up, src
-                yield f"{x.group(1)}.down_proj", down, src
+            packed = _pack_experts(pending, x.group(1), int(x.group(2)), x.group(3), t, e, _V4_EXPERT_LEAVES)
+            if packed is not None:
+                yield f"{x.group(1)}.gate_up_proj", packed[0], src
+                yield f"{x.group(1)}.down_proj", packed[1], src
             continue
         yield full, t, src
-    if pending:
-        prefix = next(iter(pending))
-        raise BadInputError(f"{prefix}: only {len(pending[prefix])} of {3 * e} expert tensors present")
+    _all_packed(pending, e)
 
 
-def v4_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our V4 state dict under the names transformers' save_pretrained writes (DeepSeek's, per-expert)."""
-    cfg = model.config
-    inverse = {}
-    for name in model.state_dict():
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
-        if m:
-            inverse[name] = f"model.layers.{m.group(1)}.{_v4_hub_local(m.group(2))}"
-    top = {"model.embed_tokens.weight": "model.embed_tokens.weight", "lm_head.weight": "head.weight",
-           "model.norm.weight": "model.norm.weight", "model.hc_head.hc_fn": "model.hc_head.hc_fn",
-           "model.hc_head.hc_base": "model.hc_head.hc_base", "model.hc_head.hc_scale": "model.hc_head.hc_scale"}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        hub = top.get(name) or inverse[name]
-        if hub.endswith("experts.gate_up_proj"):
-            prefix = hub[: -len(".gate_up_proj")]
-            for j, w in enumerate(t):
-                g, u = w.chunk(2, dim=0)
-                out[f"{prefix}.{j}.w1.weight"], out[f"{prefix}.{j}.w3.weight"] = g.clone(), u.clone()
-            continue
-        if hub.endswith("experts.down_proj"):
-            prefix = hub[: -len(".down_proj")]
-            for j, w in enumerate(t):
-                out[f"{prefix}.{j}.w2.weight"] = w.clone()
-            continue
-        out[hub] = t
-    return {k: v.detach().contiguous() for k, v in out.items()}
+def _v4_hub_name(name: str) -> str:
+    """One of our V4 state-dict names → the name transformers' save_pretrained writes (DeepSeek's)."""
+    m = _LAYER.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}.{_v4_hub_local(m.group(2))}"
+    return "head.weight" if name == "lm_head.weight" else name
 
 
 def _v4_hub_local(name: str) -> str:

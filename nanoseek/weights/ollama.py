@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.weights.registry import FALLBACK_SAMPLING
+
 R1_GO = (
     '{{- if .System }}{{ .System }}{{ end }}'
     '{{- range .Messages }}'
@@ -52,9 +54,10 @@ def chat_family(tokenizer) -> ChatFamily:
 
     jinja = getattr(tokenizer, "chat_template", None) or ""
     if jinja == CHAT_TEMPLATE:
-        # DeepSeek's recommended sampling for R1-style reasoning models
+        # DeepSeek's recommended sampling for R1-style reasoning models: what `nanoseek chat` uses for ours
+        r1 = FALLBACK_SAMPLING
         return ChatFamily("r1", R1_GO, ("<｜end▁of▁sentence｜>", "<｜User｜>"),
-                          (("temperature", 0.6), ("top_p", 0.95)))
+                          (("temperature", r1.temperature), ("top_p", r1.top_p)))
     if "<|im_start|>" in jinja:
         plain = tokenizer.apply_chat_template([{"role": "user", "content": "X"}], tokenize=False,
                                               add_generation_prompt=True)
