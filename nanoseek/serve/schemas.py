@@ -24,6 +24,7 @@ num_keep, enable_thinking, …). Anything known to change the output is in the u
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -495,7 +496,7 @@ class ChatCompletionRequest(_Request):
         seen = set()
         for i, t in enumerate(tools):
             name = t.function.name
-            if not (0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)):
+            if re.fullmatch(TOOL_NAME_PATTERN, name) is None:
                 raise ApiError.bad_request(f"Invalid 'tools[{i}].function.name': {name!r} must be 1 to 64 of "
                                            "a-z, A-Z, 0-9, '_' and '-'.", param=f"tools[{i}].function.name")
             if name in seen:
