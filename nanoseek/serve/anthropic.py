@@ -49,8 +49,7 @@ from nanoseek.serve.errors import (
 from nanoseek.serve.routes import (
     ChatRun,
     ChatService,
-    _chat_plan,
-    _message_bytes,
+    chat_plan,
     json_body,
 )
 from nanoseek.serve.schemas import (
@@ -605,8 +604,7 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
         await chat.gate.check_funds(caller)
         chat.gate.count_request(caller)
         chat_req = to_chat(req, signer, context=sm.context)
-        sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in chat_req.messages), "messages")
-        prompt = (await asyncio.to_thread(_chat_plan, sm, chat_req)).prompt
+        prompt = (await chat_plan(sm, chat_req)).prompt
         return {"input_tokens": len(prompt.ids)}
 
     return router

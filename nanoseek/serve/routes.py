@@ -214,8 +214,7 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
     async def run_chat(caller: Caller, req: ChatCompletionRequest, sm, request: Request, run: ChatRun | None = None):
         """A chat request of an authenticated caller, start to end: the JSON response or the SSE stream.
         `run`, if given, is told the prompt and the job (the other API dialects read them)."""
-        sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in req.messages), "messages")
-        plan = await asyncio.to_thread(_chat_plan, sm, req)
+        plan = await chat_plan(sm, req)
         prompt = plan.prompt
         # A grammar-held answer without max_tokens may take all the room left: a `length` cut means the JSON
         # is incomplete, so it should come only from the context itself.
@@ -385,6 +384,14 @@ def _message_bytes(message: dict) -> int:
             total += sum(len(str(part.get("text") or "").encode(errors="surrogatepass"))
                          for part in value if isinstance(part, dict))
     return total
+
+
+async def chat_plan(sm, req: ChatCompletionRequest) -> ChatPlan:
+    """What a chat request runs: its size bounded first (no tokenizer), then its prompt and grammar planned on a
+    worker thread. Shared by the chat route and the prompts other dialects only count (Anthropic's
+    count_tokens)."""
+    sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in req.messages), "messages")
+    return await asyncio.to_thread(_chat_plan, sm, req)
 
 
 def _chat_plan(sm, req: ChatCompletionRequest) -> ChatPlan:
