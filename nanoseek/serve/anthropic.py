@@ -62,7 +62,7 @@ from nanoseek.serve.schemas import (
     only_with,
 )
 from nanoseek.serve.store import Store
-from nanoseek.serve.streams import sse
+from nanoseek.serve.streams import replay_chunk, sse
 from nanoseek.serve.structured import REASONING_BUDGETS
 
 SECRET_NAME = "anthropic_thinking_signature"
@@ -484,28 +484,25 @@ class AnthropicStream:
         """Events for one chat chunk (a dict)."""
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
-        out: list[str] = []
-        for choice in chunk.get("choices") or []:
-            d = choice.get("delta") or {}
-            if d.get("reasoning_content"):
-                if self.open != "thinking":
-                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                self.thinking += d["reasoning_content"]
-                out.append(self._delta({"type": "thinking_delta", "thinking": d["reasoning_content"]}))
-            if d.get("content"):
-                if self.open != "text":
-                    out += self._open("text", {"type": "text", "text": ""})
-                out.append(self._delta({"type": "text_delta", "text": d["content"]}))
-            for call in d.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                if call.get("id"):
-                    out += self._open("tool_use", {"type": "tool_use", "id": call["id"], "name": fn.get("name", ""),
-                                                   "input": {}})
-                if fn.get("arguments"):
-                    out.append(self._delta({"type": "input_json_delta", "partial_json": fn["arguments"]}))
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-        return out
+        return replay_chunk(chunk, self)
+
+    # the steps replay_chunk takes
+
+    def reasoning(self, text: str) -> list[str]:
+        out = [] if self.open == "thinking" else self._open("thinking", {"type": "thinking", "thinking": "",
+                                                                          "signature": ""})
+        self.thinking += text
+        return out + [self._delta({"type": "thinking_delta", "thinking": text})]
+
+    def text(self, text: str) -> list[str]:
+        out = [] if self.open == "text" else self._open("text", {"type": "text", "text": ""})
+        return out + [self._delta({"type": "text_delta", "text": text})]
+
+    def call(self, call_id: str, name: str) -> list[str]:
+        return self._open("tool_use", {"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def arguments(self, fragment: str) -> list[str]:
+        return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
 
     def end(self) -> list[str]:
         reason, sequence = stop_reason(self.finish, _stop_string(self.run))

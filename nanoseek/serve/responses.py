@@ -42,7 +42,7 @@ from nanoseek.serve.schemas import (
     given_fields,
 )
 from nanoseek.serve.store import Store
-from nanoseek.serve.streams import sse
+from nanoseek.serve.streams import replay_chunk, sse
 
 
 class ResponsesRequest(BaseModel):
@@ -314,22 +314,7 @@ class Output:
 
     def feed_chunk(self, chunk: dict) -> list[dict]:
         """Events for one chat stream chunk (a dict)."""
-        out: list[dict] = []
-        for choice in chunk.get("choices") or []:
-            d = choice.get("delta") or {}
-            if d.get("reasoning_content"):
-                out += self.reasoning(d["reasoning_content"])
-            if d.get("content"):
-                out += self.text(d["content"])
-            for call in d.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                if call.get("id"):
-                    out += self.call(call["id"], fn.get("name", ""))
-                if fn.get("arguments"):
-                    out += self.arguments(fn["arguments"])
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-        return out
+        return replay_chunk(chunk, self)
 
     def feed_message(self, message: dict, finish: str | None) -> None:
         """A whole chat message (non-streamed), through the same steps."""
