@@ -32,6 +32,7 @@ from nanoseek.engine.grammar import Grammar, GrammarCompiler, any_json_object, j
 from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError
 from nanoseek.serve.schemas import ChatCompletionRequest, NamedToolChoice, ToolCall, ToolCallFunction
+from nanoseek.serve.streams import api_finish
 from nanoseek.toolcall import (DS_CALLS_BEGIN, OPEN, Function, ParsedCall, call_grammar, parse_calls,
                                render_generic)
 
@@ -185,7 +186,7 @@ def read_reply(plan: ChatPlan, text: str, finish: str, raw_text: Callable[[], st
         parsed, calls, _cut = parse_calls(source, native=plan.native)
         if calls or _cut:
             content = parsed or None
-    reason = finish if finish in ("stop", "length") else "stop"
+    reason = api_finish(finish)
     if calls and reason == "stop":
         reason = "tool_calls"
     return Reply(content, reasoning, [ToolCall(id=c.id, type="function",
