@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nanoseek.chat import Prompt, render_prompt, split_reasoning
+from nanoseek.chat import Prompt, split_reasoning
 from nanoseek.engine.grammar import Grammar, GrammarCompiler, any_json_object, json_schema, lark
 from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError
@@ -70,14 +70,13 @@ def thinking_switch(req: ChatCompletionRequest, reasoning_model: bool) -> bool |
 
 
 def plan_chat(sm, req: ChatCompletionRequest, compiler: Callable[[], GrammarCompiler],
-              render: Callable[[list[dict], bool | None, list[dict] | None], Prompt] | None = None) -> ChatPlan:
+              render: Callable[[list[dict], bool | None, list[dict] | None], Prompt]) -> ChatPlan:
     """Render the prompt and build the grammar for `req` on served model `sm` (its tokenizer, `reasoning`).
     `compiler()` returns the model's GrammarCompiler (built on first use); `render(messages, thinking,
-    tools)` renders a prompt (default: render_prompt; the chat route passes its prefix-completion renderer).
+    tools)` renders the prompt (the chat route's renderer, which also does prefix completion).
     Raises ApiError 400 for a schema the grammar cannot enforce."""
     compiler = _guarded(compiler)
-    tok = sm.tokenizer
-    template = getattr(tok, "chat_template", None) or ""
+    template = getattr(sm.tokenizer, "chat_template", None) or ""
     functions = [Function(t.function.name, t.function.description,
                           t.function.parameters or {"type": "object", "properties": {}}, bool(t.function.strict))
                  for t in req.tools or []]
@@ -89,10 +88,7 @@ def plan_chat(sm, req: ChatCompletionRequest, compiler: Callable[[], GrammarComp
         messages = render_generic(messages, functions)
     thinking = thinking_switch(req, sm.reasoning)
     tools_arg = [f.spec() for f in functions] if native_tools else None
-    if render is not None:
-        prompt = render(messages, thinking, tools_arg)
-    else:
-        prompt = render_prompt(tok, messages, thinking=thinking, tools=tools_arg)
+    prompt = render(messages, thinking, tools_arg)
     split = bool(sm.reasoning or prompt.starts_in_reasoning)
     reasoning = "open" if prompt.starts_in_reasoning else ("maybe" if sm.reasoning else None)
     budget = REASONING_BUDGETS.get(req.reasoning_effort or "max") if reasoning else None
