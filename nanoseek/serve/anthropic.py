@@ -58,8 +58,10 @@ from nanoseek.serve.schemas import (
     SSE_KEEPALIVE,
     TOOL_NAME_PATTERN,
     ChatCompletionRequest,
+    Unsupported,
     given_fields,
     only_with,
+    reject_unsupported,
 )
 from nanoseek.serve.store import Store
 from nanoseek.serve.streams import replay_chunk, sse
@@ -185,6 +187,10 @@ _UNSUPPORTED_BLOCKS = {"image": "nanoseek serves text-only models", "document": 
                        "server tools are not supported", "web_search_tool_result": "server tools are not supported"}
 
 
+# Top-level parameters nanoseek cannot honour (the chat route's kind of table; a false value asks for nothing)
+_UNSUPPORTED_PARAMETERS: Unsupported = {"mcp_servers": (lambda v: not v, None), "container": (lambda v: not v, None)}
+
+
 class MessagesRequest(BaseModel):
     """POST /v1/messages. Unknown top-level fields are ignored (Anthropic's betas send many)."""
 
@@ -246,9 +252,7 @@ def _refuse_unsupported(data: dict) -> None:
         if kind not in (None, "custom"):
             raise ApiError.unsupported(f"tools.{i}.type", f"the server tool '{kind}' is not available; only "
                                        "client tools (name, description, input_schema) are")
-    for name in ("mcp_servers", "container"):
-        if data.get(name):
-            raise ApiError.unsupported(name)
+    reject_unsupported(data, _UNSUPPORTED_PARAMETERS)
 
 
 def _text(content: str | list[TextBlock] | None) -> str:

@@ -39,10 +39,19 @@ from nanoseek.serve.schemas import (
     SSE_DONE,
     SSE_KEEPALIVE,
     ChatCompletionRequest,
+    Unsupported,
     given_fields,
+    reject_unsupported,
 )
 from nanoseek.serve.store import Store
 from nanoseek.serve.streams import replay_chunk, sse
+
+# Responses parameters nanoseek cannot honour (the chat route's kind of table; a false value asks for nothing)
+_UNSUPPORTED_PARAMETERS: Unsupported = {
+    "background": (lambda v: not v, "background responses are not offered"),
+    "conversation": (lambda v: not v, "use previous_response_id to continue a stored response"),
+    "prompt": (lambda v: not v, "stored prompt templates are not offered"),
+}
 
 
 class ResponsesRequest(BaseModel):
@@ -71,11 +80,7 @@ class ResponsesRequest(BaseModel):
     @classmethod
     def parse(cls, raw: bytes) -> ResponsesRequest:
         data = json_object(raw)
-        for name, why in (("background", "background responses are not offered"),
-                          ("conversation", "use previous_response_id to continue a stored response"),
-                          ("prompt", "stored prompt templates are not offered")):
-            if data.get(name):
-                raise ApiError.unsupported(name, why)
+        reject_unsupported(data, _UNSUPPORTED_PARAMETERS)
         try:
             return cls.model_validate(data)
         except ValidationError as err:

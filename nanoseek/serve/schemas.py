@@ -92,7 +92,7 @@ def _no_tools(v) -> bool:
 _NO_GRAMMAR = "constrained (structured) decoding is not implemented"
 _TEXT_ONLY = "nanoseek serves text-only models"
 
-Unsupported = dict[str, tuple[Callable[[Any], bool], str]]
+Unsupported = dict[str, tuple[Callable[[Any], bool], str | None]]
 
 COMMON_UNSUPPORTED: Unsupported = {
     "logit_bias": (_empty, "per-token logit biases are not implemented"),
@@ -125,7 +125,7 @@ CHAT_UNSUPPORTED: Unsupported = {
 COMPLETION_UNSUPPORTED: Unsupported = COMMON_UNSUPPORTED
 
 
-def _reject_unsupported(data: dict, table: Unsupported) -> dict:
+def reject_unsupported(data: dict, table: Unsupported) -> dict:
     """Raise for the first known-unsupported parameter that asks for something; drop the inert ones so that
     `ignored_fields` lists only truly unknown fields."""
     for name, (inert, why) in table.items():
@@ -337,7 +337,7 @@ class _Request(_Body):
     @classmethod
     def _layer1(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = _reject_unsupported(data, cls.UNSUPPORTED)
+            data = reject_unsupported(data, cls.UNSUPPORTED)
             cls._check_raw(data)
         return data
 
