@@ -393,13 +393,20 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
     """POST /responses, GET and DELETE /responses/{id}; the app mounts it with and without /v1."""
     router = APIRouter()
 
-    async def keep(caller, rid: str, body: dict, conversation: list[dict], output: Output) -> None:
+    async def save(caller, rid: str, body: dict, conversation: list[dict], output: Output) -> bool:
+        """Store the response; False instead of a 413 when the key's storage quota cannot hold it. Generated
+        output is never thrown away: a full quota is refused before anything runs (`room`), and an answer
+        that turns out too big to keep is still returned, with store false."""
         history = json.dumps(conversation + [output.reply()], ensure_ascii=False)
-        await asyncio.to_thread(store.put_response, caller.key_id, rid, json.dumps(body, ensure_ascii=False), history)
-
-    # Generated output is never thrown away: a full quota is refused before anything runs (`room`), and an
-    # answer that turns out too big to keep is still returned, with store false.
-    save = _keep_or_not(keep)
+        try:
+            await asyncio.to_thread(store.put_response, caller.key_id, rid, json.dumps(body, ensure_ascii=False),
+                                    history)
+            return True
+        except NanoseekError as exc:
+            if to_api_error(exc).status != 413:
+                raise
+            logging.getLogger(__name__).warning("response not stored: %s", exc)
+            return False
 
     def room(caller) -> None:
         """413 before generating when the key's storage is already full (nothing is run or billed)."""
@@ -461,20 +468,6 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
         return {"id": response_id, "object": "response", "deleted": True}
 
     return router
-
-
-def _keep_or_not(keep):
-    """`keep`, returning False instead of raising when the key's storage quota cannot hold the response."""
-    async def attempt(*args) -> bool:
-        try:
-            await keep(*args)
-            return True
-        except NanoseekError as exc:
-            if to_api_error(exc).status != 413:
-                raise
-            logging.getLogger(__name__).warning("response not stored: %s", exc)
-            return False
-    return attempt
 
 
 async def _stream(chat_events, rid, created, req, name, stored, conversation, caller, keep):
