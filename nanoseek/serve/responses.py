@@ -432,12 +432,12 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
                    if req.previous_response_id else [])
         body, conversation = chat_body(req, history, stream=bool(req.stream))
         chat_req = ChatCompletionRequest.parse(body)
-        if req.stored and store is not None:
+        stored = req.stored and store is not None
+        if stored:
             await asyncio.to_thread(room, caller)
         run = ChatRun()
         response = await chat.run(caller, chat_req, sm, request, run)
         rid, created, name = _new("resp"), time.time(), req.model or sm.name
-        stored = req.stored and store is not None
         if isinstance(response, StreamingResponse):
             return sse(_stream(response.body_iterator, rid, created, req, name, stored, conversation, caller, save))
         if response.status_code != 200:     # the client left (499): nobody reads this
