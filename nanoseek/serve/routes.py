@@ -152,19 +152,20 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
+    def card(name: str) -> ModelCard:
+        m = models[name]
+        return ModelCard(id=name, created=m.created, root=m.root or name, max_model_len=m.context)
+
     @router.get("/models", response_model=ModelList)
     async def list_models(request: Request):
         await gate.caller(request)
-        return ModelList(data=[ModelCard(id=n, created=m.created, root=m.root or n, max_model_len=m.context)
-                               for n, m in models.items()])
+        return ModelList(data=[card(n) for n in models])
 
     @router.get("/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str, request: Request):
         await gate.caller(request)
-        if model_id not in models:
-            raise ApiError.model_not_found(model_id)
-        m = models[model_id]
-        return ModelCard(id=model_id, created=m.created, root=m.root or model_id, max_model_len=m.context)
+        pick(model_id)   # 404 for a model not served
+        return card(model_id)
 
     @router.get("/user/balance")
     async def balance(request: Request):
