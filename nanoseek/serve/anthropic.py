@@ -54,6 +54,7 @@ from nanoseek.serve.routes import (
 )
 from nanoseek.serve.schemas import (
     F32_TINY,
+    REASONING_BUDGETS,
     SSE_DONE,
     SSE_KEEPALIVE,
     TOOL_NAME_PATTERN,
@@ -65,7 +66,6 @@ from nanoseek.serve.schemas import (
 )
 from nanoseek.serve.store import Store
 from nanoseek.serve.streams import replay_chunk, sse
-from nanoseek.serve.structured import REASONING_BUDGETS
 
 SECRET_NAME = "anthropic_thinking_signature"
 
@@ -317,7 +317,7 @@ def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False, contex
 
 
 def effort_for_budget(budget_tokens: int) -> str:
-    """The chat reasoning_effort whose reasoning cap (serve/structured.py REASONING_BUDGETS) is the largest
+    """The chat reasoning_effort whose reasoning cap (serve/schemas.py REASONING_BUDGETS) is the largest
     not above `budget_tokens`: the model never thinks longer than asked (the smallest step, below it)."""
     capped = sorted((cap, effort) for effort, cap in REASONING_BUDGETS.items() if cap is not None)
     fits = [effort for cap, effort in capped if cap <= budget_tokens]

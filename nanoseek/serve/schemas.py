@@ -223,7 +223,12 @@ class ThinkingOptions(_Part):
 
 
 MAX_TOOLS = 128
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# Reasoning-token budgets per reasoning_effort (serve/structured.py caps the reasoning at them; "none" turns
+# thinking off; "max" has no cap). DeepSeek maps minimal→low and xhigh→high; a local model gets finer steps,
+# each about 4x the one before.
+REASONING_BUDGETS: dict[str, int | None] = {"minimal": 256, "low": 1024, "medium": 4096, "high": 16384,
+                                            "xhigh": 32768, "max": None}
+REASONING_EFFORTS = ("none", *REASONING_BUDGETS)
 
 
 class FunctionDef(_Part):

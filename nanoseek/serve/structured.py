@@ -31,15 +31,11 @@ from nanoseek.chat import Prompt, split_reasoning
 from nanoseek.engine.grammar import Grammar, GrammarCompiler, any_json_object, json_schema, lark
 from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError
-from nanoseek.serve.schemas import ChatCompletionRequest, NamedToolChoice, ToolCall, ToolCallFunction
+from nanoseek.serve.schemas import (REASONING_BUDGETS, ChatCompletionRequest, NamedToolChoice, ToolCall,
+                                    ToolCallFunction)
 from nanoseek.serve.streams import api_finish
 from nanoseek.toolcall import (DS_CALLS_BEGIN, OPEN, Function, ParsedCall, call_grammar, parse_calls,
                                render_generic)
-
-# Reasoning-token budgets per reasoning_effort ("none" turns thinking off; "max" has no cap). DeepSeek maps
-# minimal→low and xhigh→high; a local model gets finer steps, each about 4x the one before.
-REASONING_BUDGETS: dict[str, int | None] = {"minimal": 256, "low": 1024, "medium": 4096, "high": 16384,
-                                            "xhigh": 32768, "max": None}
 
 
 @dataclass
