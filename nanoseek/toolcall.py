@@ -41,6 +41,9 @@ TOOLS_FOOTER = ("</tools>\n\nFor each function call, return a json object with f
                 '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
 CALL_PREFIX = '{"name": '      # how every generic call body starts
 ARGS_KEY = ', "arguments": '
+# The canonical head of a call body (what the grammar makes): the name as a JSON string in group 1, then
+# the arguments' text, which parse_body and CallStream keep exactly as generated.
+CALL_HEAD = re.compile(re.escape(CALL_PREFIX) + r'("(?:[^"\\]|\\.)*")' + re.escape(ARGS_KEY))
 
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -204,7 +207,7 @@ def parse_body(body: str) -> ParsedCall | None:
     """A call from one block's body. The canonical layout (what the grammar makes) keeps the arguments'
     text exactly as generated, so a stream's argument fragments add up to the same string; any other valid
     layout gets its arguments re-serialised."""
-    m = re.match(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ', body)
+    m = CALL_HEAD.match(body)
     if m and body.endswith("}"):
         args = body[m.end():-1]
         try:
@@ -309,7 +312,7 @@ class CallStream:
             self.in_call = False
 
     def _partial(self, body: str) -> None:
-        m = re.match(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ', body)
+        m = CALL_HEAD.match(body)
         if m is None:
             return
         if not self.sent_head:

@@ -66,6 +66,14 @@ def _served(name, template, reasoning=False, slow_s=0.0, max_batch=4, broken=Fal
     return ServedModel(name, tok, sched, sched.max_len, reasoning=reasoning)
 
 
+def stopping(served: dict):
+    """A module fixture's served models: `yield from stopping(served)` hands them to the tests, then stops
+    their schedulers."""
+    yield served
+    for m in served.values():
+        m.scheduler.stop(timeout=5)
+
+
 def scrape(url: str) -> dict[str, dict[tuple, float]]:
     """GET /metrics through prometheus_client's own parser: sample name → {sorted label items: value}."""
     r = httpx.get(url + "/metrics", timeout=10)
@@ -118,9 +126,7 @@ def models():
     served = {"tiny": _served("tiny", CHATML), "tiny-r1": _served("tiny-r1", R1_LIKE, reasoning=True),
               "slow": _served("slow", CHATML, slow_s=0.02, max_batch=1),
               "broken": _served("broken", CHATML, broken=True)}
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from nanoseek.serve.app import ServedModel, create_app
 from nanoseek.serve.routes import ChatRun
 from nanoseek.serve.store import Store
 from test_chat import CHATML, R1_LIKE, make_tokenizer
-from test_serve import _served, _Server
+from test_serve import _served, _Server, stopping
 from test_serve_reasoning import CONTENT, REASONING
 from test_serve_reasoning import CHATML as PLAIN_TEMPLATE
 from test_serve_reasoning import _tokenizer, _train
@@ -38,9 +38,7 @@ def models():
               "short": _served("short", CHATML, context=48),
               "slow": _served("slow", CHATML, slow_s=0.02, max_batch=1),
               "broken": _served("broken", CHATML, broken=True)}
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture(scope="module")

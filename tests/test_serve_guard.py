@@ -19,7 +19,7 @@ from nanoseek.serve.app import create_app
 from nanoseek.serve.guard import MAX_BODY_BYTES, Guard, GuardConfig, split_host
 from nanoseek.serve.server import ServerLimits
 from nanoseek.serve.store import Store
-from test_serve import _Server
+from test_serve import _Server, stopping
 from test_web import tiny_served
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -28,9 +28,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 @pytest.fixture(scope="module")
 def models():
     served = {"tiny": tiny_served("tiny")}
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture

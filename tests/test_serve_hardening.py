@@ -21,7 +21,7 @@ from nanoseek.serve.limits import Hold, RateLimiter
 from nanoseek.serve.render import RenderError, RenderWorker
 from nanoseek.serve.store import PriceTable, Store
 from test_chat import CHATML
-from test_serve import _served, _Server
+from test_serve import _served, _Server, stopping
 
 PROMPT = [{"role": "user", "content": "A private system prompt that nobody else should learn " * 4}]
 
@@ -31,9 +31,7 @@ def models():
     served = {"tiny": _served("tiny", CHATML, max_batch=8),
               "slow": _served("slow", CHATML, slow_s=0.02, max_batch=4)}
     served["tiny"].prices = PriceTable(1000.0, 1000.0, 1000.0)   # $0.001 a token, cache hits too
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from nanoseek.serve.app import create_app
 from nanoseek.serve.responses import Output, ResponsesRequest, chat_body
 from nanoseek.serve.store import SCHEMA_VERSION, Store, StoreLimits
 from test_chat import CHATML, R1_LIKE
-from test_serve import _served, _Server
+from test_serve import _served, _Server, stopping
 from test_serve_anthropic import long_served
 
 HELLO = "Hello there"
@@ -31,9 +31,7 @@ HELLO = "Hello there"
 def models():
     served = {"tiny": _served("tiny", CHATML), "tiny-r1": _served("tiny-r1", R1_LIKE, reasoning=True),
               "broken": _served("broken", CHATML, broken=True)}
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture(scope="module")

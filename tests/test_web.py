@@ -21,6 +21,7 @@ from nanoseek.serve.guard import GuardConfig
 from nanoseek.serve.store import PriceTable, Store
 from nanoseek.serve.render import MarkdownRenderer, sanitize
 from test_chat import CHATML, make_tokenizer
+from test_serve import stopping
 
 CONTEXT = 256
 
@@ -53,9 +54,7 @@ def tiny_served(name: str, template: str = CHATML, *, reasoning: bool = False, s
 @pytest.fixture(scope="module")
 def models():
     served = {"tiny": tiny_served("tiny")}
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture

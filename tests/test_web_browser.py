@@ -20,7 +20,7 @@ import pytest
 from nanoseek.serve.app import create_app
 from nanoseek.serve.store import Store
 from test_chat import R1_LIKE
-from test_serve import _Server  # uvicorn on a free loopback port, in a thread
+from test_serve import _Server, stopping  # uvicorn on a free loopback port, in a thread
 from test_web import tiny_served
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
@@ -39,9 +39,7 @@ def models():
     # "tiny" answers in a second or two; "slow" takes long enough to stop midway; "tiny-r1" is R1-like.
     served = {"tiny": tiny_served("tiny", slow_s=0.003), "slow": tiny_served("slow", slow_s=0.05),
               "tiny-r1": tiny_served("tiny-r1", R1_LIKE, reasoning=True, slow_s=0.003)}
-    yield served
-    for m in served.values():
-        m.scheduler.stop(timeout=5)
+    yield from stopping(served)
 
 
 @pytest.fixture(scope="module")

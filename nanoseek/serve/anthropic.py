@@ -49,22 +49,23 @@ from nanoseek.serve.errors import (
 from nanoseek.serve.routes import (
     ChatRun,
     ChatService,
-    _chat_plan,
-    _message_bytes,
+    chat_plan,
     json_body,
 )
 from nanoseek.serve.schemas import (
     F32_TINY,
+    REASONING_BUDGETS,
     SSE_DONE,
     SSE_KEEPALIVE,
     TOOL_NAME_PATTERN,
     ChatCompletionRequest,
+    Unsupported,
     given_fields,
     only_with,
+    reject_unsupported,
 )
 from nanoseek.serve.store import Store
-from nanoseek.serve.streams import sse
-from nanoseek.serve.structured import REASONING_BUDGETS
+from nanoseek.serve.streams import replay_chunk, sse
 
 SECRET_NAME = "anthropic_thinking_signature"
 
@@ -186,6 +187,10 @@ _UNSUPPORTED_BLOCKS = {"image": "nanoseek serves text-only models", "document": 
                        "server tools are not supported", "web_search_tool_result": "server tools are not supported"}
 
 
+# Top-level parameters nanoseek cannot honour (the chat route's kind of table; a false value asks for nothing)
+_UNSUPPORTED_PARAMETERS: Unsupported = {"mcp_servers": (lambda v: not v, None), "container": (lambda v: not v, None)}
+
+
 class MessagesRequest(BaseModel):
     """POST /v1/messages. Unknown top-level fields are ignored (Anthropic's betas send many)."""
 
@@ -247,9 +252,7 @@ def _refuse_unsupported(data: dict) -> None:
         if kind not in (None, "custom"):
             raise ApiError.unsupported(f"tools.{i}.type", f"the server tool '{kind}' is not available; only "
                                        "client tools (name, description, input_schema) are")
-    for name in ("mcp_servers", "container"):
-        if data.get(name):
-            raise ApiError.unsupported(name)
+    reject_unsupported(data, _UNSUPPORTED_PARAMETERS)
 
 
 def _text(content: str | list[TextBlock] | None) -> str:
@@ -314,7 +317,7 @@ def chat_body(req: MessagesRequest, signer: Signer, stream: bool = False, contex
 
 
 def effort_for_budget(budget_tokens: int) -> str:
-    """The chat reasoning_effort whose reasoning cap (serve/structured.py REASONING_BUDGETS) is the largest
+    """The chat reasoning_effort whose reasoning cap (serve/schemas.py REASONING_BUDGETS) is the largest
     not above `budget_tokens`: the model never thinks longer than asked (the smallest step, below it)."""
     capped = sorted((cap, effort) for effort, cap in REASONING_BUDGETS.items() if cap is not None)
     fits = [effort for cap, effort in capped if cap <= budget_tokens]
@@ -485,28 +488,25 @@ class AnthropicStream:
         """Events for one chat chunk (a dict)."""
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
-        out: list[str] = []
-        for choice in chunk.get("choices") or []:
-            d = choice.get("delta") or {}
-            if d.get("reasoning_content"):
-                if self.open != "thinking":
-                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                self.thinking += d["reasoning_content"]
-                out.append(self._delta({"type": "thinking_delta", "thinking": d["reasoning_content"]}))
-            if d.get("content"):
-                if self.open != "text":
-                    out += self._open("text", {"type": "text", "text": ""})
-                out.append(self._delta({"type": "text_delta", "text": d["content"]}))
-            for call in d.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                if call.get("id"):
-                    out += self._open("tool_use", {"type": "tool_use", "id": call["id"], "name": fn.get("name", ""),
-                                                   "input": {}})
-                if fn.get("arguments"):
-                    out.append(self._delta({"type": "input_json_delta", "partial_json": fn["arguments"]}))
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-        return out
+        return replay_chunk(chunk, self)
+
+    # the steps replay_chunk takes
+
+    def reasoning(self, text: str) -> list[str]:
+        out = [] if self.open == "thinking" else self._open("thinking", {"type": "thinking", "thinking": "",
+                                                                          "signature": ""})
+        self.thinking += text
+        return out + [self._delta({"type": "thinking_delta", "thinking": text})]
+
+    def text(self, text: str) -> list[str]:
+        out = [] if self.open == "text" else self._open("text", {"type": "text", "text": ""})
+        return out + [self._delta({"type": "text_delta", "text": text})]
+
+    def call(self, call_id: str, name: str) -> list[str]:
+        return self._open("tool_use", {"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def arguments(self, fragment: str) -> list[str]:
+        return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
 
     def end(self) -> list[str]:
         reason, sequence = stop_reason(self.finish, _stop_string(self.run))
@@ -605,8 +605,7 @@ def anthropic_router(chat: ChatService, store: Store | None) -> APIRouter:
         await chat.gate.check_funds(caller)
         chat.gate.count_request(caller)
         chat_req = to_chat(req, signer, context=sm.context)
-        sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in chat_req.messages), "messages")
-        prompt = (await asyncio.to_thread(_chat_plan, sm, chat_req)).prompt
+        prompt = (await chat_plan(sm, chat_req)).prompt
         return {"input_tokens": len(prompt.ids)}
 
     return router

@@ -39,10 +39,19 @@ from nanoseek.serve.schemas import (
     SSE_DONE,
     SSE_KEEPALIVE,
     ChatCompletionRequest,
+    Unsupported,
     given_fields,
+    reject_unsupported,
 )
 from nanoseek.serve.store import Store
-from nanoseek.serve.streams import sse
+from nanoseek.serve.streams import replay_chunk, sse
+
+# Responses parameters nanoseek cannot honour (the chat route's kind of table; a false value asks for nothing)
+_UNSUPPORTED_PARAMETERS: Unsupported = {
+    "background": (lambda v: not v, "background responses are not offered"),
+    "conversation": (lambda v: not v, "use previous_response_id to continue a stored response"),
+    "prompt": (lambda v: not v, "stored prompt templates are not offered"),
+}
 
 
 class ResponsesRequest(BaseModel):
@@ -71,11 +80,7 @@ class ResponsesRequest(BaseModel):
     @classmethod
     def parse(cls, raw: bytes) -> ResponsesRequest:
         data = json_object(raw)
-        for name, why in (("background", "background responses are not offered"),
-                          ("conversation", "use previous_response_id to continue a stored response"),
-                          ("prompt", "stored prompt templates are not offered")):
-            if data.get(name):
-                raise ApiError.unsupported(name, why)
+        reject_unsupported(data, _UNSUPPORTED_PARAMETERS)
         try:
             return cls.model_validate(data)
         except ValidationError as err:
@@ -314,22 +319,7 @@ class Output:
 
     def feed_chunk(self, chunk: dict) -> list[dict]:
         """Events for one chat stream chunk (a dict)."""
-        out: list[dict] = []
-        for choice in chunk.get("choices") or []:
-            d = choice.get("delta") or {}
-            if d.get("reasoning_content"):
-                out += self.reasoning(d["reasoning_content"])
-            if d.get("content"):
-                out += self.text(d["content"])
-            for call in d.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                if call.get("id"):
-                    out += self.call(call["id"], fn.get("name", ""))
-                if fn.get("arguments"):
-                    out += self.arguments(fn["arguments"])
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-        return out
+        return replay_chunk(chunk, self)
 
     def feed_message(self, message: dict, finish: str | None) -> None:
         """A whole chat message (non-streamed), through the same steps."""
@@ -403,13 +393,20 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
     """POST /responses, GET and DELETE /responses/{id}; the app mounts it with and without /v1."""
     router = APIRouter()
 
-    async def keep(caller, rid: str, body: dict, conversation: list[dict], output: Output) -> None:
+    async def save(caller, rid: str, body: dict, conversation: list[dict], output: Output) -> bool:
+        """Store the response; False instead of a 413 when the key's storage quota cannot hold it. Generated
+        output is never thrown away: a full quota is refused before anything runs (`room`), and an answer
+        that turns out too big to keep is still returned, with store false."""
         history = json.dumps(conversation + [output.reply()], ensure_ascii=False)
-        await asyncio.to_thread(store.put_response, caller.key_id, rid, json.dumps(body, ensure_ascii=False), history)
-
-    # Generated output is never thrown away: a full quota is refused before anything runs (`room`), and an
-    # answer that turns out too big to keep is still returned, with store false.
-    save = _keep_or_not(keep)
+        try:
+            await asyncio.to_thread(store.put_response, caller.key_id, rid, json.dumps(body, ensure_ascii=False),
+                                    history)
+            return True
+        except NanoseekError as exc:
+            if to_api_error(exc).status != 413:
+                raise
+            logging.getLogger(__name__).warning("response not stored: %s", exc)
+            return False
 
     def room(caller) -> None:
         """413 before generating when the key's storage is already full (nothing is run or billed)."""
@@ -435,12 +432,12 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
                    if req.previous_response_id else [])
         body, conversation = chat_body(req, history, stream=bool(req.stream))
         chat_req = ChatCompletionRequest.parse(body)
-        if req.stored and store is not None:
+        stored = req.stored and store is not None
+        if stored:
             await asyncio.to_thread(room, caller)
         run = ChatRun()
         response = await chat.run(caller, chat_req, sm, request, run)
         rid, created, name = _new("resp"), time.time(), req.model or sm.name
-        stored = req.stored and store is not None
         if isinstance(response, StreamingResponse):
             return sse(_stream(response.body_iterator, rid, created, req, name, stored, conversation, caller, save))
         if response.status_code != 200:     # the client left (499): nobody reads this
@@ -471,20 +468,6 @@ def responses_router(chat: ChatService, store: Store | None) -> APIRouter:
         return {"id": response_id, "object": "response", "deleted": True}
 
     return router
-
-
-def _keep_or_not(keep):
-    """`keep`, returning False instead of raising when the key's storage quota cannot hold the response."""
-    async def attempt(*args) -> bool:
-        try:
-            await keep(*args)
-            return True
-        except NanoseekError as exc:
-            if to_api_error(exc).status != 413:
-                raise
-            logging.getLogger(__name__).warning("response not stored: %s", exc)
-            return False
-    return attempt
 
 
 async def _stream(chat_events, rid, created, req, name, stored, conversation, caller, keep):

@@ -152,19 +152,20 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
         body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
+    def card(name: str) -> ModelCard:
+        m = models[name]
+        return ModelCard(id=name, created=m.created, root=m.root or name, max_model_len=m.context)
+
     @router.get("/models", response_model=ModelList)
     async def list_models(request: Request):
         await gate.caller(request)
-        return ModelList(data=[ModelCard(id=n, created=m.created, root=m.root or n, max_model_len=m.context)
-                               for n, m in models.items()])
+        return ModelList(data=[card(n) for n in models])
 
     @router.get("/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str, request: Request):
         await gate.caller(request)
-        if model_id not in models:
-            raise ApiError.model_not_found(model_id)
-        m = models[model_id]
-        return ModelCard(id=model_id, created=m.created, root=m.root or model_id, max_model_len=m.context)
+        pick(model_id)   # 404 for a model not served
+        return card(model_id)
 
     @router.get("/user/balance")
     async def balance(request: Request):
@@ -214,8 +215,7 @@ def api_router(models: dict, gate: Gate, metrics: ServerMetrics, settings: Route
     async def run_chat(caller: Caller, req: ChatCompletionRequest, sm, request: Request, run: ChatRun | None = None):
         """A chat request of an authenticated caller, start to end: the JSON response or the SSE stream.
         `run`, if given, is told the prompt and the job (the other API dialects read them)."""
-        sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in req.messages), "messages")
-        plan = await asyncio.to_thread(_chat_plan, sm, req)
+        plan = await chat_plan(sm, req)
         prompt = plan.prompt
         # A grammar-held answer without max_tokens may take all the room left: a `length` cut means the JSON
         # is incomplete, so it should come only from the context itself.
@@ -385,6 +385,14 @@ def _message_bytes(message: dict) -> int:
             total += sum(len(str(part.get("text") or "").encode(errors="surrogatepass"))
                          for part in value if isinstance(part, dict))
     return total
+
+
+async def chat_plan(sm, req: ChatCompletionRequest) -> ChatPlan:
+    """What a chat request runs: its size bounded first (no tokenizer), then its prompt and grammar planned on a
+    worker thread. Shared by the chat route and the prompts other dialects only count (Anthropic's
+    count_tokens)."""
+    sm.check_text_fits(sum(_message_bytes(m.model_dump()) for m in req.messages), "messages")
+    return await asyncio.to_thread(_chat_plan, sm, req)
 
 
 def _chat_plan(sm, req: ChatCompletionRequest) -> ChatPlan:

@@ -24,6 +24,7 @@ num_keep, enable_thinking, …). Anything known to change the output is in the u
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -91,7 +92,7 @@ def _no_tools(v) -> bool:
 _NO_GRAMMAR = "constrained (structured) decoding is not implemented"
 _TEXT_ONLY = "nanoseek serves text-only models"
 
-Unsupported = dict[str, tuple[Callable[[Any], bool], str]]
+Unsupported = dict[str, tuple[Callable[[Any], bool], str | None]]
 
 COMMON_UNSUPPORTED: Unsupported = {
     "logit_bias": (_empty, "per-token logit biases are not implemented"),
@@ -124,7 +125,7 @@ CHAT_UNSUPPORTED: Unsupported = {
 COMPLETION_UNSUPPORTED: Unsupported = COMMON_UNSUPPORTED
 
 
-def _reject_unsupported(data: dict, table: Unsupported) -> dict:
+def reject_unsupported(data: dict, table: Unsupported) -> dict:
     """Raise for the first known-unsupported parameter that asks for something; drop the inert ones so that
     `ignored_fields` lists only truly unknown fields."""
     for name, (inert, why) in table.items():
@@ -222,7 +223,12 @@ class ThinkingOptions(_Part):
 
 
 MAX_TOOLS = 128
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# Reasoning-token budgets per reasoning_effort (serve/structured.py caps the reasoning at them; "none" turns
+# thinking off; "max" has no cap). DeepSeek maps minimal→low and xhigh→high; a local model gets finer steps,
+# each about 4x the one before.
+REASONING_BUDGETS: dict[str, int | None] = {"minimal": 256, "low": 1024, "medium": 4096, "high": 16384,
+                                            "xhigh": 32768, "max": None}
+REASONING_EFFORTS = ("none", *REASONING_BUDGETS)
 
 
 class FunctionDef(_Part):
@@ -336,7 +342,7 @@ class _Request(_Body):
     @classmethod
     def _layer1(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = _reject_unsupported(data, cls.UNSUPPORTED)
+            data = reject_unsupported(data, cls.UNSUPPORTED)
             cls._check_raw(data)
         return data
 
@@ -495,7 +501,7 @@ class ChatCompletionRequest(_Request):
         seen = set()
         for i, t in enumerate(tools):
             name = t.function.name
-            if not (0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)):
+            if re.fullmatch(TOOL_NAME_PATTERN, name) is None:
                 raise ApiError.bad_request(f"Invalid 'tools[{i}].function.name': {name!r} must be 1 to 64 of "
                                            "a-z, A-Z, 0-9, '_' and '-'.", param=f"tools[{i}].function.name")
             if name in seen:

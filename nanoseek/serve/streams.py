@@ -2,8 +2,9 @@
 
 Owns the streaming halves of chat and legacy completions (`chat_stream`, `completion_stream`), the logprob
 rows both streamed and whole responses carry (`chat_logprobs`, `completion_logprobs`), and the small rules
-they share (`finish`, `usage`, `hits`). Billing is not done here: a stream tells its `bill` (serve/routes.py
-over serve/auth.py's Ticket) how far it got, and settles it before its last chunk.
+they share (`finish`, `usage`, `hits`), and `replay_chunk`, how the translated dialects read a chat chunk.
+Billing is not done here: a stream tells its `bill` (serve/routes.py over serve/auth.py's Ticket) how far it
+got, and settles it before its last chunk.
 """
 
 from __future__ import annotations
@@ -151,6 +152,30 @@ def sse(gen) -> StreamingResponse:
     # no-cache / no buffering: proxies must pass each event through as it is written.
     return _EventStream(gen, media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def replay_chunk(chunk: dict, sink) -> list:
+    """One chat stream chunk (a decoded dict) walked through `sink`, the way the API dialects that translate
+    the chat stream read it (serve/anthropic.py, serve/responses.py): per choice, its reasoning
+    (`sink.reasoning(text)`), its content (`sink.text(text)`), each tool call's start (`sink.call(id, name)`)
+    and argument fragments (`sink.arguments(fragment)`); a finish_reason is set as `sink.finish`. Returns the
+    events those steps made, in order."""
+    out: list = []
+    for choice in chunk.get("choices") or []:
+        d = choice.get("delta") or {}
+        if d.get("reasoning_content"):
+            out += sink.reasoning(d["reasoning_content"])
+        if d.get("content"):
+            out += sink.text(d["content"])
+        for call in d.get("tool_calls") or []:
+            fn = call.get("function") or {}
+            if call.get("id"):
+                out += sink.call(call["id"], fn.get("name", ""))
+            if fn.get("arguments"):
+                out += sink.arguments(fn["arguments"])
+        if choice.get("finish_reason"):
+            sink.finish = choice["finish_reason"]
+    return out
 
 
 async def _pump(job: Job, keepalive_s: float, bill):

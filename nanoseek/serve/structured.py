@@ -27,18 +27,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nanoseek.chat import Prompt, render_prompt, split_reasoning
+from nanoseek.chat import Prompt, split_reasoning
 from nanoseek.engine.grammar import Grammar, GrammarCompiler, any_json_object, json_schema, lark
 from nanoseek.errors import BadInputError
 from nanoseek.serve.errors import ApiError
-from nanoseek.serve.schemas import ChatCompletionRequest, NamedToolChoice, ToolCall, ToolCallFunction
+from nanoseek.serve.schemas import (REASONING_BUDGETS, ChatCompletionRequest, NamedToolChoice, ToolCall,
+                                    ToolCallFunction)
+from nanoseek.serve.streams import api_finish
 from nanoseek.toolcall import (DS_CALLS_BEGIN, OPEN, Function, ParsedCall, call_grammar, parse_calls,
                                render_generic)
-
-# Reasoning-token budgets per reasoning_effort ("none" turns thinking off; "max" has no cap). DeepSeek maps
-# minimal→low and xhigh→high; a local model gets finer steps, each about 4x the one before.
-REASONING_BUDGETS: dict[str, int | None] = {"minimal": 256, "low": 1024, "medium": 4096, "high": 16384,
-                                            "xhigh": 32768, "max": None}
 
 
 @dataclass
@@ -69,14 +66,13 @@ def thinking_switch(req: ChatCompletionRequest, reasoning_model: bool) -> bool |
 
 
 def plan_chat(sm, req: ChatCompletionRequest, compiler: Callable[[], GrammarCompiler],
-              render: Callable[[list[dict], bool | None, list[dict] | None], Prompt] | None = None) -> ChatPlan:
+              render: Callable[[list[dict], bool | None, list[dict] | None], Prompt]) -> ChatPlan:
     """Render the prompt and build the grammar for `req` on served model `sm` (its tokenizer, `reasoning`).
     `compiler()` returns the model's GrammarCompiler (built on first use); `render(messages, thinking,
-    tools)` renders a prompt (default: render_prompt; the chat route passes its prefix-completion renderer).
+    tools)` renders the prompt (the chat route's renderer, which also does prefix completion).
     Raises ApiError 400 for a schema the grammar cannot enforce."""
     compiler = _guarded(compiler)
-    tok = sm.tokenizer
-    template = getattr(tok, "chat_template", None) or ""
+    template = getattr(sm.tokenizer, "chat_template", None) or ""
     functions = [Function(t.function.name, t.function.description,
                           t.function.parameters or {"type": "object", "properties": {}}, bool(t.function.strict))
                  for t in req.tools or []]
@@ -88,10 +84,7 @@ def plan_chat(sm, req: ChatCompletionRequest, compiler: Callable[[], GrammarComp
         messages = render_generic(messages, functions)
     thinking = thinking_switch(req, sm.reasoning)
     tools_arg = [f.spec() for f in functions] if native_tools else None
-    if render is not None:
-        prompt = render(messages, thinking, tools_arg)
-    else:
-        prompt = render_prompt(tok, messages, thinking=thinking, tools=tools_arg)
+    prompt = render(messages, thinking, tools_arg)
     split = bool(sm.reasoning or prompt.starts_in_reasoning)
     reasoning = "open" if prompt.starts_in_reasoning else ("maybe" if sm.reasoning else None)
     budget = REASONING_BUDGETS.get(req.reasoning_effort or "max") if reasoning else None
@@ -185,7 +178,7 @@ def read_reply(plan: ChatPlan, text: str, finish: str, raw_text: Callable[[], st
         parsed, calls, _cut = parse_calls(source, native=plan.native)
         if calls or _cut:
             content = parsed or None
-    reason = finish if finish in ("stop", "length") else "stop"
+    reason = api_finish(finish)
     if calls and reason == "stop":
         reason = "tool_calls"
     return Reply(content, reasoning, [ToolCall(id=c.id, type="function",
