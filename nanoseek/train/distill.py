@@ -94,6 +94,28 @@ def _keep_traces(task: Task, template: Template, problems: Sequence[Problem], re
             "problems_covered": len(covered), "duplicates": duplicates}
 
 
+def post_teacher(endpoint: str, body: dict, key: str | None, model: str | None, timeout_s: float) -> dict:
+    """POST `body` (plus `model`, if given) as JSON to a teacher server's `endpoint` and return the JSON reply;
+    any failure (HTTP status, network, timeout, a reply that is no JSON) is one BadInputError naming the URL."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if model:
+        body = {**body, "model": model}
+    req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:300].decode(errors="replace")
+        raise BadInputError(f"teacher {endpoint}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, TimeoutError, ValueError) as e:
+        raise BadInputError(f"teacher {endpoint}: {e}") from None
+
+
 def generate_traces_api(url: str, key: str | None, model: str | None, task: Task, problems: Sequence[Problem],
                         out: str | Path, *, samples: int = 4, max_tokens: int = 1024, temperature: float = 0.6,
                         top_p: float = 0.95, keep: str = "correct", seed: int = 0, open_think: bool = True,
@@ -103,35 +125,19 @@ def generate_traces_api(url: str, key: str | None, model: str | None, task: Task
     Traces are text, so the teacher's vocabulary does not matter (the way across vocabularies). A reply's
     `reasoning_content` (DeepSeek's reasoner, a nanoseek server) becomes its think block; a model that writes
     `<think>` itself keeps its text as is. `open_think` has no say here: an API renders its own prompt."""
-    import urllib.error
-    import urllib.request
-
     if keep not in ("correct", "formatted"):
         raise BadInputError(f"keep {keep!r}: correct or formatted")
     if samples < 1:
         raise BadInputError("samples must be ≥ 1")
     template = Template("chat", open_think)
     endpoint = url.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
     replies = []
     with progress_bar("distill traces (completions)", len(problems) * samples) as advance:
         for p in problems:
             for j in range(samples):
                 body = {"messages": template.messages(p), "max_tokens": max_tokens, "temperature": temperature,
                         "top_p": top_p, "seed": sample_seed(seed, p.id, j) % 2**31}
-                if model:
-                    body["model"] = model
-                req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
-                try:
-                    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                        reply = json.loads(resp.read())
-                except urllib.error.HTTPError as e:
-                    detail = e.read()[:300].decode(errors="replace")
-                    raise BadInputError(f"teacher {endpoint}: HTTP {e.code}: {detail}") from None
-                except (urllib.error.URLError, TimeoutError, ValueError) as e:
-                    raise BadInputError(f"teacher {endpoint}: {e}") from None
+                reply = post_teacher(endpoint, body, key, model, timeout_s)
                 msg = (reply.get("choices") or [{}])[0].get("message") or {}
                 content, reasoning = msg.get("content") or "", msg.get("reasoning_content")
                 text = f"<think>\n{reasoning}\n</think>\n\n{content}" if reasoning else content

@@ -46,7 +46,7 @@ from nanoseek.evaluate import sample_seed
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train import distributed as D
-from nanoseek.train.distill import check_same_tokenizer
+from nanoseek.train.distill import check_same_tokenizer, post_teacher
 from nanoseek.train.grpo import RolloutBatch, Rollouts, _mean
 from nanoseek.train.loop import Objective
 
@@ -248,24 +248,7 @@ class ServerTeacher:
         self.key, self.model, self.k, self.timeout_s = key, model, top_k, timeout_s
 
     def _post(self, path: str, body: dict) -> dict:
-        import json
-        import urllib.error
-        import urllib.request
-
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        if self.model:
-            body = {**body, "model": self.model}
-        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            raise BadInputError(f"teacher {self.url}{path}: HTTP {e.code}: "
-                                f"{e.read()[:300].decode(errors='replace')}") from None
-        except (urllib.error.URLError, TimeoutError, ValueError) as e:
-            raise BadInputError(f"teacher {self.url}{path}: {e}") from None
+        return post_teacher(self.url + path, body, self.key, self.model, self.timeout_s)
 
     def check_tokenizer(self, tokenizer, student: str) -> None:
         """The same ids for a probe text, or the one-line error (the server's vocabulary is not visible)."""
