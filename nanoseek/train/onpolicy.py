@@ -47,7 +47,7 @@ from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train import distributed as D
 from nanoseek.train.distill import check_same_tokenizer, post_teacher
-from nanoseek.train.grpo import RolloutBatch, Rollouts, _mean
+from nanoseek.train.grpo import RolloutBatch, Rollouts, Row, _mean
 from nanoseek.train.loop import Objective
 
 REST_FLOOR = 1e-6
@@ -220,9 +220,9 @@ class OnPolicySource(Rollouts):
         rows = []
         for k, out in enumerate(outs):
             completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
-            rows.append((prompts[k // cfg.samples].ids, completion, 0.0))
+            rows.append(Row(prompts[k // cfg.samples].ids, completion, 0.0))
         stats = {"completion_len": _mean([len(o.token_ids) for o in outs]), "rollout_s": time.perf_counter() - t0}
-        tokens = D.all_reduce_sum(torch.tensor([float(sum(len(r[1]) for r in rows))]))
+        tokens = D.all_reduce_sum(torch.tensor([float(sum(len(r.completion) for r in rows))]))
         batches = self._micro_batches(rows, torch.zeros(len(rows)), stats, float(tokens) / (self.micro_batches * self.world))
         # The student's training forward, padding included: what "the same student compute" is measured in.
         stats["batch_tokens"] = float(sum(b.ids.numel() for b in batches))
