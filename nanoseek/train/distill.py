@@ -162,6 +162,19 @@ def check_same_tokenizer(t, s, teacher: str, student: str, what: str) -> None:
                             f"{what} needs one tokenizer; {across}")
 
 
+def load_teacher(teacher: str, student_loaded, student: str, what: str, device) -> nn.Module:
+    """The frozen local teacher of logit-level distillation (KD, on-policy), refused before it is moved to the
+    device when its tokenizer is not the student's (`check_same_tokenizer`)."""
+    from nanoseek.weights.registry import load_model
+
+    t = load_model(teacher)
+    check_same_tokenizer(t, student_loaded, teacher, student, what)
+    tmodel = t.model.to(device).eval()
+    for p in tmodel.parameters():
+        p.requires_grad_(False)
+    return tmodel
+
+
 class KDObjective(Objective):
     """α·τ²·KL(p_teacher^τ ‖ p_student^τ) + (1 − α)·CE on reply tokens (labels ≠ -100). τ² keeps the
     gradient scale independent of τ (Hinton et al. §2). The teacher runs without gradients."""
@@ -198,14 +211,11 @@ def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len:
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
     from nanoseek.train.sft import chat_batches
-    from nanoseek.weights.registry import load_model
 
     env = D.init_distributed(train.train.device)
     try:
         loaded = load_trainable(student, env.device)
-        tloaded = load_model(teacher)
-        tmodel = tloaded.model.to(env.device).eval()
-        check_same_tokenizer(tloaded, loaded, teacher, student, "logit distillation")
+        tmodel = load_teacher(teacher, loaded, student, "logit distillation", env.device)
         source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
         meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
         objective = KDObjective(tmodel, alpha, temperature)

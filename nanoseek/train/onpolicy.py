@@ -46,7 +46,7 @@ from nanoseek.evaluate import sample_seed
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train import distributed as D
-from nanoseek.train.distill import check_same_tokenizer, post_teacher
+from nanoseek.train.distill import load_teacher, post_teacher
 from nanoseek.train.grpo import RolloutBatch, Rollouts, Row, _mean
 from nanoseek.train.loop import Objective
 
@@ -290,7 +290,6 @@ def run_onpolicy(teacher: str | None, student: str, task: Task, cfg: OnPolicyCon
     prompts; writes `<out_dir>/final`."""
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
-    from nanoseek.weights.registry import load_model
 
     cfg.validate()
     env = D.init_distributed(train.train.device)
@@ -303,11 +302,7 @@ def run_onpolicy(teacher: str | None, student: str, task: Task, cfg: OnPolicyCon
             scorer = ServerTeacher(teacher_url, teacher_key, teacher_model)
             scorer.check_tokenizer(loaded.tokenizer, student)
         else:
-            t = load_model(teacher)
-            check_same_tokenizer(t, loaded, teacher, student, "on-policy distillation")
-            tmodel = t.model.to(env.device).eval()
-            for p in tmodel.parameters():
-                p.requires_grad_(False)
+            tmodel = load_teacher(teacher, loaded, student, "on-policy distillation", env.device)
         torch.manual_seed(train.train.seed)
         source = OnPolicySource(loaded.model, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
                                 rank=env.rank, world_size=env.world_size, scorer=scorer)
