@@ -517,24 +517,19 @@ def cmd_grpo(a) -> int:
 
 
 def cmd_distill_traces(a) -> int:
-    from nanoseek.train.distill import generate_traces
+    from nanoseek.train.distill import generate_traces, generate_traces_api
 
     task, kwargs = _task(a)
     problems = task.problems("train", a.limit)
+    sampling = {"samples": a.samples, "max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p,
+                "keep": a.keep, "seed": a.seed, "open_think": not a.no_open_think}
     if a.teacher_url:
-        from nanoseek.train.distill import generate_traces_api
-
         counts = generate_traces_api(a.teacher_url, a.teacher_key, a.teacher_model, task, problems, a.out,
-                                     samples=a.samples, max_tokens=a.max_tokens, temperature=a.temperature,
-                                     top_p=a.top_p, keep=a.keep, seed=a.seed, open_think=not a.no_open_think)
-        print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
-              f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
-        return 0
-    s = _session(a)
-    s.engine.max_batch = a.batch_size
-    counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
-                             max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, keep=a.keep,
-                             seed=a.seed, open_think=not a.no_open_think)
+                                     **sampling)
+    else:
+        s = _session(a)
+        s.engine.max_batch = a.batch_size
+        counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, **sampling)
     print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
           f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
     return 0
