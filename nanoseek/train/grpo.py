@@ -218,15 +218,21 @@ class Rollouts:
 
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: GRPOConfig, *, micro_batches: int,
                  rank: int = 0, world_size: int = 1):
-        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
+        self._start(policy, tokenizer, task, cfg.validate(), micro_batches, rank, world_size)
         if cfg.prompts_per_step % world_size:
             raise BadInputError(f"--prompts-per-step {cfg.prompts_per_step} must divide among {world_size} "
                                 "processes: make it a multiple of the process count")
-        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch, cuda_graphs=cfg.cuda_graphs)
         if cfg.keep_routing and not routers(policy):
             raise BadInputError("keep_routing replays top-k MoE routing: this model has no DeepSeek MoE router")
+
+    def _start(self, policy: nn.Module, tokenizer, task: Task, cfg, micro_batches: int, rank: int,
+               world_size: int) -> None:
+        """The state every rollout source keeps, and state_dict saves. A source with its own config and rollout
+        (onpolicy.OnPolicySource) starts from it too, so the problem stream and resume position stay one."""
+        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg
+        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.rollouts = 0          # rollouts made so far
         self.consumed = 0          # problems this rank has taken from its stream
         self._stream = self._problems()

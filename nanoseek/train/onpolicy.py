@@ -188,17 +188,12 @@ class OnPolicySource(Rollouts):
 
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: OnPolicyConfig, *, micro_batches: int,
                  rank: int = 0, world_size: int = 1, scorer=None):
-        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
+        self._start(policy, tokenizer, task, cfg.validate(), micro_batches, rank, world_size)
         if cfg.prompts_per_step % world_size:
             raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
-        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = ChatTemplate() if isinstance(task, ChatPrompts) else Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
         self.scorer = scorer
-        self.rollouts = 0
-        self.consumed = 0
-        self._stream = self._problems()
-        self._queue: list[RolloutBatch] = []
 
     @torch.no_grad()
     def _collect(self) -> list[RolloutBatch]:
