@@ -415,12 +415,13 @@ def _text_input_args(p: argparse.ArgumentParser) -> None:
                    help="none: a .txt file or a row is one document; blank-lines: split them into paragraphs")
 
 
-def _task_kwargs(pairs: list[str]) -> dict:
-    """--task-arg KEY=VALUE pairs → constructor kwargs; values read as JSON when they parse (3, 0.5, true)."""
+def _task_kwargs(a) -> dict:
+    """--task-arg KEY=VALUE pairs → constructor kwargs, values read as JSON when they parse (3, 0.5, true);
+    --data, when given, as `path`."""
     import json
 
     out = {}
-    for pair in pairs:
+    for pair in a.task_arg:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise BadInputError(f"--task-arg {pair!r}: expected KEY=VALUE")
@@ -428,6 +429,8 @@ def _task_kwargs(pairs: list[str]) -> dict:
             out[key.replace("-", "_")] = json.loads(value)
         except ValueError:
             out[key.replace("-", "_")] = value
+    if a.data is not None:
+        out["path"] = a.data
     return out
 
 
@@ -436,9 +439,7 @@ def _task(a):
     them (multi-turn tool episodes, tasks/tools.py); also returns those arguments."""
     from nanoseek.tasks import get_task
 
-    kwargs = _task_kwargs(a.task_arg)
-    if a.data is not None:
-        kwargs["path"] = a.data
+    kwargs = _task_kwargs(a)
     task = get_task(a.task, **kwargs)
     if getattr(a, "tools", None):
         from nanoseek.tasks.tools import ToolTask
@@ -566,9 +567,7 @@ def cmd_recipe_r1(a) -> int:
 
     from nanoseek.train.recipe import DEFAULT_TASK_ARGS, preset, run_recipe, with_overrides
 
-    kwargs = _task_kwargs(a.task_arg)
-    if a.data is not None:
-        kwargs["path"] = a.data
+    kwargs = _task_kwargs(a)
     if not a.task_arg:
         kwargs = {**DEFAULT_TASK_ARGS.get(a.task, {}), **kwargs}
     cfg = preset(a.preset)
