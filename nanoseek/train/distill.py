@@ -52,10 +52,7 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     (keep="correct") or every well-formed one (keep="formatted"), drop repeats of a reply already kept for the
     same problem, and write them as chat jsonl atomically. Returns counts: problems, completions, kept,
     problems with at least one kept trace, duplicates dropped."""
-    if keep not in ("correct", "formatted"):
-        raise BadInputError(f"keep {keep!r}: correct or formatted")
-    if samples < 1:
-        raise BadInputError("samples must be ≥ 1")
+    _check_sampling(keep, samples)
     template = Template("chat", open_think)
     prompts = [template.render(tokenizer, p) for p in problems]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(template.stop),
@@ -66,6 +63,14 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     replies = [(completion_text(tokenizer, c, template.stop), prompts[k // samples].starts_in_reasoning,
                 len(c.token_ids)) for k, c in enumerate(outs)]
     return _keep_traces(task, template, problems, replies, samples, keep, out)
+
+
+def _check_sampling(keep: str, samples: int) -> None:
+    """Both teachers' settings, checked before any generation."""
+    if keep not in ("correct", "formatted"):
+        raise BadInputError(f"keep {keep!r}: correct or formatted")
+    if samples < 1:
+        raise BadInputError("samples must be ≥ 1")
 
 
 def _keep_traces(task: Task, template: Template, problems: Sequence[Problem], replies, samples: int, keep: str,
@@ -125,10 +130,7 @@ def generate_traces_api(url: str, key: str | None, model: str | None, task: Task
     Traces are text, so the teacher's vocabulary does not matter (the way across vocabularies). A reply's
     `reasoning_content` (DeepSeek's reasoner, a nanoseek server) becomes its think block; a model that writes
     `<think>` itself keeps its text as is. `open_think` has no say here: an API renders its own prompt."""
-    if keep not in ("correct", "formatted"):
-        raise BadInputError(f"keep {keep!r}: correct or formatted")
-    if samples < 1:
-        raise BadInputError("samples must be ≥ 1")
+    _check_sampling(keep, samples)
     template = Template("chat", open_think)
     endpoint = url.rstrip("/") + "/chat/completions"
     replies = []
