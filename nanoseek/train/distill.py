@@ -33,6 +33,9 @@ from nanoseek.tasks.prompts import Template
 from nanoseek.train.loop import Objective, cross_entropy
 from nanoseek.train.sft import IGNORE
 
+# What to do instead when logit-level distillation meets two tokenizers (every refusal says it).
+ACROSS_VOCABULARIES = "across vocabularies use trace distillation (`nanoseek distill traces`, then `nanoseek sft`)"
+
 
 def trace_record(template: Template, problem: Problem, text: str, started_in_think: bool) -> dict:
     """One kept completion as an SFT conversation: the prompt's messages, then the reply split into
@@ -153,15 +156,14 @@ def check_same_tokenizer(t, s, teacher: str, student: str, what: str) -> None:
     """One line, before any batch: logit-level distillation (KD, on-policy) compares next-token distributions
     over the same ids, so teacher `t` and student `s` (LoadedModels) need one tokenizer. Compared by size of
     the embedding table, and by the vocabularies themselves when both checkpoints carry tokenizer files."""
-    across = "across vocabularies use trace distillation (`nanoseek distill traces`, then `nanoseek sft`)"
     tv, sv = t.model.config.vocab_size, s.model.config.vocab_size
     if tv != sv:
         # The student's token ids would index past a smaller teacher's table.
         raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} {sv:,}: "
-                            f"{what} needs one tokenizer; {across}")
+                            f"{what} needs one tokenizer; {ACROSS_VOCABULARIES}")
     if t.tokenizer is not None and s.tokenizer is not None and t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
         raise BadInputError(f"--teacher {teacher} and --model {student} have different tokenizers of the same size: "
-                            f"{what} needs one tokenizer; {across}")
+                            f"{what} needs one tokenizer; {ACROSS_VOCABULARIES}")
 
 
 def load_teacher(teacher: str, student_loaded, student: str, what: str, device) -> nn.Module:

@@ -46,7 +46,7 @@ from nanoseek.evaluate import sample_seed
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train import distributed as D
-from nanoseek.train.distill import load_teacher, post_teacher
+from nanoseek.train.distill import ACROSS_VOCABULARIES, load_teacher, post_teacher
 from nanoseek.train.grpo import RolloutBatch, Rollouts, Row, _mean
 from nanoseek.train.loop import Objective
 
@@ -251,8 +251,7 @@ class ServerTeacher:
         got = self._post("/tokenize", {"prompt": probe, "add_special_tokens": False}).get("tokens")
         if got != list(tokenizer.encode(probe, add_special_tokens=False)):
             raise BadInputError(f"teacher {self.url} and student {student} do not tokenize alike: on-policy "
-                                "distillation needs one tokenizer; across vocabularies use trace distillation "
-                                "(`nanoseek distill traces`, then `nanoseek sft`)")
+                                f"distillation needs one tokenizer; {ACROSS_VOCABULARIES}")
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [b, L] (right-padded) → the teacher's top-K ids and log-probs [b, L-1, K] (zeros off `mask`)."""
