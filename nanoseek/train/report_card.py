@@ -28,6 +28,12 @@ def read_done(out: Path) -> dict[str, dict[str, Any]]:
     return {s: json.loads((out / f"{s}.done").read_text()) for s in DONE if (out / f"{s}.done").is_file()}
 
 
+def _train_log(run_dir: Path) -> list[dict[str, Any]]:
+    """A stage's per-step training records ([] before it has logged any)."""
+    path = run_dir / "metrics.jsonl"
+    return [r for r in read_jsonl(path) if r.get("kind") == "train"] if path.is_file() else []
+
+
 def _pct(m: dict[str, Any] | None) -> str:
     if not m:
         return "-"
@@ -83,10 +89,7 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
 
     out = Path(out)
     evals = read_evals(out)
-    grpo_log = [r for r in read_jsonl(out / "grpo" / "metrics.jsonl") if r.get("kind") == "train"] \
-        if (out / "grpo" / "metrics.jsonl").is_file() else []
-    sft_log = [r for r in read_jsonl(out / "sft" / "metrics.jsonl") if r.get("kind") == "train"] \
-        if (out / "sft" / "metrics.jsonl").is_file() else []
+    grpo_log, sft_log = _train_log(out / "grpo"), _train_log(out / "sft")
     images = []
     if plots:
         if plot_stages(evals, out / "stages.png"):
