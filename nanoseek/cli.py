@@ -390,9 +390,8 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_export(a) -> int:
-    import torch
-
     from nanoseek.train.checkpoint import export_hf
+    from nanoseek.train.finetune import weights_dtype
 
     if a.format == "gguf" or (a.format == "auto" and a.out.lower().endswith(".gguf")):
         from nanoseek.weights.gguf_export import export_source
@@ -400,8 +399,7 @@ def cmd_export(a) -> int:
         print(export_source(a.checkpoint, a.out, quant=a.quant, tokenizer=a.tokenizer, ollama=a.ollama).summary())
         return 0
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    out = export_hf(a.checkpoint, a.out, dtype=dtype, tokenizer=a.tokenizer)
+    out = export_hf(a.checkpoint, a.out, dtype=weights_dtype(a.dtype), tokenizer=a.tokenizer)
     print(f"wrote {out}")
     return 0
 
