@@ -180,18 +180,10 @@ def n_active(model) -> int:
 
 
 def matmul_peak(run: Run) -> float:
-    n = 256 if run.smoke else 8192
-    a = torch.randn(n, n, device=run.dev, dtype=run.dtype)
-    b = torch.randn(n, n, device=run.dev, dtype=run.dtype)
-    best = 0.0
-    for _ in range(3 if run.smoke else 8):
-        run.sync()
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        run.sync()
-        best = max(best, 10 * 2 * n ** 3 / (time.perf_counter() - t))
-    return best
+    """benchmarks/train.py's measurement, at this script's sizes."""
+    from train import matmul_peak as peak
+
+    return peak(run.dev, run.dtype, n=256 if run.smoke else 8192, repeats=3 if run.smoke else 8, inner=10)
 
 
 def graphs_match(run: Run) -> None:
@@ -463,7 +455,7 @@ def grpo_model_dir(run: Run, root: Path, a) -> Path:
 
 
 def grpo_nanoseek(path: Path, task, a, out: Path, run: Run) -> list[float]:
-    from grpo import nanoseek_steps  # benchmarks/grpo.py: the configuration of the CPU comparison
+    from grpo import nanoseek_steps  # benchmarks/grpo.py, as on CPU
 
     return nanoseek_steps(str(path), task, out, group_size=a.group_size, prompts=a.prompts, steps=a.grpo_steps,
                           max_new_tokens=a.grpo_tokens, device=run.dev.type, cuda_graphs=run.cuda)
