@@ -34,7 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
+from machine import (  # benchmarks/machine.py: scripts import their neighbours
+    cpu_flags,
+    cpu_name,
+)
 from speculative import (
     PROMPTS as SPEC_PROMPTS,  # benchmarks/speculative.py's repeat / edit / code prompts
 )
@@ -64,12 +67,11 @@ class Row:
         return statistics.median(getattr(m, attr) for m in self.results)
 
 
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+def cpu_features() -> str:
+    """The decode-relevant CPU_FLAGS this CPU has, for the results header."""
+    have = cpu_flags()
+    if not have:   # no /proc/cpuinfo flags line to read
         return "unknown"
-    have = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").partition(":")[2].split())
     return ", ".join(f for f in CPU_FLAGS if f in have) or "none of " + ", ".join(CPU_FLAGS)
 
 
@@ -232,7 +234,7 @@ def main() -> int:
     lc = [row for row in rows if row.name.startswith("llama.cpp")]
     best = max(lc, key=lambda row: row.median("decode")) if lc else None
     lines = ["# Decode benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF)\n",
-             f"- machine: {cpu_name()}, {os.cpu_count()} CPUs; flags: {cpu_flags()}",
+             f"- machine: {cpu_name()}, {os.cpu_count()} CPUs; flags: {cpu_features()}",
              f"- torch {torch.__version__}, {a.threads} threads unless the row says otherwise",
              (f"- date: {time.strftime('%Y-%m-%d %H:%M')}; prompt {len(ids)} tokens, {a.new} new tokens, greedy, "
               f"EOS suppressed; median of {a.repeats} repeats, rows interleaved"),

@@ -180,18 +180,10 @@ def n_active(model) -> int:
 
 
 def matmul_peak(run: Run) -> float:
-    n = 256 if run.smoke else 8192
-    a = torch.randn(n, n, device=run.dev, dtype=run.dtype)
-    b = torch.randn(n, n, device=run.dev, dtype=run.dtype)
-    best = 0.0
-    for _ in range(3 if run.smoke else 8):
-        run.sync()
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        run.sync()
-        best = max(best, 10 * 2 * n ** 3 / (time.perf_counter() - t))
-    return best
+    """benchmarks/train.py's measurement, at this script's sizes."""
+    from train import matmul_peak as peak
+
+    return peak(run.dev, run.dtype, n=256 if run.smoke else 8192, repeats=3 if run.smoke else 8, inner=10)
 
 
 def graphs_match(run: Run) -> None:
@@ -463,21 +455,10 @@ def grpo_model_dir(run: Run, root: Path, a) -> Path:
 
 
 def grpo_nanoseek(path: Path, task, a, out: Path, run: Run) -> list[float]:
-    from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
-    from nanoseek.train.finetune import load_trainable
-    from nanoseek.train.grpo import GRPOConfig, GRPOObjective, Rollouts
-    from nanoseek.train.loop import Trainer, read_jsonl
+    from grpo import nanoseek_steps  # benchmarks/grpo.py, as on CPU
 
-    loaded = load_trainable(str(path), run.dev)
-    n = a.group_size * a.prompts
-    gcfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts, max_new_tokens=a.grpo_tokens,
-                      template="chat", open_think=False, gen_batch=n, seed=0, cuda_graphs=run.cuda)
-    tcfg = TrainConfig(optim=OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0, weight_decay=0.0),
-                       train=RunConfig(steps=a.grpo_steps, device=run.dev.type, out_dir=str(out), eval_every=0,
-                                       ckpt_every=0, plots=False, log_every=1, resume=False))
-    Trainer(tcfg, loaded.model, GRPOObjective(gcfg), Rollouts(loaded.model, loaded.tokenizer, task, gcfg,
-                                                              micro_batches=1)).fit()
-    return [r["step_s"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    return nanoseek_steps(str(path), task, out, group_size=a.group_size, prompts=a.prompts, steps=a.grpo_steps,
+                          max_new_tokens=a.grpo_tokens, device=run.dev.type, cuda_graphs=run.cuda)
 
 
 def grpo_trl(path: Path, task, a, out: Path, run: Run) -> list[float]:

@@ -25,19 +25,22 @@ import torch
 from machine import cpu_name  # benchmarks/machine.py: scripts import their neighbours
 
 
-def nanoseek_steps(model: str, task, a, out: Path) -> list[float]:
+def nanoseek_steps(model: str, task, out: Path, *, group_size: int, prompts: int, steps: int, max_new_tokens: int,
+                   device: str, cuda_graphs: bool = False) -> list[float]:
+    """Seconds per step of nanoseek's GRPO (Trainer + Rollouts) on `model`, configured like trl_steps' TRL run.
+    benchmarks/gpu.py runs the same function on a GPU (rollouts through CUDA graphs)."""
     from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
     from nanoseek.train.finetune import load_trainable
     from nanoseek.train.grpo import GRPOConfig, GRPOObjective, Rollouts
     from nanoseek.train.loop import Trainer, read_jsonl
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_trainable(model, device)
-    gcfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
-                      template="chat", open_think=False, gen_batch=a.group_size * a.prompts_per_step, seed=0)
+    gcfg = GRPOConfig(group_size=group_size, prompts_per_step=prompts, max_new_tokens=max_new_tokens,
+                      template="chat", open_think=False, gen_batch=group_size * prompts, seed=0,
+                      cuda_graphs=cuda_graphs)
     tcfg = TrainConfig(optim=OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0, weight_decay=0.0),
-                       train=RunConfig(steps=a.steps, device=device, out_dir=str(out), eval_every=0, ckpt_every=0,
-                                       plots=False, log_every=1))
+                       train=RunConfig(steps=steps, device=device, out_dir=str(out), eval_every=0, ckpt_every=0,
+                                       plots=False, log_every=1, resume=False))
     source = Rollouts(loaded.model, loaded.tokenizer, task, gcfg, micro_batches=1)
     Trainer(tcfg, loaded.model, GRPOObjective(gcfg), source).fit()
     return [r["step_s"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
@@ -114,7 +117,9 @@ def main() -> int:
         tmp = Path(tmp)
         path, _ = resolve(a.model)
         hf_dir = path if path.is_dir() else gguf_to_hf(path, tmp / "hf")   # the same weights for both
-        ours = nanoseek_steps(str(hf_dir), task, a, tmp / "nanoseek")
+        ours = nanoseek_steps(str(hf_dir), task, tmp / "nanoseek", group_size=a.group_size,
+                              prompts=a.prompts_per_step, steps=a.steps, max_new_tokens=a.max_new_tokens,
+                              device="cuda" if torch.cuda.is_available() else "cpu")
         theirs = trl_steps(hf_dir, task, tmp / "trl", group_size=a.group_size, prompts=a.prompts_per_step,
                            steps=a.steps, max_new_tokens=a.max_new_tokens, cuda=torch.cuda.is_available())
     n = a.group_size * a.prompts_per_step

@@ -18,7 +18,6 @@ time, the McNemar counts and p-value (strict accuracy), the machine and its load
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 from machine import cpu_flags, cpu_name  # benchmarks/machine.py
+
+from nanoseek.train.report_card import read_done, read_evals
 
 SETTINGS = ["--task", "arithmetic", "--task-arg", "digits=3", "--task-arg", "ops=+-", "--eval-problems", "300",
             "--grpo-steps", "16", "--set", "rl.grpo.prompts_per_step=8", "--set", "eval.protocol.samples=1",
@@ -45,7 +46,6 @@ def mcnemar(pairs: list[tuple[bool, bool]]) -> tuple[int, int, float]:
     return b, c, min(1.0, 2 * tail)
 
 
-STAGES = ("base", "sft", "grpo", "sft-traces", "onpolicy")
 # (first, second, what is compared): McNemar's b counts problems only the second got right.
 PAIRS = [("sft", "grpo", "GRPO after SFT vs SFT alone"),
          ("sft-traces", "onpolicy", "on-policy distillation vs SFT on the teacher's traces, equal student compute"),
@@ -73,10 +73,7 @@ def main() -> int:
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()
-    ev = {s: json.loads((out / "eval" / f"{s}.json").read_text()) for s in STAGES
-          if (out / "eval" / f"{s}.json").is_file()}
-    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo", "traces", "sft-traces", "onpolicy")
-            if (out / f"{s}.done").is_file()}
+    ev, done = read_evals(out), read_done(out)   # what the recipe's report card reads
     rows = ["| stage | strict pass@1 (95% CI) | answer pass@1 (95% CI) | format rate | train wall s | "
             "student tokens trained | eval s |", "|---|---|---|---|---|---|---|"]
 

@@ -180,20 +180,21 @@ def timed(step, device, steps: int, warmup: int) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_peak(device, dtype) -> float:
-    """Best FLOP/s of a few large square matmuls in `dtype`."""
-    n = 8192 if device.type == "cuda" else 1024
+def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5, inner: int = 4) -> float:
+    """Best FLOP/s over `repeats` timings of `inner` square n x n matmuls in `dtype` (benchmarks/gpu.py's MFU
+    denominator too, with its own sizes)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for _ in range(5):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(4):
+        for _ in range(inner):
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+        best = max(best, inner * 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 

@@ -390,9 +390,8 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_export(a) -> int:
-    import torch
-
     from nanoseek.train.checkpoint import export_hf
+    from nanoseek.train.finetune import weights_dtype
 
     if a.format == "gguf" or (a.format == "auto" and a.out.lower().endswith(".gguf")):
         from nanoseek.weights.gguf_export import export_source
@@ -400,8 +399,7 @@ def cmd_export(a) -> int:
         print(export_source(a.checkpoint, a.out, quant=a.quant, tokenizer=a.tokenizer, ollama=a.ollama).summary())
         return 0
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    out = export_hf(a.checkpoint, a.out, dtype=dtype, tokenizer=a.tokenizer)
+    out = export_hf(a.checkpoint, a.out, dtype=weights_dtype(a.dtype), tokenizer=a.tokenizer)
     print(f"wrote {out}")
     return 0
 
@@ -415,12 +413,13 @@ def _text_input_args(p: argparse.ArgumentParser) -> None:
                    help="none: a .txt file or a row is one document; blank-lines: split them into paragraphs")
 
 
-def _task_kwargs(pairs: list[str]) -> dict:
-    """--task-arg KEY=VALUE pairs → constructor kwargs; values read as JSON when they parse (3, 0.5, true)."""
+def _task_kwargs(a) -> dict:
+    """--task-arg KEY=VALUE pairs → constructor kwargs, values read as JSON when they parse (3, 0.5, true);
+    --data, when given, as `path`."""
     import json
 
     out = {}
-    for pair in pairs:
+    for pair in a.task_arg:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise BadInputError(f"--task-arg {pair!r}: expected KEY=VALUE")
@@ -428,6 +427,8 @@ def _task_kwargs(pairs: list[str]) -> dict:
             out[key.replace("-", "_")] = json.loads(value)
         except ValueError:
             out[key.replace("-", "_")] = value
+    if a.data is not None:
+        out["path"] = a.data
     return out
 
 
@@ -436,9 +437,7 @@ def _task(a):
     them (multi-turn tool episodes, tasks/tools.py); also returns those arguments."""
     from nanoseek.tasks import get_task
 
-    kwargs = _task_kwargs(a.task_arg)
-    if a.data is not None:
-        kwargs["path"] = a.data
+    kwargs = _task_kwargs(a)
     task = get_task(a.task, **kwargs)
     if getattr(a, "tools", None):
         from nanoseek.tasks.tools import ToolTask
@@ -517,24 +516,19 @@ def cmd_grpo(a) -> int:
 
 
 def cmd_distill_traces(a) -> int:
-    from nanoseek.train.distill import generate_traces
+    from nanoseek.train.distill import generate_traces, generate_traces_api
 
     task, kwargs = _task(a)
     problems = task.problems("train", a.limit)
+    sampling = {"samples": a.samples, "max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p,
+                "keep": a.keep, "seed": a.seed, "open_think": not a.no_open_think}
     if a.teacher_url:
-        from nanoseek.train.distill import generate_traces_api
-
         counts = generate_traces_api(a.teacher_url, a.teacher_key, a.teacher_model, task, problems, a.out,
-                                     samples=a.samples, max_tokens=a.max_tokens, temperature=a.temperature,
-                                     top_p=a.top_p, keep=a.keep, seed=a.seed, open_think=not a.no_open_think)
-        print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
-              f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
-        return 0
-    s = _session(a)
-    s.engine.max_batch = a.batch_size
-    counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, samples=a.samples,
-                             max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, keep=a.keep,
-                             seed=a.seed, open_think=not a.no_open_think)
+                                     **sampling)
+    else:
+        s = _session(a)
+        s.engine.max_batch = a.batch_size
+        counts = generate_traces(s.engine, s.tokenizer, task, problems, a.out, **sampling)
     print(f"kept {counts['kept']} of {counts['completions']} completions ({counts['duplicates']} duplicates "
           f"dropped), covering {counts['problems_covered']} of {counts['problems']} problems; wrote {a.out}")
     return 0
@@ -571,9 +565,7 @@ def cmd_recipe_r1(a) -> int:
 
     from nanoseek.train.recipe import DEFAULT_TASK_ARGS, preset, run_recipe, with_overrides
 
-    kwargs = _task_kwargs(a.task_arg)
-    if a.data is not None:
-        kwargs["path"] = a.data
+    kwargs = _task_kwargs(a)
     if not a.task_arg:
         kwargs = {**DEFAULT_TASK_ARGS.get(a.task, {}), **kwargs}
     cfg = preset(a.preset)

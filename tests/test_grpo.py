@@ -8,7 +8,7 @@ from nanoseek.models import build_model
 from nanoseek.models.config import DenseConfig
 from nanoseek.tasks.base import Problem, RewardBreakdown, Task
 from nanoseek.train.config import OptimConfig, RunConfig, TrainConfig
-from nanoseek.train.grpo import GRPOConfig, GRPOObjective, Rollouts
+from nanoseek.train.grpo import GRPOConfig, GRPOObjective, Rollouts, Row
 from nanoseek.train.loop import LMForward, Trainer, read_jsonl
 from nanoseek.train.pretrain import init_weights
 from test_chat import make_tokenizer
@@ -74,7 +74,7 @@ def test_rollout_masks_cover_exactly_the_completions():
     tok = make_tokenizer(None)
     src = Rollouts(_policy(tok), tok, DigitTask(), _cfg(prompts_per_step=2, group_size=2), micro_batches=2)
     rows = [([5, 6, 7], [8, 9]), ([5, 6], [1, 2, 3]), ([4], [7]), ([1, 2, 3, 4], [])]
-    batches = src._micro_batches([(p, c, 0.0) for p, c in rows], torch.tensor([1.0, -1.0, 0.5, -0.5]), {})
+    batches = src._micro_batches([Row(p, c, 0.0) for p, c in rows], torch.tensor([1.0, -1.0, 0.5, -0.5]), {})
     assert [b.ids.shape[0] for b in batches] == [2, 2]
     seen = []
     for b in batches:
@@ -215,8 +215,8 @@ def test_dapo_normalizes_by_the_tokens_of_the_whole_rollout():
     gcfg = _cfg(prompts_per_step=2, group_size=4)
     rows = [([5, 6, 7], [8, 9]), ([5, 6], [1, 2, 3, 4, 5]), ([4], [7]), ([1, 2], [3, 3, 3])] * 2
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.1, -0.3, 0.0])
-    rows = [(p, c, 0.0) for p, c in rows]
-    n = float(sum(len(c) for _, c, _ in rows))
+    rows = [Row(p, c, 0.0) for p, c in rows]
+    n = float(sum(len(r.completion) for r in rows))
     one = Rollouts(policy, tok, DigitTask(), gcfg, micro_batches=1)._micro_batches(rows, adv, {}, n)
     two = Rollouts(policy, tok, DigitTask(), gcfg, micro_batches=2)._micro_batches(rows, adv, {}, n / 2)
     obj, model = GRPOObjective(gcfg), LMForward(policy)

@@ -33,6 +33,9 @@ from nanoseek.tasks.prompts import Template
 from nanoseek.train.loop import Objective, cross_entropy
 from nanoseek.train.sft import IGNORE
 
+# What to do instead when logit-level distillation meets two tokenizers (every refusal says it).
+ACROSS_VOCABULARIES = "across vocabularies use trace distillation (`nanoseek distill traces`, then `nanoseek sft`)"
+
 
 def trace_record(template: Template, problem: Problem, text: str, started_in_think: bool) -> dict:
     """One kept completion as an SFT conversation: the prompt's messages, then the reply split into
@@ -52,10 +55,7 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     (keep="correct") or every well-formed one (keep="formatted"), drop repeats of a reply already kept for the
     same problem, and write them as chat jsonl atomically. Returns counts: problems, completions, kept,
     problems with at least one kept trace, duplicates dropped."""
-    if keep not in ("correct", "formatted"):
-        raise BadInputError(f"keep {keep!r}: correct or formatted")
-    if samples < 1:
-        raise BadInputError("samples must be ≥ 1")
+    _check_sampling(keep, samples)
     template = Template("chat", open_think)
     prompts = [template.render(tokenizer, p) for p in problems]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(template.stop),
@@ -66,6 +66,14 @@ def generate_traces(engine, tokenizer, task: Task, problems: Sequence[Problem], 
     replies = [(completion_text(tokenizer, c, template.stop), prompts[k // samples].starts_in_reasoning,
                 len(c.token_ids)) for k, c in enumerate(outs)]
     return _keep_traces(task, template, problems, replies, samples, keep, out)
+
+
+def _check_sampling(keep: str, samples: int) -> None:
+    """Both teachers' settings, checked before any generation."""
+    if keep not in ("correct", "formatted"):
+        raise BadInputError(f"keep {keep!r}: correct or formatted")
+    if samples < 1:
+        raise BadInputError("samples must be ≥ 1")
 
 
 def _keep_traces(task: Task, template: Template, problems: Sequence[Problem], replies, samples: int, keep: str,
@@ -94,6 +102,28 @@ def _keep_traces(task: Task, template: Template, problems: Sequence[Problem], re
             "problems_covered": len(covered), "duplicates": duplicates}
 
 
+def post_teacher(endpoint: str, body: dict, key: str | None, model: str | None, timeout_s: float) -> dict:
+    """POST `body` (plus `model`, if given) as JSON to a teacher server's `endpoint` and return the JSON reply;
+    any failure (HTTP status, network, timeout, a reply that is no JSON) is one BadInputError naming the URL."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if model:
+        body = {**body, "model": model}
+    req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:300].decode(errors="replace")
+        raise BadInputError(f"teacher {endpoint}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, TimeoutError, ValueError) as e:
+        raise BadInputError(f"teacher {endpoint}: {e}") from None
+
+
 def generate_traces_api(url: str, key: str | None, model: str | None, task: Task, problems: Sequence[Problem],
                         out: str | Path, *, samples: int = 4, max_tokens: int = 1024, temperature: float = 0.6,
                         top_p: float = 0.95, keep: str = "correct", seed: int = 0, open_think: bool = True,
@@ -103,35 +133,16 @@ def generate_traces_api(url: str, key: str | None, model: str | None, task: Task
     Traces are text, so the teacher's vocabulary does not matter (the way across vocabularies). A reply's
     `reasoning_content` (DeepSeek's reasoner, a nanoseek server) becomes its think block; a model that writes
     `<think>` itself keeps its text as is. `open_think` has no say here: an API renders its own prompt."""
-    import urllib.error
-    import urllib.request
-
-    if keep not in ("correct", "formatted"):
-        raise BadInputError(f"keep {keep!r}: correct or formatted")
-    if samples < 1:
-        raise BadInputError("samples must be ≥ 1")
+    _check_sampling(keep, samples)
     template = Template("chat", open_think)
     endpoint = url.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
     replies = []
     with progress_bar("distill traces (completions)", len(problems) * samples) as advance:
         for p in problems:
             for j in range(samples):
                 body = {"messages": template.messages(p), "max_tokens": max_tokens, "temperature": temperature,
                         "top_p": top_p, "seed": sample_seed(seed, p.id, j) % 2**31}
-                if model:
-                    body["model"] = model
-                req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
-                try:
-                    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                        reply = json.loads(resp.read())
-                except urllib.error.HTTPError as e:
-                    detail = e.read()[:300].decode(errors="replace")
-                    raise BadInputError(f"teacher {endpoint}: HTTP {e.code}: {detail}") from None
-                except (urllib.error.URLError, TimeoutError, ValueError) as e:
-                    raise BadInputError(f"teacher {endpoint}: {e}") from None
+                reply = post_teacher(endpoint, body, key, model, timeout_s)
                 msg = (reply.get("choices") or [{}])[0].get("message") or {}
                 content, reasoning = msg.get("content") or "", msg.get("reasoning_content")
                 text = f"<think>\n{reasoning}\n</think>\n\n{content}" if reasoning else content
@@ -145,15 +156,27 @@ def check_same_tokenizer(t, s, teacher: str, student: str, what: str) -> None:
     """One line, before any batch: logit-level distillation (KD, on-policy) compares next-token distributions
     over the same ids, so teacher `t` and student `s` (LoadedModels) need one tokenizer. Compared by size of
     the embedding table, and by the vocabularies themselves when both checkpoints carry tokenizer files."""
-    across = "across vocabularies use trace distillation (`nanoseek distill traces`, then `nanoseek sft`)"
     tv, sv = t.model.config.vocab_size, s.model.config.vocab_size
     if tv != sv:
         # The student's token ids would index past a smaller teacher's table.
         raise BadInputError(f"--teacher {teacher} has a vocabulary of {tv:,} ids, --model {student} {sv:,}: "
-                            f"{what} needs one tokenizer; {across}")
+                            f"{what} needs one tokenizer; {ACROSS_VOCABULARIES}")
     if t.tokenizer is not None and s.tokenizer is not None and t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
         raise BadInputError(f"--teacher {teacher} and --model {student} have different tokenizers of the same size: "
-                            f"{what} needs one tokenizer; {across}")
+                            f"{what} needs one tokenizer; {ACROSS_VOCABULARIES}")
+
+
+def load_teacher(teacher: str, student_loaded, student: str, what: str, device) -> nn.Module:
+    """The frozen local teacher of logit-level distillation (KD, on-policy), refused before it is moved to the
+    device when its tokenizer is not the student's (`check_same_tokenizer`)."""
+    from nanoseek.weights.registry import load_model
+
+    t = load_model(teacher)
+    check_same_tokenizer(t, student_loaded, teacher, student, what)
+    tmodel = t.model.to(device).eval()
+    for p in tmodel.parameters():
+        p.requires_grad_(False)
+    return tmodel
 
 
 class KDObjective(Objective):
@@ -192,14 +215,11 @@ def run_distill(teacher: str, student: str, data: str | Path, train, *, seq_len:
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
     from nanoseek.train.sft import chat_batches
-    from nanoseek.weights.registry import load_model
 
     env = D.init_distributed(train.train.device)
     try:
         loaded = load_trainable(student, env.device)
-        tloaded = load_model(teacher)
-        tmodel = tloaded.model.to(env.device).eval()
-        check_same_tokenizer(tloaded, loaded, teacher, student, "logit distillation")
+        tmodel = load_teacher(teacher, loaded, student, "logit distillation", env.device)
         source = chat_batches(loaded.tokenizer, data, seq_len, batch_size, env, train.train.seed)
         meta = {"teacher": str(teacher), "base_model": str(student), "data": str(Path(data).resolve())}
         objective = KDObjective(tmodel, alpha, temperature)

@@ -21,7 +21,7 @@ def finetune_config(out_dir: str, *, steps: int, lr: float, schedule: str = "cos
     from nanoseek.train.tracking import check_kind
 
     check_kind(log)
-    _dtype(final_dtype)
+    weights_dtype(final_dtype)
     return TrainConfig(optim=OptimConfig(lr=lr, schedule=schedule, warmup_steps=warmup_steps, weight_decay=0.0,
                                          grad_clip=1.0),
                        train=RunConfig(steps=steps, grad_accum=grad_accum, seed=seed, device=device,
@@ -30,7 +30,8 @@ def finetune_config(out_dir: str, *, steps: int, lr: float, schedule: str = "cos
                                        final_dtype=final_dtype, precision=precision))
 
 
-def _dtype(name: str) -> torch.dtype:
+def weights_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `--dtype` for written weights (final/, `nanoseek export`): float32, bfloat16, float16."""
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
         from nanoseek.errors import BadInputError
@@ -68,7 +69,7 @@ def fit_and_save(trainer, loaded: LoadedModel, env) -> dict:
     merge_lora(loaded.model)
     if env.is_main:
         # Training is over (its checkpoints keep fp32), so casting the model itself costs no copy.
-        model = loaded.model.to(_dtype(trainer.cfg.train.final_dtype))
+        model = loaded.model.to(weights_dtype(trainer.cfg.train.final_dtype))
         save_hf(model, Path(trainer.cfg.train.out_dir) / "final", tokenizer=loaded.tokenizer)
     D.barrier()
     return last

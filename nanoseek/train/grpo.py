@@ -30,7 +30,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -142,6 +142,22 @@ class RolloutBatch:
         return cls(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
 
 
+class Row(NamedTuple):
+    """One completion of a rollout, before micro-batching. own: a 0/1 mask over the completion of the model's own
+    tokens (a tool episode's results carry no loss; None: all); routing: its record [P, n_layers, k] (keep
+    routing); behaviour: the sampler's log-probs of the completion tokens (off-policy masking)."""
+
+    prompt: list[int]
+    completion: list[int]
+    reward: float
+    routing: torch.Tensor | None = None
+    own: list[int] | None = None
+    behaviour: list[float] | None = None
+
+    def own_count(self) -> int:
+        return sum(self.own) if self.own is not None else len(self.completion)
+
+
 class GRPOObjective(Objective):
     """`reference`: the frozen starting policy, needed when β > 0."""
 
@@ -202,15 +218,21 @@ class Rollouts:
 
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: GRPOConfig, *, micro_batches: int,
                  rank: int = 0, world_size: int = 1):
-        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
+        self._start(policy, tokenizer, task, cfg.validate(), micro_batches, rank, world_size)
         if cfg.prompts_per_step % world_size:
             raise BadInputError(f"--prompts-per-step {cfg.prompts_per_step} must divide among {world_size} "
                                 "processes: make it a multiple of the process count")
-        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch, cuda_graphs=cfg.cuda_graphs)
         if cfg.keep_routing and not routers(policy):
             raise BadInputError("keep_routing replays top-k MoE routing: this model has no DeepSeek MoE router")
+
+    def _start(self, policy: nn.Module, tokenizer, task: Task, cfg, micro_batches: int, rank: int,
+               world_size: int) -> None:
+        """The state every rollout source keeps, and state_dict saves. A source with its own config and rollout
+        (onpolicy.OnPolicySource) starts from it too, so the problem stream and resume position stay one."""
+        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg
+        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.rollouts = 0          # rollouts made so far
         self.consumed = 0          # problems this rank has taken from its stream
         self._stream = self._problems()
@@ -268,8 +290,8 @@ class Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
         want = cfg.prompts_per_step // self.world
-        kept: list[list[tuple]] = []  # groups of (prompt ids, completion ids, reward)
-        last_round: list[list[tuple]] = []
+        kept: list[list[Row]] = []
+        last_round: list[list[Row]] = []
         rewards_all, acc, fmt, lengths, truncated, tool_calls, zero_std = [], [], [], [], [], [], 0
         was_training = self.policy.training
         self.policy.eval()
@@ -286,14 +308,14 @@ class Rollouts:
                 group = []
                 for prompt, completion, r, own, routing, n, finish, calls, behaviour in played[i * G:(i + 1) * G]:
                     routing = torch.stack(routing) if routing else None
-                    group.append((prompt, completion, r.total, routing, own, behaviour))
+                    group.append(Row(prompt, completion, r.total, routing, own, behaviour))
                     rewards_all.append(r.total)
                     acc.append(r.accuracy)
                     fmt.append(r.format)
                     lengths.append(n)
                     truncated.append(finish == "length")
                     tool_calls.append(calls)
-                flat = len({g[2] for g in group}) == 1
+                flat = len({row.reward for row in group}) == 1
                 zero_std += flat
                 last_round.append(group)
                 if not (cfg.dynamic_sampling and flat):
@@ -316,8 +338,8 @@ class Rollouts:
         if isinstance(self.task, ToolTask):
             stats["tool_calls"] = _mean(tool_calls)
         rows = [row for group in kept for row in group]
-        adv = group_advantages(torch.tensor([row[2] for row in rows]), G, cfg.scale_rewards)
-        tokens = D.all_reduce_sum(torch.tensor([float(sum(_own_count(row) for row in rows))]))
+        adv = group_advantages(torch.tensor([row.reward for row in rows]), G, cfg.scale_rewards)
+        tokens = D.all_reduce_sum(torch.tensor([float(sum(row.own_count() for row in rows))]))
         norm = float(tokens) / (self.micro_batches * self.world)
         return self._micro_batches(rows, adv, stats, norm)
 
@@ -348,7 +370,7 @@ class Rollouts:
                          behaviour))
         return rows
 
-    def _micro_batches(self, rows, adv, stats, token_norm: float | None = None) -> list[RolloutBatch]:
+    def _micro_batches(self, rows: list[Row], adv, stats, token_norm: float | None = None) -> list[RolloutBatch]:
         device = next(self.policy.parameters()).device
         order = list(range(len(rows)))
         chunks = [order[i::self.micro_batches] for i in range(self.micro_batches)]
@@ -358,34 +380,30 @@ class Rollouts:
         out = []
         pad = self.engine.eos_token_ids[0] if self.engine.eos_token_ids else 0
         for chunk in chunks:
-            seqs = [rows[i][0] + rows[i][1] for i in chunk]
+            seqs = [rows[i].prompt + rows[i].completion for i in chunk]
             L = max(len(s) for s in seqs)
             ids = torch.full((len(chunk), L), pad, dtype=torch.long)
             mask = torch.zeros(len(chunk), L - 1)
             for b, i in enumerate(chunk):
-                prompt, completion = rows[i][0], rows[i][1]
+                prompt, completion = rows[i].prompt, rows[i].completion
                 ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-                own = rows[i][4] if len(rows[i]) > 4 and rows[i][4] is not None else [1] * len(completion)
+                own = rows[i].own if rows[i].own is not None else [1] * len(completion)
                 # Only the model's own tokens: a tool episode's results and turn glue carry no loss.
                 mask[b, len(prompt) - 1:len(prompt) - 1 + len(completion)] = torch.tensor(own, dtype=mask.dtype)
             ids, mask = ids.to(device), mask.to(device)
-            routing = _routing([rows[i][3] if len(rows[i]) > 3 else None for i in chunk], L)
+            routing = _routing([rows[i].routing for i in chunk], L)
             behaviour = None
-            if any(len(rows[i]) > 5 and rows[i][5] is not None for i in chunk):
+            if any(rows[i].behaviour is not None for i in chunk):
                 behaviour = torch.full((len(chunk), L - 1), float("nan"))
                 for b, i in enumerate(chunk):
-                    lps = rows[i][5] if len(rows[i]) > 5 else None
+                    lps = rows[i].behaviour
                     if lps:
-                        start = len(rows[i][0]) - 1
+                        start = len(rows[i].prompt) - 1
                         behaviour[b, start:start + len(lps)] = torch.tensor(lps)
                 behaviour = behaviour.to(device)
             out.append(RolloutBatch(ids, mask, adv[chunk].to(device), token_norm=token_norm, stats=stats,
                                     routing=routing, behaviour_logp=behaviour))
         return out
-
-
-def _own_count(row: tuple) -> int:
-    return sum(row[4]) if len(row) > 4 and row[4] is not None else len(row[1])
 
 
 def _routing(records: list[torch.Tensor | None], length: int) -> torch.Tensor | None:

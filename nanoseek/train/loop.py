@@ -185,8 +185,9 @@ class Trainer:
             raise BadInputError(f"{self.run_dir} holds checkpoints of an earlier run ({path.name}) and "
                                 "train.resume is off: use another out_dir or remove them")
         if path is not None:
-            self._check_same_model(path)
-            self._warn_schedule(path)
+            meta = ckpt.read_meta(path)
+            self._check_same_model(meta)
+            self._warn_schedule(meta, path.name)
             # The saved param groups carry the old run's hyperparameters; this run's config wins (a resumed run
             # may lower the lr on purpose), only the moments and step counts come from the checkpoint.
             keep = ("peak_lr", "weight_decay", "betas", "eps", "momentum")
@@ -212,10 +213,10 @@ class Trainer:
             if resumed is not None:
                 print(f"nanoseek: resumed from {path} (step {resumed})", file=sys.stderr)
 
-    def _check_same_model(self, path: Path) -> None:
+    def _check_same_model(self, meta: dict[str, Any]) -> None:
         """Resuming a run with another model would fail deep inside the state-dict loader (90 lines of size
         mismatches): compare the checkpoint's recorded model with this one first and say what changed."""
-        saved = ckpt.read_meta(path).get("model")
+        saved = meta.get("model")
         now = json.loads(json.dumps(ckpt.model_spec(self.lm.config)))  # tuples → lists, as meta.json holds them
         if saved is None or saved == now:
             return
@@ -225,13 +226,13 @@ class Trainer:
         raise BadInputError(f"{self.run_dir} holds a run of another model ({shown}{more}): choose a new --out "
                             "(train.out_dir) for the changed model, or undo the change to resume")
 
-    def _warn_schedule(self, path: Path) -> None:
+    def _warn_schedule(self, meta: dict[str, Any], name: str) -> None:
         """The lr schedule is a function of (step, train.steps): resuming with another train.steps re-shapes it
         (a cosine decay stretches from the current step on; wsd's decay moves). Allowed, but said at start."""
-        before = ckpt.read_meta(path).get("train_config", {}).get("train", {}).get("steps")
+        before = meta.get("train_config", {}).get("train", {}).get("steps")
         if self.env.is_main and before is not None and before != self.cfg.train.steps:
             print(f"nanoseek: warning: train.steps changed from {before} to {self.cfg.train.steps} since "
-                  f"{path.name}: the {self.cfg.optim.schedule} lr schedule is re-shaped over the new length",
+                  f"{name}: the {self.cfg.optim.schedule} lr schedule is re-shaped over the new length",
                   file=sys.stderr)
 
     def _autocast(self):

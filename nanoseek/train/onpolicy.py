@@ -46,8 +46,8 @@ from nanoseek.evaluate import sample_seed
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
 from nanoseek.train import distributed as D
-from nanoseek.train.distill import check_same_tokenizer
-from nanoseek.train.grpo import RolloutBatch, Rollouts, _mean
+from nanoseek.train.distill import ACROSS_VOCABULARIES, load_teacher, post_teacher
+from nanoseek.train.grpo import RolloutBatch, Rollouts, Row, _mean
 from nanoseek.train.loop import Objective
 
 REST_FLOOR = 1e-6
@@ -188,17 +188,12 @@ class OnPolicySource(Rollouts):
 
     def __init__(self, policy: nn.Module, tokenizer, task: Task, cfg: OnPolicyConfig, *, micro_batches: int,
                  rank: int = 0, world_size: int = 1, scorer=None):
-        self.policy, self.tokenizer, self.task, self.cfg = policy, tokenizer, task, cfg.validate()
+        self._start(policy, tokenizer, task, cfg.validate(), micro_batches, rank, world_size)
         if cfg.prompts_per_step % world_size:
             raise BadInputError(f"prompts_per_step {cfg.prompts_per_step} must divide among {world_size} ranks")
-        self.micro_batches, self.rank, self.world = micro_batches, rank, world_size
         self.template = ChatTemplate() if isinstance(task, ChatPrompts) else Template(cfg.template, cfg.open_think)
         self.engine = Engine(policy, tokenizer, max_batch=cfg.gen_batch)
         self.scorer = scorer
-        self.rollouts = 0
-        self.consumed = 0
-        self._stream = self._problems()
-        self._queue: list[RolloutBatch] = []
 
     @torch.no_grad()
     def _collect(self) -> list[RolloutBatch]:
@@ -220,9 +215,9 @@ class OnPolicySource(Rollouts):
         rows = []
         for k, out in enumerate(outs):
             completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
-            rows.append((prompts[k // cfg.samples].ids, completion, 0.0))
+            rows.append(Row(prompts[k // cfg.samples].ids, completion, 0.0))
         stats = {"completion_len": _mean([len(o.token_ids) for o in outs]), "rollout_s": time.perf_counter() - t0}
-        tokens = D.all_reduce_sum(torch.tensor([float(sum(len(r[1]) for r in rows))]))
+        tokens = D.all_reduce_sum(torch.tensor([float(sum(len(r.completion) for r in rows))]))
         batches = self._micro_batches(rows, torch.zeros(len(rows)), stats, float(tokens) / (self.micro_batches * self.world))
         # The student's training forward, padding included: what "the same student compute" is measured in.
         stats["batch_tokens"] = float(sum(b.ids.numel() for b in batches))
@@ -248,24 +243,7 @@ class ServerTeacher:
         self.key, self.model, self.k, self.timeout_s = key, model, top_k, timeout_s
 
     def _post(self, path: str, body: dict) -> dict:
-        import json
-        import urllib.error
-        import urllib.request
-
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        if self.model:
-            body = {**body, "model": self.model}
-        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            raise BadInputError(f"teacher {self.url}{path}: HTTP {e.code}: "
-                                f"{e.read()[:300].decode(errors='replace')}") from None
-        except (urllib.error.URLError, TimeoutError, ValueError) as e:
-            raise BadInputError(f"teacher {self.url}{path}: {e}") from None
+        return post_teacher(self.url + path, body, self.key, self.model, self.timeout_s)
 
     def check_tokenizer(self, tokenizer, student: str) -> None:
         """The same ids for a probe text, or the one-line error (the server's vocabulary is not visible)."""
@@ -273,8 +251,7 @@ class ServerTeacher:
         got = self._post("/tokenize", {"prompt": probe, "add_special_tokens": False}).get("tokens")
         if got != list(tokenizer.encode(probe, add_special_tokens=False)):
             raise BadInputError(f"teacher {self.url} and student {student} do not tokenize alike: on-policy "
-                                "distillation needs one tokenizer; across vocabularies use trace distillation "
-                                "(`nanoseek distill traces`, then `nanoseek sft`)")
+                                f"distillation needs one tokenizer; {ACROSS_VOCABULARIES}")
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [b, L] (right-padded) → the teacher's top-K ids and log-probs [b, L-1, K] (zeros off `mask`)."""
@@ -307,7 +284,6 @@ def run_onpolicy(teacher: str | None, student: str, task: Task, cfg: OnPolicyCon
     prompts; writes `<out_dir>/final`."""
     from nanoseek.train.finetune import fit_and_save, load_trainable
     from nanoseek.train.loop import Trainer
-    from nanoseek.weights.registry import load_model
 
     cfg.validate()
     env = D.init_distributed(train.train.device)
@@ -320,11 +296,7 @@ def run_onpolicy(teacher: str | None, student: str, task: Task, cfg: OnPolicyCon
             scorer = ServerTeacher(teacher_url, teacher_key, teacher_model)
             scorer.check_tokenizer(loaded.tokenizer, student)
         else:
-            t = load_model(teacher)
-            check_same_tokenizer(t, loaded, teacher, student, "on-policy distillation")
-            tmodel = t.model.to(env.device).eval()
-            for p in tmodel.parameters():
-                p.requires_grad_(False)
+            tmodel = load_teacher(teacher, loaded, student, "on-policy distillation", env.device)
         torch.manual_seed(train.train.seed)
         source = OnPolicySource(loaded.model, loaded.tokenizer, task, cfg, micro_batches=train.train.grad_accum,
                                 rank=env.rank, world_size=env.world_size, scorer=scorer)

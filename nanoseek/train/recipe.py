@@ -172,15 +172,23 @@ def write_cold_start(task: Task, path: Path, n: int) -> Path:
     return path
 
 
-def evaluate_stage(model: str, task: Task, problems: list[Problem], cfg: StageEvalConfig, out: Path, *,
-                   device: str = "cpu", task_args: dict | None = None) -> dict[str, Any]:
-    """The eval protocol on `model`, written to `out` (JSON, as `nanoseek eval --out`); returns that dict."""
-    from nanoseek.evaluate import evaluate, report_dict, write_report
+def _stage_session(model: str, cfg: StageEvalConfig, device: str):
+    """`model` loaded for generation the way every stage's eval (and the distillation teacher) runs it: the
+    stage eval's one weight format (StageEvalConfig.quant) and batch size."""
     from nanoseek.session import LoadOptions, Session
 
     quant = cfg.quant if cfg.quant != "auto" else ("int8-group" if device == "cpu" else "none")
     s = Session(LoadOptions(model=model, device=device, quant=quant))
     s.engine.max_batch = cfg.batch_size
+    return s
+
+
+def evaluate_stage(model: str, task: Task, problems: list[Problem], cfg: StageEvalConfig, out: Path, *,
+                   device: str = "cpu", task_args: dict | None = None) -> dict[str, Any]:
+    """The eval protocol on `model`, written to `out` (JSON, as `nanoseek eval --out`); returns that dict."""
+    from nanoseek.evaluate import evaluate, report_dict, write_report
+
+    s = _stage_session(model, cfg, device)
     report = evaluate(s.engine, s.tokenizer, task, cfg.protocol, problems, model_name=s.name, task_args=task_args)
     write_report(report, out)
     return report_dict(report)
@@ -218,12 +226,9 @@ def write_teacher_traces(teacher: str, task: Task, d: DistillStageConfig, ev: St
     """The teacher answers `d.trace_problems` train problems `d.trace_samples` times with the eval's sampling;
     its correct, well-formed replies become chat jsonl (distill.generate_traces, R1 §2.3.3's rejection
     sampling). Returns its counts."""
-    from nanoseek.session import LoadOptions, Session
     from nanoseek.train.distill import generate_traces
 
-    quant = ev.quant if ev.quant != "auto" else ("int8-group" if device == "cpu" else "none")
-    s = Session(LoadOptions(model=teacher, device=device, quant=quant))
-    s.engine.max_batch = ev.batch_size
+    s = _stage_session(teacher, ev, device)
     p = ev.protocol
     return generate_traces(s.engine, s.tokenizer, task, task.problems("train", d.trace_problems), out,
                            samples=d.trace_samples, max_tokens=d.max_new_tokens, temperature=p.temperature,

@@ -14,11 +14,24 @@ from nanoseek.train.loop import read_jsonl
 STAGES = ("base", "sft", "grpo", "sft-traces", "onpolicy")
 LABELS = {"base": "base model", "sft": "after cold-start SFT", "grpo": "after GRPO",
           "sft-traces": "student: SFT on teacher traces", "onpolicy": "student: on-policy distillation"}
+DONE = ("sft", "grpo", "traces", "sft-traces", "onpolicy")   # the parts that leave a `.done` file
 
 
-def _evals(out: Path) -> dict[str, dict[str, Any]]:
+def read_evals(out: Path) -> dict[str, dict[str, Any]]:
+    """The eval JSON of every stage evaluated so far, in STAGES order."""
     return {s: json.loads((out / "eval" / f"{s}.json").read_text())
             for s in STAGES if (out / "eval" / f"{s}.json").is_file()}
+
+
+def read_done(out: Path) -> dict[str, dict[str, Any]]:
+    """The `.done` record (seconds and counts) of every part that has finished."""
+    return {s: json.loads((out / f"{s}.done").read_text()) for s in DONE if (out / f"{s}.done").is_file()}
+
+
+def _train_log(run_dir: Path) -> list[dict[str, Any]]:
+    """A stage's per-step training records ([] before it has logged any)."""
+    path = run_dir / "metrics.jsonl"
+    return [r for r in read_jsonl(path) if r.get("kind") == "train"] if path.is_file() else []
 
 
 def _pct(m: dict[str, Any] | None) -> str:
@@ -75,19 +88,15 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
     from nanoseek.train.plots import plot_grpo
 
     out = Path(out)
-    evals = _evals(out)
-    grpo_log = [r for r in read_jsonl(out / "grpo" / "metrics.jsonl") if r.get("kind") == "train"] \
-        if (out / "grpo" / "metrics.jsonl").is_file() else []
-    sft_log = [r for r in read_jsonl(out / "sft" / "metrics.jsonl") if r.get("kind") == "train"] \
-        if (out / "sft" / "metrics.jsonl").is_file() else []
+    evals = read_evals(out)
+    grpo_log, sft_log = _train_log(out / "grpo"), _train_log(out / "sft")
     images = []
     if plots:
         if plot_stages(evals, out / "stages.png"):
             images.append(("pass@1 per stage", "stages.png"))
         if plot_grpo(grpo_log, out / "grpo.png", title="GRPO per step (from the SFT model)"):
             images.append(("GRPO per step", "grpo.png"))
-    done = {s: json.loads((out / f"{s}.done").read_text()) for s in ("sft", "grpo", "traces", "sft-traces", "onpolicy")
-            if (out / f"{s}.done").is_file()}
+    done = read_done(out)
     protocol = cfg.eval.protocol
     first = next(iter(evals.values()), None)
     lines = [f"# R1 recipe report card: {cfg.model} on {cfg.task}", "",
