@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from nanoseek.engine.request import Completion
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError
+from nanoseek.files import write_text_atomic
 from nanoseek.tasks import Problem, Task, Template
 from nanoseek.tasks.tools import ToolTask
 
@@ -285,17 +285,7 @@ def report_dict(report: EvalReport) -> dict:
 
 def write_report(report: EvalReport, path: str | os.PathLike) -> Path:
     """The JSON report, written atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report_dict(report), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(report_dict(report), indent=1))
 
 
 def print_report(report: EvalReport, console=None) -> None:

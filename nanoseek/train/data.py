@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from nanoseek.errors import BadInputError, NotFoundError
+from nanoseek.files import write_text_atomic
 
 FORMAT = "nanoseek-tokens-v1"
 META = "meta.json"
@@ -101,10 +102,7 @@ class ShardWriter:
 
 def write_meta(out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """meta.json, atomically; it is written last, so its presence means every shard it lists is complete."""
-    out = Path(out_dir) / META
-    tmp = out.with_name(f".{META}.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=1) + "\n")
-    os.replace(tmp, out)
+    out = write_text_atomic(Path(out_dir) / META, json.dumps({"format": FORMAT, **meta}, indent=1) + "\n")
     return out
 
 

@@ -14,7 +14,6 @@ Two steps, each only what is particular to it:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from nanoseek.chat import split_reasoning
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import BadInputError
 from nanoseek.evaluate import completion_text, sample_seed
+from nanoseek.files import write_text_atomic
 from nanoseek.progress import progress_bar
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.prompts import Template
@@ -93,11 +93,7 @@ def _keep_traces(task: Task, template: Template, problems: Sequence[Problem], re
             seen.add(key)
             records.append(rec)
             covered.add(problem.id)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, out)
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return {"problems": len(problems), "completions": len(replies), "kept": len(records),
             "problems_covered": len(covered), "duplicates": duplicates}
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.errors import BadInputError
+from nanoseek.files import write_text_atomic
 from nanoseek.models.config import DeepseekConfig, DeepseekV4Config
 from nanoseek.models.dsa import dsa_modules
 from nanoseek.models.moe import sequence_balance_loss, update_router_bias
@@ -96,9 +97,7 @@ class MetricsLog:
             # Resuming: drop what the interrupted run logged past its last checkpoint (and any torn line),
             # so the file reads as one run.
             kept = [line for line in read_jsonl(path) if line.get("step", 0) <= keep_until]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(path)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         elif keep_until is None:
             path.write_text("")
         self._f = path.open("a")
@@ -207,9 +206,7 @@ class Trainer:
 
                 tracker = Tracker(self.cfg.train.log, self.run_dir, self.cfg.to_dict(), self.moe_labels)
             self.log = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=resumed, tracker=tracker)
-            tmp = self.run_dir / ".config.json.tmp"
-            tmp.write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
-            tmp.replace(self.run_dir / "config.json")
+            write_text_atomic(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1) + "\n")
             if resumed is not None:
                 print(f"nanoseek: resumed from {path} (step {resumed})", file=sys.stderr)
 

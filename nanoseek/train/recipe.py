@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 
 from nanoseek.errors import BadInputError, UnsupportedError
 from nanoseek.evaluate import EvalConfig
+from nanoseek.files import write_text_atomic
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.train.grpo import GRPOConfig
 
@@ -168,7 +168,7 @@ def write_cold_start(task: Task, path: Path, n: int) -> Path:
                                    "give a chat jsonl with --sft-data")
         reply = {"role": "assistant", "reasoning_content": reasoning, "content": f"<answer>{p.answer}</answer>"}
         rows.append(json.dumps({"messages": [*template.messages(p), reply]}, ensure_ascii=False))
-    _atomic_write(path, "\n".join(rows) + "\n")
+    write_text_atomic(path, "\n".join(rows) + "\n")
     return path
 
 
@@ -301,13 +301,6 @@ def run_distill_stage(cfg: RecipeConfig, out: Path, task: Task, models: dict[str
 # ------------------------------------------------------------------------------------------------- the whole
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _say(msg: str) -> None:
     print(f"recipe: {msg}", file=sys.stderr, flush=True)
 
@@ -333,9 +326,9 @@ def _check_same_recipe(out: Path, cfg: RecipeConfig) -> None:
             raise BadInputError(f"{out} holds a recipe run with other settings ({', '.join(changed)}): choose a "
                                 "new --out, or repeat the original command to continue it")
         if extend and cfg.distill.enabled:
-            _atomic_write(state, json.dumps({**saved, "distill": now["distill"]}, indent=1) + "\n")
+            write_text_atomic(state, json.dumps({**saved, "distill": now["distill"]}, indent=1) + "\n")
     else:
-        _atomic_write(state, json.dumps(now, indent=1) + "\n")
+        write_text_atomic(state, json.dumps(now, indent=1) + "\n")
 
 
 RUN_ONLY = ("device", "plots", "log")
@@ -347,7 +340,7 @@ def _stage(out: Path, name: str) -> dict | None:
 
 
 def _finish(out: Path, name: str, seconds: float, **extra) -> None:
-    _atomic_write(out / f"{name}.done", json.dumps({"seconds": round(seconds, 1), **extra}) + "\n")
+    write_text_atomic(out / f"{name}.done", json.dumps({"seconds": round(seconds, 1), **extra}) + "\n")
 
 
 def resolve_device(device: str) -> str:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nanoseek.files import write_text_atomic
 from nanoseek.machine import device_name
 from nanoseek.train.loop import read_jsonl
 
@@ -132,10 +133,6 @@ def write_report_card(out: Path, cfg, plots: bool = True) -> Path:
         for r in grpo_log:
             lines.append(f"| {r['step']} | " + " | ".join(f"{r[k]:.4g}" if k in r else "-" for k in keys) + " |")
     lines += [""] + [f"![{alt}]({src})" for alt, src in images]
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.files import write_text_atomic
 from nanoseek.weights.registry import FALLBACK_SAMPLING
 
 R1_GO = (
@@ -86,8 +87,4 @@ def modelfile_text(gguf_name: str, tokenizer, context: int | None = None) -> str
 def write_modelfile(gguf_path: str | os.PathLike, tokenizer, context: int | None = None) -> Path:
     """`Modelfile` beside the GGUF (written atomically), for `ollama create NAME -f Modelfile`."""
     gguf_path = Path(gguf_path)
-    out = gguf_path.with_name("Modelfile")
-    tmp = out.with_name(f".Modelfile.tmp-{os.getpid()}")
-    tmp.write_text(modelfile_text(gguf_path.name, tokenizer, context), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(gguf_path.with_name("Modelfile"), modelfile_text(gguf_path.name, tokenizer, context))
