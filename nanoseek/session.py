@@ -145,6 +145,7 @@ def make_drafter(opts: LoadOptions, model):
             from nanoseek.models.quant import quantize_model
 
             quantize_model(draft, quant)
-        width = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else model.config.vocab_size
-        return ModelDrafter(draft, width, context)
+        from nanoseek.engine.step import logits_width
+
+        return ModelDrafter(draft, logits_width(model), context)
     raise BadInputError(f"--speculative {spec!r}: choose mtp, ngram or draft=MODEL")

@@ -39,6 +39,12 @@ class Completion:
     first_token_s: float | None = None
     total_s: float | None = None
 
+    @property
+    def sampled_ids(self) -> list[int]:
+        """Every token the model sampled, the stop token included: what training takes as the completion
+        (the model learns to end its answer)."""
+        return self.token_ids + ([self.stop_token] if self.stop_token is not None else [])
+
 
 @dataclass
 class Delta:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nanoseek.machine import cpu_flags
 from nanoseek.models.quant import quantize_int4, quantize_int8_groups
 
 GROUP = 32
@@ -65,19 +66,10 @@ class _Step(ctypes.Structure):
                 ("head_stride", _I64), ("pos_stride", _I64), ("logits", _P), ("work", _P), ("threads", _I64)]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def cpu_supported() -> bool:
     """An x86-64 CPU with AVX-512 VNNI, Linux, and a C++ compiler to build the kernel with."""
     return (platform.machine() == "x86_64" and shutil.which(os.environ.get("CXX", "g++")) is not None
-            and all(f in _cpu_flags() for f in _NEEDED_CPU_FLAGS))
+            and all(f in cpu_flags() for f in _NEEDED_CPU_FLAGS))
 
 
 def _library() -> ctypes.CDLL:

@@ -240,7 +240,7 @@ def run_episodes(generate, tokenizer, task: ToolTask, problems: Sequence[Problem
         outs = generate([episodes[i].ids for i in live], turn_params, record_routing=record_routing)
         for i, out in zip(live, outs):
             e = episodes[i]
-            sampled = list(out.token_ids) + ([out.stop_token] if out.stop_token is not None else [])
+            sampled = out.sampled_ids
             e.ids += sampled
             e.own += [1] * len(sampled)
             e.turns += 1

@@ -362,7 +362,7 @@ class Rollouts:
         rows = []
         for k, out in enumerate(outs):
             p, pr = problems[k // G], prompts[k // G]
-            completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
+            completion = out.sampled_ids
             text = completion_text(self.tokenizer, out, self.template.stop)
             r = self.task.reward(text, p, started_in_think=pr.starts_in_reasoning, num_tokens=len(out.token_ids))
             behaviour = [lp["logprob"] for lp in out.logprobs] if out.logprobs is not None else None

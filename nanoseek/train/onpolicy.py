@@ -214,7 +214,7 @@ class OnPolicySource(Rollouts):
         self.rollouts += 1
         rows = []
         for k, out in enumerate(outs):
-            completion = out.token_ids + ([out.stop_token] if out.stop_token is not None else [])
+            completion = out.sampled_ids
             rows.append(Row(prompts[k // cfg.samples].ids, completion, 0.0))
         stats = {"completion_len": _mean([len(o.token_ids) for o in outs]), "rollout_s": time.perf_counter() - t0}
         tokens = D.all_reduce_sum(torch.tensor([float(sum(len(r.completion) for r in rows))]))
